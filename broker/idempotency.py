@@ -1,0 +1,49 @@
+"""Broker-side idempotency: a retried Transact gets the first answer, never a second charge.
+
+A key maps to the running (or finished) purchase, so a retry that arrives while
+the original is still in flight waits for it instead of buying again. A key is
+forgotten when its purchase failed before anything reached an Exchange, so the
+agent can retry after fixing the cause (say, raising its budget).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from broker.errors import InvalidField
+from ramp.broker.v1 import broker_pb2 as bpb
+
+
+@dataclass
+class Entry:
+    fingerprint: str
+    task: asyncio.Task[bpb.TransactResponse]
+
+
+class IdempotencyCache:
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+
+    def find(self, key: str, fingerprint: str) -> Entry | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.fingerprint != fingerprint:
+            raise InvalidField("idempotency_key", "was already used for a different request")
+        self._entries.move_to_end(key)
+        return entry
+
+    def add(self, key: str, entry: Entry) -> None:
+        self._entries[key] = entry
+        while len(self._entries) > self._size:
+            oldest_key, oldest = next(iter(self._entries.items()))
+            if not oldest.task.done():
+                break  # never forget a purchase still in flight
+            del self._entries[oldest_key]
+
+    def forget(self, key: str, entry: Entry) -> None:
+        if self._entries.get(key) is entry:
+            del self._entries[key]

@@ -1,0 +1,413 @@
+"""Resolve and Transact: the purchase flow.
+
+validate -> discover (or take chosen offers) -> filter and rank -> prune to the
+tightest budget -> reserve on every budget -> ExecuteTransaction per Exchange
+-> commit what was charged, release the rest. Nothing over budget reaches an
+Exchange: the reservation is taken before the first purchase call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from connectrpc.code import Code
+
+from broker import wire
+from broker.config import BrokerConfig
+from broker.errors import InvalidField, NothingToBuy
+from broker.idempotency import Entry, IdempotencyCache
+from broker.selection import (
+    Candidate,
+    Discovery,
+    Exchange,
+    UriChoice,
+    affordable,
+    choose,
+    discover,
+    exchanges_for,
+    prune,
+)
+from broker.validation import (
+    Constraints,
+    check_constraints,
+    check_deadline_ms,
+    check_id,
+    check_uris,
+)
+from budget.clock import Clock
+from budget.layers import (
+    Budget,
+    BudgetExhausted,
+    Headroom,
+    Layer,
+    Reservation,
+    headroom,
+    reserve_all,
+)
+from budget.session import SessionAccount, SessionBudgets
+from currency.convert import Converter, convert
+from currency.money import Money, MoneyError
+from exchange_client.adapter import ExchangeError
+from ramp.broker.v1 import broker_pb2 as bpb
+from ramp.v1 import ramp_pb2 as rpb
+
+log = logging.getLogger(__name__)
+
+# Re-reading headroom after a lost race for the last of a budget.
+_RESERVE_ATTEMPTS = 3
+
+
+class AfterWire(Exception):
+    """A purchase failed after Exchanges were asked to buy: its key is kept, never re-bought."""
+
+
+@dataclass
+class _Outcome:
+    """One item's result and what it means for the budgets (in budget currency)."""
+
+    item: bpb.ItemResult
+    charged: Money  # counted as spent (actual, or the hold when unknown)
+    actual: Money | None  # what the Exchange said it charged
+
+
+# Extra budgets for a purchase beyond the session's (the per-period layer's seam).
+BudgetSource = Callable[[bpb.TransactRequest | bpb.ResolveRequest], Sequence[Budget]]
+
+
+def _no_extra_budgets(_: bpb.TransactRequest | bpb.ResolveRequest) -> Sequence[Budget]:
+    return ()
+
+
+class Purchaser:
+    def __init__(
+        self, config: BrokerConfig, exchanges: dict[str, Exchange], sessions: SessionBudgets,
+        converter: Converter, clock: Clock, extra_budgets: BudgetSource = _no_extra_budgets,
+    ) -> None:
+        self._config = config
+        self._exchanges = exchanges
+        self._sessions = sessions
+        self._converter = converter
+        self._clock = clock
+        self._extra_budgets = extra_budgets
+        self._idem = IdempotencyCache(config.idempotency_cache_size)
+        self._requester = rpb.Requester(
+            id=config.requester.id, domain=config.requester.domain, name=config.requester.name,
+            type="broker",
+        )
+
+    # --- Resolve -------------------------------------------------------------
+
+    async def resolve(self, req: bpb.ResolveRequest) -> bpb.ResolveResponse:
+        uris = check_uris(req.uris)
+        c = check_constraints(req.constraints, self._exchanges)
+        overall = check_deadline_ms(req.deadline.seconds, req.deadline.nanos, "deadline",
+                                    self._config.fanout.overall_timeout_ms)
+        account = self._sessions.get(check_id(req.session_id, "session_id")) if req.session_id else None
+        budgets: list[Budget] = [*([account] if account else []), *self._extra_budgets(req)]
+        currency = account.currency if account else self._config.default_currency
+        unique, dupes = _dedupe(uris)
+        discovery = await self._discover(unique, c, overall)
+        room = await headroom(budgets, currency, self._converter)
+        response = bpb.ResolveResponse(
+            exchanges=discovery.calls, budgets=[wire.budget_state(s) for s in room.snapshots]
+        )
+        for uri in unique:
+            choice = affordable(self._choose(uri, discovery.offers[uri], c, currency), room.room)
+            entry = response.results.add(uri=uri, offers=[cand.offer for cand in choice.ranked])
+            if not choice.ranked:
+                entry.dropped.CopyFrom(bpb.DroppedUri(
+                    uri=uri, reason=choice.reason, detail=choice.detail))  # type: ignore[arg-type]
+        for uri in dupes:
+            response.results.add(uri=uri, dropped=bpb.DroppedUri(
+                uri=uri, reason=bpb.DROP_REASON_DUPLICATE, detail="listed earlier in the request"))
+        return response
+
+    # --- Transact ------------------------------------------------------------
+
+    async def transact(self, req: bpb.TransactRequest) -> bpb.TransactResponse:
+        session_id = check_id(req.session_id, "session_id")
+        key = check_id(req.idempotency_key, "idempotency_key")
+        fingerprint = hashlib.sha256(req.SerializeToString(deterministic=True)).hexdigest()
+        entry = self._idem.find(key, fingerprint)
+        replay = entry is not None
+        if entry is None:
+            # The purchase runs in its own task: an agent that hangs up mid-purchase
+            # does not cancel money in flight, and its retry joins the same task.
+            entry = Entry(fingerprint, asyncio.create_task(self._transact(req, session_id, key)))
+            self._idem.add(key, entry)
+        try:
+            answer = await asyncio.shield(entry.task)
+        except AfterWire as exc:
+            raise exc.__cause__ or exc from None
+        except Exception:
+            # Nothing reached an Exchange: the agent may fix the cause and retry the key.
+            self._idem.forget(key, entry)
+            raise
+        if not replay:
+            return answer
+        replayed = bpb.TransactResponse()
+        replayed.CopyFrom(answer)
+        replayed.replayed = True
+        return replayed
+
+    async def _transact(
+        self, req: bpb.TransactRequest, session_id: str, key: str
+    ) -> bpb.TransactResponse:
+        c = check_constraints(req.constraints, self._exchanges)
+        deadline_ms = check_deadline_ms(req.deadline.seconds, req.deadline.nanos, "deadline",
+                                        self._config.fanout.overall_timeout_ms)
+        account = self._sessions.get(session_id)
+        budgets: list[Budget] = [account, *self._extra_budgets(req)]
+        currency = account.currency
+        response = bpb.TransactResponse(idempotency_key=key)
+
+        if req.uris and req.offers:
+            raise InvalidField("offers", "give either uris or offers, not both")
+        if req.offers:
+            uris, offers = self._chosen_offers(req.offers)
+        else:
+            uris = check_uris(req.uris)
+            offers = None
+        unique, dupes = _dedupe(uris)
+        for uri in dupes:
+            response.dropped.add(uri=uri, reason=bpb.DROP_REASON_DUPLICATE,
+                                 detail="listed earlier in the request")
+        if offers is None:
+            discovery = await self._discover(unique, c, deadline_ms)
+            response.exchanges.extend(discovery.calls)
+            offers = discovery.offers
+        else:
+            discovery = None
+        choices = [self._choose(uri, offers[uri], c, currency) for uri in unique]
+
+        holds, kept = await self._reserve(budgets, choices, currency, c, discovery, response)
+        try:
+            return await self._buy(key, account, budgets, holds, kept, response)
+        except Exception as exc:
+            raise AfterWire(str(exc)) from exc
+
+    async def _reserve(
+        self, budgets: Sequence[Budget], choices: Sequence[UriChoice], currency: str,
+        c: Constraints, discovery: Discovery | None, response: bpb.TransactResponse,
+    ) -> tuple[list[Reservation], list[Candidate]]:
+        """Prune to the tightest budget and hold the batch total on every budget."""
+        for attempt in range(_RESERVE_ATTEMPTS):
+            room = await headroom(budgets, currency, self._converter)
+            fitted = [affordable(ch, room.room) for ch in choices]
+            best = [ch.ranked[0] for ch in fitted if ch.ranked]
+            kept, pruned = prune(best, room.room)
+            if not kept:
+                raise self._nothing_to_buy(fitted, room, c, discovery)
+            total = sum((cand.price for cand in kept[1:]), start=kept[0].price)
+            try:
+                holds = await reserve_all(budgets, total, self._converter)
+            except BudgetExhausted:
+                # Another purchase took budget since headroom was read: look again.
+                if attempt == _RESERVE_ATTEMPTS - 1:
+                    raise
+                continue
+            for ch in fitted:
+                if not ch.ranked:
+                    response.dropped.add(uri=ch.uri, reason=ch.reason, detail=ch.detail)
+            for cand in pruned:
+                response.dropped.add(
+                    uri=cand.uri, reason=bpb.DROP_REASON_BUDGET, cost=wire.cost(cand.price),
+                    detail=f"batch pruned to fit the remaining budget {room.room}",
+                )
+            return holds, kept
+        raise AssertionError("unreachable")
+
+    async def _buy(
+        self, key: str, account: SessionAccount,
+        budgets: Sequence[Budget], holds: list[Reservation], kept: list[Candidate],
+        response: bpb.TransactResponse,
+    ) -> bpb.TransactResponse:
+        by_exchange: dict[str, list[Candidate]] = {}
+        for cand in kept:
+            by_exchange.setdefault(cand.exchange.name, []).append(cand)
+        currency = account.currency
+        try:
+            groups = await asyncio.gather(*(
+                self._execute(self._exchanges[name], cands, key, currency)
+                for name, cands in by_exchange.items()
+            ))
+        except BaseException:
+            # Unknown how far the purchase got: count every hold as spent.
+            for hold in holds:
+                await hold.commit(hold.amount)
+            raise
+        outcomes = [o for group in groups for o in group]
+        spent = sum((o.charged for o in outcomes), start=Money.zero(currency))
+        await _settle(holds, spent, self._converter)
+        charged = Money.zero(currency)
+        for o in outcomes:
+            response.items.append(o.item)
+            if o.actual is not None:
+                charged = charged + o.actual
+        response.total_cost.CopyFrom(wire.cost(charged))
+        for budget in budgets:
+            response.budgets.append(wire.budget_state(await budget.snapshot()))
+        return response
+
+    async def _execute(
+        self, ex: Exchange, cands: list[Candidate], key: str, currency: str
+    ) -> list[_Outcome]:
+        request = rpb.TransactionRequest(
+            ver="1", idempotency_key=key, requester=self._requester,
+            items=[rpb.TransactionItem(offer=cand.offer) for cand in cands],
+        )
+        timeout_s = self._config.fanout.execute_timeout_ms / 1000
+        answer: rpb.TransactionResponse | None = None
+        failure: ExchangeError | None = None
+        for _ in range(2):  # one retry, same key: the Exchange charges a key once
+            try:
+                answer = await ex.adapter.execute(request, timeout_s)
+                break
+            except ExchangeError as exc:
+                failure = exc
+                if not exc.ambiguous:
+                    break
+        if answer is None:
+            assert failure is not None
+            return [self._failed(cand, failure) for cand in cands]
+        return [self._outcome(cand, res, currency) for cand, res in _match(cands, answer)]
+
+    def _failed(self, cand: Candidate, failure: ExchangeError) -> _Outcome:
+        item = bpb.ItemResult(uri=cand.uri, offer=cand.offer)
+        if failure.ambiguous:
+            # The Exchange may have charged: keep the hold as spent, err toward stopping early.
+            item.status = bpb.ITEM_STATUS_UNKNOWN
+            item.detail = f"exchange did not answer ({failure.kind}); the reserved amount stays spent"
+            return _Outcome(item, cand.price, None)
+        item.status = bpb.ITEM_STATUS_FAILED
+        item.detail = f"exchange refused the request ({failure.kind}): {failure.detail}"
+        return _Outcome(item, Money.zero(cand.price.currency), None)
+
+    def _outcome(
+        self, cand: Candidate, res: rpb.TransactionResultItem | None, currency: str
+    ) -> _Outcome:
+        item = bpb.ItemResult(uri=cand.uri, offer=cand.offer)
+        zero = Money.zero(currency)
+        if res is None:
+            item.status = bpb.ITEM_STATUS_UNKNOWN
+            item.detail = "exchange answer has no result for this offer; the reserved amount stays spent"
+            return _Outcome(item, cand.price, None)
+        item.result.CopyFrom(res)
+        if res.denial_reason != rpb.DENIAL_REASON_UNSPECIFIED:
+            item.status = bpb.ITEM_STATUS_DENIED
+            item.detail = rpb.DenialReason.Name(res.denial_reason)
+            return _Outcome(item, zero, None)
+        try:
+            actual = convert(Money.parse(res.cost.amount, res.cost.currency, "cost"),
+                             currency, self._converter)
+        except MoneyError as exc:
+            item.status = bpb.ITEM_STATUS_UNKNOWN
+            item.detail = f"exchange reported an unusable cost ({exc}); the reserved amount stays spent"
+            return _Outcome(item, cand.price, None)
+        item.status = bpb.ITEM_STATUS_PURCHASED
+        if actual > cand.price:
+            # Recorded in full, never dropped: the Exchange is the authority.
+            log.warning("overage: %s/%s charged %s, reserved %s", cand.exchange.name,
+                        cand.offer.offer_id, actual, cand.price)
+        return _Outcome(item, actual, actual)
+
+    # --- helpers ---------------------------------------------------------------
+
+    async def _discover(self, uris: Sequence[str], c: Constraints, overall_ms: int) -> Discovery:
+        return await discover(
+            exchanges_for(self._exchanges, c), uris, self._requester,
+            self._config.fanout.discover_timeout_ms, overall_ms,
+        )
+
+    def _choose(
+        self, uri: str, offers: Sequence[tuple[rpb.Offer, Exchange]], c: Constraints, currency: str
+    ) -> UriChoice:
+        return choose(uri, offers, c, currency, self._converter, self._clock.now())
+
+    def _chosen_offers(
+        self, chosen: Sequence[bpb.ChosenOffer]
+    ) -> tuple[list[str], dict[str, list[tuple[rpb.Offer, Exchange]]]]:
+        uris = check_uris([ch.uri for ch in chosen], "offers")
+        offers: dict[str, list[tuple[rpb.Offer, Exchange]]] = {}
+        for i, ch in enumerate(chosen):
+            if not ch.offer.offer_id:
+                raise InvalidField(f"offers[{i}].offer.offer_id", "is required")
+            ex = self._exchanges.get(ch.offer.exchange)
+            if ex is None:
+                raise InvalidField(f"offers[{i}].offer.exchange",
+                                   f"{ch.offer.exchange[:64]!r} is not a configured exchange")
+            offers.setdefault(ch.uri, []).append((ch.offer, ex))
+        return uris, offers
+
+    def _nothing_to_buy(
+        self, fitted: Sequence[UriChoice], room: Headroom, c: Constraints,
+        discovery: Discovery | None,
+    ) -> Exception:
+        """The error for a request with nothing left to buy, from its first URI's reason."""
+        for ch in fitted:
+            if ch.cheapest is not None and room.tightest is not None:
+                # In the tightest budget's own currency, rounded up like a reservation.
+                cost = convert(ch.cheapest, room.tightest.limit.currency, self._converter)
+                return BudgetExhausted.from_snapshot(
+                    room.tightest, cost, reason=f"{room.tightest.layer}_budget_exhausted",
+                    next_action=_next_action(room.tightest.layer),
+                )
+            if ch.over_cap is not None and c.max_price is not None:
+                zero = Money.zero(c.max_price.currency)
+                return BudgetExhausted(
+                    layer=Layer.TRANSACTION, scope="max_price", limit=c.max_price, spent=zero,
+                    reserved=zero, cost=ch.over_cap, reason="transaction_cap_exceeded",
+                    next_action="raise constraints.max_price, or ask for cheaper resources",
+                )
+        if discovery is not None and discovery.calls and not discovery.any_answered:
+            return NothingToBuy(Code.UNAVAILABLE, "no exchange answered: " + "; ".join(
+                f"{c.exchange}: {c.detail}" for c in discovery.calls))
+        reasons = "; ".join(f"{ch.uri}: {ch.detail}" for ch in fitted[:8])
+        if all(ch.reason == bpb.DROP_REASON_NO_OFFERS for ch in fitted):
+            return NothingToBuy(Code.NOT_FOUND, f"no exchange offered any of the URIs ({reasons})")
+        return NothingToBuy(Code.FAILED_PRECONDITION, f"no offer passes the constraints ({reasons})")
+
+
+def _next_action(layer: Layer) -> str:
+    if layer == Layer.SESSION:
+        return "raise the session budget with DeclareSessionBudget, or buy fewer or cheaper resources"
+    return "wait for the period to reset, or ask an operator to raise the limit"
+
+
+async def _settle(holds: Sequence[Reservation], spent: Money, converter: Converter) -> None:
+    for hold in holds:
+        if spent.is_zero():
+            await hold.release()
+        else:
+            await hold.commit(convert(spent, hold.amount.currency, converter))
+
+
+def _dedupe(uris: Sequence[str]) -> tuple[list[str], list[str]]:
+    seen: set[str] = set()
+    unique: list[str] = []
+    dupes: list[str] = []
+    for uri in uris:
+        (dupes if uri in seen else unique).append(uri)
+        seen.add(uri)
+    return unique, dupes
+
+
+def _match(
+    cands: Sequence[Candidate], answer: rpb.TransactionResponse
+) -> list[tuple[Candidate, rpb.TransactionResultItem | None]]:
+    """Pairs each bought offer with its result: by position when the answer lines up, else by id."""
+    items = list(answer.items)
+    if len(items) == len(cands) and all(
+        i.offer_id == c.offer.offer_id for i, c in zip(items, cands, strict=True)
+    ):
+        return list(zip(cands, items, strict=True))
+    by_id: dict[str, list[rpb.TransactionResultItem]] = {}
+    for i in items:
+        by_id.setdefault(i.offer_id, []).append(i)
+    return [(c, by_id[c.offer.offer_id].pop(0) if by_id.get(c.offer.offer_id) else None)
+            for c in cands]
+

@@ -1,0 +1,42 @@
+"""Converting between the broker's values and wire messages."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from budget.layers import Layer, Snapshot
+from currency.money import Money
+from ramp.broker.v1 import broker_pb2 as bpb
+from ramp.v1 import ramp_pb2 as rpb
+
+LAYERS = {
+    Layer.TRANSACTION: bpb.BUDGET_LAYER_TRANSACTION,
+    Layer.SESSION: bpb.BUDGET_LAYER_SESSION,
+    Layer.PERIOD: bpb.BUDGET_LAYER_PERIOD,
+}
+
+
+def cost(money: Money) -> rpb.Cost:
+    return rpb.Cost(amount=money.text(), currency=money.currency)
+
+
+def timestamp(when: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(when)
+    return ts
+
+
+def budget_state(snap: Snapshot) -> bpb.BudgetState:
+    state = bpb.BudgetState(
+        layer=LAYERS[snap.layer], scope=snap.scope, limit=cost(snap.limit),
+        spent=cost(snap.spent), reserved=cost(snap.reserved), remaining=cost(snap.remaining),
+        mode=bpb.ENFORCEMENT_MODE_STRICT, transaction_count=snap.transaction_count,
+        as_of=timestamp(snap.as_of),
+    )
+    if snap.period_start is not None:
+        state.period_start.CopyFrom(timestamp(snap.period_start))
+    if snap.period_end is not None:
+        state.period_end.CopyFrom(timestamp(snap.period_end))
+    return state

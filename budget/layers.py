@@ -1,0 +1,156 @@
+"""The seam every budget layer plugs into.
+
+A purchase gathers the budgets that apply to it (the session's now; the
+period scopes' next) and reserves the batch total on every one of them before
+any Exchange is called: all reserve or none do. After the Exchanges answer,
+each reservation is settled once with what was actually charged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+from currency.convert import Converter, convert
+from currency.money import Money
+
+
+class Layer(StrEnum):
+    TRANSACTION = "transaction"
+    SESSION = "session"
+    PERIOD = "period"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One budget's numbers at one instant."""
+
+    layer: Layer
+    scope: str
+    limit: Money
+    spent: Money
+    reserved: Money
+    transaction_count: int
+    as_of: datetime
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+
+    @property
+    def remaining(self) -> Money:
+        return (self.limit - self.spent - self.reserved).clamp_zero()
+
+
+class BudgetExhausted(Exception):
+    """A budget cannot cover a cost. Raised before anything reaches the wire."""
+
+    def __init__(
+        self,
+        *,
+        layer: Layer,
+        scope: str,
+        limit: Money,
+        spent: Money,
+        reserved: Money,
+        cost: Money,
+        reason: str,
+        next_action: str,
+        period_end: datetime | None = None,
+    ) -> None:
+        self.layer = layer
+        self.scope = scope
+        self.limit = limit
+        self.spent = spent
+        self.reserved = reserved
+        self.cost = cost
+        self.reason = reason
+        self.next_action = next_action
+        self.period_end = period_end
+        super().__init__(
+            f"{layer} budget {scope!r} exhausted: cost {cost} does not fit; "
+            f"spent {spent}, reserved {reserved}, limit {limit}, remaining {self.remaining}"
+        )
+
+    @property
+    def remaining(self) -> Money:
+        return (self.limit - self.spent - self.reserved).clamp_zero()
+
+    @classmethod
+    def from_snapshot(
+        cls, snap: Snapshot, cost: Money, *, reason: str, next_action: str
+    ) -> BudgetExhausted:
+        return cls(
+            layer=snap.layer, scope=snap.scope, limit=snap.limit, spent=snap.spent,
+            reserved=snap.reserved, cost=cost, reason=reason, next_action=next_action,
+            period_end=snap.period_end,
+        )
+
+
+class Reservation(Protocol):
+    """Money held on one budget for one purchase; settled exactly once."""
+
+    @property
+    def amount(self) -> Money: ...
+
+    async def commit(self, actual: Money) -> None:
+        """Record `actual` as spent and return the rest of the hold."""
+        ...
+
+    async def release(self) -> None:
+        """Return the whole hold; nothing was spent."""
+        ...
+
+
+class Budget(Protocol):
+    """One budget that applies to a purchase, in its own currency."""
+
+    @property
+    def currency(self) -> str: ...
+
+    async def snapshot(self) -> Snapshot: ...
+
+    async def reserve(self, amount: Money) -> Reservation:
+        """Hold `amount` (in this budget's currency) or raise BudgetExhausted."""
+        ...
+
+
+async def reserve_all(
+    budgets: Sequence[Budget], cost: Money, converter: Converter
+) -> list[Reservation]:
+    """Reserve `cost` on every budget, converted up; on any failure release what was held."""
+    held: list[Reservation] = []
+    try:
+        for budget in budgets:
+            held.append(await budget.reserve(convert(cost, budget.currency, converter)))
+    except BaseException:
+        for r in held:
+            await r.release()
+        raise
+    return held
+
+
+@dataclass(frozen=True, slots=True)
+class Headroom:
+    """The tightest budget of a purchase, and every budget's numbers."""
+
+    room: Money | None
+    tightest: Snapshot | None
+    snapshots: list[Snapshot]
+
+
+async def headroom(budgets: Sequence[Budget], currency: str, converter: Converter) -> Headroom:
+    """The smallest remaining amount over `budgets`, expressed in `currency`.
+
+    Converting a remaining amount rounds down, so the pre-filter never thinks
+    there is more room than there is. `room` is None when no budget applies.
+    """
+    snaps = [await b.snapshot() for b in budgets]
+    room: Money | None = None
+    tightest: Snapshot | None = None
+    for s in snaps:
+        left = convert(s.remaining, currency, converter, round_up=False)
+        if room is None or left < room:
+            room, tightest = left, s
+    return Headroom(room, tightest, snaps)

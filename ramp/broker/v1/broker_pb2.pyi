@@ -1,0 +1,265 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from ramp.v1 import ramp_pb2 as _ramp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class BudgetLayer(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BUDGET_LAYER_UNSPECIFIED: _ClassVar[BudgetLayer]
+    BUDGET_LAYER_TRANSACTION: _ClassVar[BudgetLayer]
+    BUDGET_LAYER_SESSION: _ClassVar[BudgetLayer]
+    BUDGET_LAYER_PERIOD: _ClassVar[BudgetLayer]
+
+class EnforcementMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENFORCEMENT_MODE_UNSPECIFIED: _ClassVar[EnforcementMode]
+    ENFORCEMENT_MODE_STRICT: _ClassVar[EnforcementMode]
+
+class DropReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DROP_REASON_UNSPECIFIED: _ClassVar[DropReason]
+    DROP_REASON_NO_OFFERS: _ClassVar[DropReason]
+    DROP_REASON_FILTERED: _ClassVar[DropReason]
+    DROP_REASON_BUDGET: _ClassVar[DropReason]
+    DROP_REASON_DUPLICATE: _ClassVar[DropReason]
+
+class ItemStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ITEM_STATUS_UNSPECIFIED: _ClassVar[ItemStatus]
+    ITEM_STATUS_PURCHASED: _ClassVar[ItemStatus]
+    ITEM_STATUS_DENIED: _ClassVar[ItemStatus]
+    ITEM_STATUS_FAILED: _ClassVar[ItemStatus]
+    ITEM_STATUS_UNKNOWN: _ClassVar[ItemStatus]
+BUDGET_LAYER_UNSPECIFIED: BudgetLayer
+BUDGET_LAYER_TRANSACTION: BudgetLayer
+BUDGET_LAYER_SESSION: BudgetLayer
+BUDGET_LAYER_PERIOD: BudgetLayer
+ENFORCEMENT_MODE_UNSPECIFIED: EnforcementMode
+ENFORCEMENT_MODE_STRICT: EnforcementMode
+DROP_REASON_UNSPECIFIED: DropReason
+DROP_REASON_NO_OFFERS: DropReason
+DROP_REASON_FILTERED: DropReason
+DROP_REASON_BUDGET: DropReason
+DROP_REASON_DUPLICATE: DropReason
+ITEM_STATUS_UNSPECIFIED: ItemStatus
+ITEM_STATUS_PURCHASED: ItemStatus
+ITEM_STATUS_DENIED: ItemStatus
+ITEM_STATUS_FAILED: ItemStatus
+ITEM_STATUS_UNKNOWN: ItemStatus
+
+class BudgetState(_message.Message):
+    __slots__ = ("layer", "scope", "limit", "spent", "reserved", "remaining", "period_start", "period_end", "mode", "transaction_count", "as_of")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SPENT_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_START_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_END_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
+    layer: BudgetLayer
+    scope: str
+    limit: _ramp_pb2.Cost
+    spent: _ramp_pb2.Cost
+    reserved: _ramp_pb2.Cost
+    remaining: _ramp_pb2.Cost
+    period_start: _timestamp_pb2.Timestamp
+    period_end: _timestamp_pb2.Timestamp
+    mode: EnforcementMode
+    transaction_count: int
+    as_of: _timestamp_pb2.Timestamp
+    def __init__(self, layer: _Optional[_Union[BudgetLayer, str]] = ..., scope: _Optional[str] = ..., limit: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., spent: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., reserved: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., remaining: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[EnforcementMode, str]] = ..., transaction_count: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class BudgetExhausted(_message.Message):
+    __slots__ = ("layer", "scope", "spent", "limit", "remaining", "estimated_cost", "period_end", "mode", "reason", "next_action", "reserved")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    SPENT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_COST_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_END_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ACTION_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    layer: BudgetLayer
+    scope: str
+    spent: _ramp_pb2.Cost
+    limit: _ramp_pb2.Cost
+    remaining: _ramp_pb2.Cost
+    estimated_cost: _ramp_pb2.Cost
+    period_end: _timestamp_pb2.Timestamp
+    mode: EnforcementMode
+    reason: str
+    next_action: str
+    reserved: _ramp_pb2.Cost
+    def __init__(self, layer: _Optional[_Union[BudgetLayer, str]] = ..., scope: _Optional[str] = ..., spent: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., limit: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., remaining: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., estimated_cost: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[EnforcementMode, str]] = ..., reason: _Optional[str] = ..., next_action: _Optional[str] = ..., reserved: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ...) -> None: ...
+
+class FieldViolation(_message.Message):
+    __slots__ = ("field", "description")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    description: str
+    def __init__(self, field: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class ExchangeCall(_message.Message):
+    __slots__ = ("exchange", "outcome", "detail", "latency")
+    class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OUTCOME_UNSPECIFIED: _ClassVar[ExchangeCall.Outcome]
+        OUTCOME_OK: _ClassVar[ExchangeCall.Outcome]
+        OUTCOME_TIMEOUT: _ClassVar[ExchangeCall.Outcome]
+        OUTCOME_ERROR: _ClassVar[ExchangeCall.Outcome]
+    OUTCOME_UNSPECIFIED: ExchangeCall.Outcome
+    OUTCOME_OK: ExchangeCall.Outcome
+    OUTCOME_TIMEOUT: ExchangeCall.Outcome
+    OUTCOME_ERROR: ExchangeCall.Outcome
+    EXCHANGE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_FIELD_NUMBER: _ClassVar[int]
+    exchange: str
+    outcome: ExchangeCall.Outcome
+    detail: str
+    latency: _duration_pb2.Duration
+    def __init__(self, exchange: _Optional[str] = ..., outcome: _Optional[_Union[ExchangeCall.Outcome, str]] = ..., detail: _Optional[str] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class DroppedUri(_message.Message):
+    __slots__ = ("uri", "reason", "detail", "cost")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    reason: DropReason
+    detail: str
+    cost: _ramp_pb2.Cost
+    def __init__(self, uri: _Optional[str] = ..., reason: _Optional[_Union[DropReason, str]] = ..., detail: _Optional[str] = ..., cost: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ...) -> None: ...
+
+class UriOffers(_message.Message):
+    __slots__ = ("uri", "offers", "dropped")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    OFFERS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    offers: _containers.RepeatedCompositeFieldContainer[_ramp_pb2.Offer]
+    dropped: DroppedUri
+    def __init__(self, uri: _Optional[str] = ..., offers: _Optional[_Iterable[_Union[_ramp_pb2.Offer, _Mapping]]] = ..., dropped: _Optional[_Union[DroppedUri, _Mapping]] = ...) -> None: ...
+
+class ResolveRequest(_message.Message):
+    __slots__ = ("uris", "constraints", "session_id", "deadline")
+    URIS_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    uris: _containers.RepeatedScalarFieldContainer[str]
+    constraints: _ramp_pb2.RequestConstraints
+    session_id: str
+    deadline: _duration_pb2.Duration
+    def __init__(self, uris: _Optional[_Iterable[str]] = ..., constraints: _Optional[_Union[_ramp_pb2.RequestConstraints, _Mapping]] = ..., session_id: _Optional[str] = ..., deadline: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class ResolveResponse(_message.Message):
+    __slots__ = ("results", "exchanges", "budgets")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGES_FIELD_NUMBER: _ClassVar[int]
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[UriOffers]
+    exchanges: _containers.RepeatedCompositeFieldContainer[ExchangeCall]
+    budgets: _containers.RepeatedCompositeFieldContainer[BudgetState]
+    def __init__(self, results: _Optional[_Iterable[_Union[UriOffers, _Mapping]]] = ..., exchanges: _Optional[_Iterable[_Union[ExchangeCall, _Mapping]]] = ..., budgets: _Optional[_Iterable[_Union[BudgetState, _Mapping]]] = ...) -> None: ...
+
+class ChosenOffer(_message.Message):
+    __slots__ = ("uri", "offer")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    OFFER_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    offer: _ramp_pb2.Offer
+    def __init__(self, uri: _Optional[str] = ..., offer: _Optional[_Union[_ramp_pb2.Offer, _Mapping]] = ...) -> None: ...
+
+class TransactRequest(_message.Message):
+    __slots__ = ("session_id", "idempotency_key", "uris", "offers", "constraints", "deadline")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    URIS_FIELD_NUMBER: _ClassVar[int]
+    OFFERS_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    idempotency_key: str
+    uris: _containers.RepeatedScalarFieldContainer[str]
+    offers: _containers.RepeatedCompositeFieldContainer[ChosenOffer]
+    constraints: _ramp_pb2.RequestConstraints
+    deadline: _duration_pb2.Duration
+    def __init__(self, session_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., uris: _Optional[_Iterable[str]] = ..., offers: _Optional[_Iterable[_Union[ChosenOffer, _Mapping]]] = ..., constraints: _Optional[_Union[_ramp_pb2.RequestConstraints, _Mapping]] = ..., deadline: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class ItemResult(_message.Message):
+    __slots__ = ("uri", "offer", "status", "result", "detail")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    OFFER_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    offer: _ramp_pb2.Offer
+    status: ItemStatus
+    result: _ramp_pb2.TransactionResultItem
+    detail: str
+    def __init__(self, uri: _Optional[str] = ..., offer: _Optional[_Union[_ramp_pb2.Offer, _Mapping]] = ..., status: _Optional[_Union[ItemStatus, str]] = ..., result: _Optional[_Union[_ramp_pb2.TransactionResultItem, _Mapping]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class TransactResponse(_message.Message):
+    __slots__ = ("idempotency_key", "items", "total_cost", "dropped", "budgets", "exchanges", "replayed")
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_COST_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGES_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    idempotency_key: str
+    items: _containers.RepeatedCompositeFieldContainer[ItemResult]
+    total_cost: _ramp_pb2.Cost
+    dropped: _containers.RepeatedCompositeFieldContainer[DroppedUri]
+    budgets: _containers.RepeatedCompositeFieldContainer[BudgetState]
+    exchanges: _containers.RepeatedCompositeFieldContainer[ExchangeCall]
+    replayed: bool
+    def __init__(self, idempotency_key: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ItemResult, _Mapping]]] = ..., total_cost: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., dropped: _Optional[_Iterable[_Union[DroppedUri, _Mapping]]] = ..., budgets: _Optional[_Iterable[_Union[BudgetState, _Mapping]]] = ..., exchanges: _Optional[_Iterable[_Union[ExchangeCall, _Mapping]]] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class DeclareSessionBudgetRequest(_message.Message):
+    __slots__ = ("session_id", "limit")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    limit: _ramp_pb2.Cost
+    def __init__(self, session_id: _Optional[str] = ..., limit: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ...) -> None: ...
+
+class DeclareSessionBudgetResponse(_message.Message):
+    __slots__ = ("budget",)
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    budget: BudgetState
+    def __init__(self, budget: _Optional[_Union[BudgetState, _Mapping]] = ...) -> None: ...
+
+class GetBudgetStatusRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class GetBudgetStatusResponse(_message.Message):
+    __slots__ = ("budgets",)
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    budgets: _containers.RepeatedCompositeFieldContainer[BudgetState]
+    def __init__(self, budgets: _Optional[_Iterable[_Union[BudgetState, _Mapping]]] = ...) -> None: ...
