@@ -19,7 +19,7 @@ async def _serve(config_path: str | None) -> None:
 
     config = load_broker_config(config_path)
     broker = build_broker(config)
-    log.info("broker listening on %s (Connect, gRPC-Web, gRPC); exchanges: %s",
+    log.info("starting broker on %s (Connect, gRPC-Web, gRPC); exchanges: %s",
              config.listen, ", ".join(broker.exchanges) or "none")
     try:
         await serve_until_signalled(broker.app, config.listen, config.shutdown_grace_seconds)
@@ -35,7 +35,7 @@ async def _exchange(catalog_path: str | None) -> None:
 
     catalog = load_catalog(catalog_path)
     exchange = ReferenceExchange(catalog)
-    log.info("reference exchange %s listening on %s with %d offers",
+    log.info("starting reference exchange %s on %s with %d offers",
              catalog.exchange, catalog.listen, len(catalog.offers))
     await serve_until_signalled(reference_app(exchange), catalog.listen, 5.0)
     log.info("reference exchange stopped")
@@ -43,7 +43,8 @@ async def _exchange(catalog_path: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ramp-broker", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the broker daemon")
     serve.add_argument("--config", help="broker.yaml (defaults apply when omitted)")
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     exchange.add_argument("--catalog", help="catalog.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr,
+        level=args.log_level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

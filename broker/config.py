@@ -33,9 +33,10 @@ class MoneySetting(_Strict):
     @model_validator(mode="after")
     def _valid(self) -> MoneySetting:
         try:
-            Money.parse(self.amount, self.currency, "limit")
+            Money.parse(self.amount, self.currency, "")
         except MoneyError as exc:
-            raise ValueError(exc.problem) from None
+            # "amount: ..." / "currency: ...", under the setting's own path.
+            raise ValueError(str(exc).lstrip(".")) from None
         return self
 
     def money(self) -> Money:

@@ -37,6 +37,9 @@ def _apply_override(tree: dict[str, Any], path: list[str], value: str, env_name:
         elif isinstance(node, dict):
             if last:
                 node[part] = value
+            elif part not in node and path[i + 1].isdigit():
+                raise ConfigError(f"{env_name}: {'.'.join(path[:i + 1])} has no list item "
+                                  f"{path[i + 1]!r} to override")
             else:
                 node = node.setdefault(part, {})
         else:
@@ -53,6 +56,8 @@ def load(
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
@@ -68,7 +73,7 @@ def load(
     except ValidationError as exc:
         where = str(path) if path else "configuration"
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg'].removeprefix('Value error, ')}"
             for err in exc.errors()
         )
         raise ConfigError(f"{where}: {problems}") from None

@@ -60,7 +60,9 @@ def offer_price(offer: rpb.Offer) -> tuple[Money, Money]:
     """(price, unit cost) of an offer in its own currency; MoneyError if malformed."""
     p = offer.pricing
     cur = parse_currency(p.currency, "pricing.currency")
-    rate = Money(parse_amount(p.rate or "0", "pricing.rate"), cur)
+    # A priced model without a rate is malformed, never free.
+    rate = Money(parse_amount(p.rate, "pricing.rate"), cur) if p.model != rpb.PRICING_MODEL_FREE \
+        else Money.zero(cur)
     qty = p.estimated_quantity if p.HasField("estimated_quantity") else 1
     if qty < 1:
         raise MoneyError("pricing.estimated_quantity", "must be at least 1")

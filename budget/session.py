@@ -107,7 +107,7 @@ class SessionBudgets:
             account.spent.is_zero() and account.reserved.is_zero()
         ):
             raise SessionError(
-                f"session {session_id!r} already spent in {account.currency}; "
+                f"session {session_id!r} has money spent or reserved in {account.currency}; "
                 f"re-declare it in {account.currency} or use a new session id"
             )
         if account.currency != limit.currency:

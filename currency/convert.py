@@ -1,16 +1,21 @@
 """Currency conversion for budget checks.
 
+Rates are exact fractions (a configured "1.08" is 27/25; a derived inverse is
+25/27, not a 28-digit approximation), and a conversion multiplies integer
+nano-units by that fraction exactly, then rounds once, in the direction asked.
 A conversion made to reserve or charge a budget rounds against the spender
 (up), so converting can only make the broker stop earlier, never overspend.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from decimal import Decimal
+from fractions import Fraction
 from typing import Protocol
 
-from currency.money import Money, MoneyError, quantize
+from currency.money import Money, MoneyError
 
 
 class ConversionError(MoneyError):
@@ -18,8 +23,8 @@ class ConversionError(MoneyError):
 
 
 class Converter(Protocol):
-    def rate(self, source: str, target: str) -> Decimal:
-        """Units of `target` per unit of `source`; raises ConversionError when unknown."""
+    def rate(self, source: str, target: str) -> Fraction:
+        """Units of `target` per unit of `source`, exactly; raises ConversionError when unknown."""
         ...
 
 
@@ -27,14 +32,14 @@ def convert(money: Money, target: str, converter: Converter, *, round_up: bool =
     """`money` in `target`; rounds up by default (against the spender)."""
     if money.currency == target:
         return money
-    rate = converter.rate(money.currency, target)
-    return Money(quantize(money.amount * rate, round_up=round_up), target)
+    exact = money.units() * converter.rate(money.currency, target)
+    return Money.from_units(math.ceil(exact) if round_up else math.floor(exact), target)
 
 
 class NoConverter:
     """The default: different currencies are an error, never a silent sum."""
 
-    def rate(self, source: str, target: str) -> Decimal:
+    def rate(self, source: str, target: str) -> Fraction:
         raise ConversionError(
             "currency",
             f"offer is priced in {source} but the budget is in {target}, and no exchange "
@@ -46,19 +51,19 @@ class FixedRates:
     """Rates from configuration, e.g. {"EUR": {"USD": "1.08"}}; inverses are derived."""
 
     def __init__(self, rates: Mapping[str, Mapping[str, Decimal]]) -> None:
-        self._rates: dict[tuple[str, str], Decimal] = {}
+        self._rates: dict[tuple[str, str], Fraction] = {}
         for source, targets in rates.items():
             for target, rate in targets.items():
-                if rate <= 0:
+                if not rate.is_finite() or rate <= 0:
                     raise ConversionError(f"rates.{source}.{target}", "must be positive")
-                self._rates[(source, target)] = rate
-        for (source, target), rate in list(self._rates.items()):
+                self._rates[(source, target)] = Fraction(rate)
+        for (source, target), forward in list(self._rates.items()):
             # An explicit inverse wins over a derived one.
-            self._rates.setdefault((target, source), Decimal(1) / rate)
+            self._rates.setdefault((target, source), 1 / forward)
 
-    def rate(self, source: str, target: str) -> Decimal:
+    def rate(self, source: str, target: str) -> Fraction:
         if source == target:
-            return Decimal(1)
+            return Fraction(1)
         try:
             return self._rates[(source, target)]
         except KeyError:

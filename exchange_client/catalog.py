@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from broker.config import check_address
 from broker.configfile import load
@@ -35,14 +35,22 @@ class CatalogOffer(_Strict):
     # Seconds the offer stays valid after discovery; none means no expiry.
     ttl_seconds: int | None = Field(default=None, gt=0)
 
-    @model_validator(mode="after")
-    def _money(self) -> CatalogOffer:
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, rate: str) -> str:
         try:
-            parse_amount(self.rate, "rate")
-            parse_currency(self.currency, "currency")
+            parse_amount(rate, "rate")
         except MoneyError as exc:
-            raise ValueError(str(exc)) from None
-        return self
+            raise ValueError(exc.problem) from None
+        return rate
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, code: str) -> str:
+        try:
+            return parse_currency(code, "currency")
+        except MoneyError as exc:
+            raise ValueError(exc.problem) from None
 
 
 class Knobs(_Strict):

@@ -34,26 +34,23 @@ def free_port() -> int:
         return port
 
 
-async def _wait_listening(port: int, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            await writer.wait_closed()
-            return
-        except OSError:
-            if loop.time() > end:
-                raise
-            await asyncio.sleep(0.02)
+async def _wait_listening(port: int) -> None:
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                await writer.wait_closed()
+                return
+            except OSError:
+                await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager
 async def serving(app: ASGIApp, port: int) -> AsyncIterator[None]:
     stop = asyncio.Event()
     task = asyncio.create_task(
-        hypercorn_serve(app, hypercorn_config(f"127.0.0.1:{port}", 2.0), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        hypercorn_serve(app, hypercorn_config(f"127.0.0.1:{port}", 2.0), shutdown_trigger=stop.wait)
     )
     try:
         await _wait_listening(port)

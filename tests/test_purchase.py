@@ -61,7 +61,7 @@ async def test_purchase_over_protobuf_with_generated_client(
             BrokerServiceClient(broker.url, http_client=Client(transport)) as client,
         ):
             await budgets.declare_session_budget(bpb.DeclareSessionBudgetRequest(
-                session_id="s1", limit={"amount": "2.50", "currency": "USD"}))  # type: ignore[arg-type]
+                session_id="s1", limit={"amount": "2.50", "currency": "USD"}))
             answer = await client.transact(
                 bpb.TransactRequest(session_id="s1", idempotency_key="k1", uris=[B]))
             assert answer.items[0].status == bpb.ITEM_STATUS_PURCHASED
@@ -428,3 +428,48 @@ async def test_period_fields_are_refused_until_the_period_layer_exists(
     assert r.json()["code"] == "unimplemented"
     assert "constraints.period_budget" in r.json()["message"]
     assert (await exchange.state())["execute_calls"] == 0
+
+
+async def test_agent_hanging_up_mid_purchase_neither_cancels_nor_double_charges(
+    broker: RunningBroker, exchange: Exchange
+) -> None:
+    import httpx
+
+    await declare(broker, "s1", "5.00")
+    exchange.ref.knobs.execute_latency_ms = 500
+    request = {"sessionId": "s1", "idempotencyKey": "k1", "uris": [A]}
+    async with httpx.AsyncClient(timeout=0.2) as impatient:
+        with pytest.raises(httpx.TimeoutException):
+            await impatient.post(f"{broker.url}/ramp.broker.v1.BrokerService/Transact",
+                                 json=request, headers={"content-type": "application/json"})
+    retry = await broker.post("BrokerService/Transact", request)
+    assert retry.status_code == 200
+    assert retry.json()["items"][0]["status"] == "ITEM_STATUS_PURCHASED"
+    state = await exchange.state()
+    assert (state["charges"], state["execute_calls"]) == (1, 1)
+    status = (await broker.post("BudgetService/GetBudgetStatus", {"sessionId": "s1"})).json()
+    assert status["budgets"][0]["spent"]["amount"] == "1.00"
+    assert status["budgets"][0]["reserved"]["amount"] == "0.00"
+
+
+async def test_status_of_an_unknown_session_is_not_found(broker: RunningBroker) -> None:
+    r = await broker.post("BudgetService/GetBudgetStatus", {"sessionId": "ghost"})
+    assert r.status_code == 404
+    assert "DeclareSessionBudget" in r.json()["message"]
+
+
+async def test_redeclaring_raises_the_limit_and_keeps_the_spend(
+    broker: RunningBroker, exchange: Exchange
+) -> None:
+    await declare(broker, "s1", "1.00")
+    assert (await broker.post("BrokerService/Transact",
+                              {"sessionId": "s1", "idempotencyKey": "k1", "uris": [A]})).status_code == 200
+    await declare(broker, "s1", "3.00")
+    status = (await broker.post("BudgetService/GetBudgetStatus", {"sessionId": "s1"})).json()
+    (session,) = status["budgets"]
+    assert (session["limit"]["amount"], session["spent"]["amount"], session["remaining"]["amount"]) == (
+        "3.00", "1.00", "2.00")
+    # A different currency after spending would silently reset the books: refused.
+    r = await broker.post("BudgetService/DeclareSessionBudget",
+                          {"sessionId": "s1", "limit": {"amount": "3.00", "currency": "EUR"}})
+    assert r.json()["code"] == "failed_precondition"

@@ -1,0 +1,567 @@
+"""End-to-end purchase throughput: agent -> broker -> reference Exchange, per protocol.
+
+    python -m bench.purchases [--seconds N] [--concurrency C] [--requests MAX]
+
+The reference Exchange and the broker run as separate OS processes (``python -m
+broker.cli exchange`` / ``serve``) on free loopback ports, so the load generator
+here never shares the broker's event loop. Each protocol phase runs C concurrent
+workers for at most N seconds or MAX requests, whichever comes first, after a
+short warm-up that is not counted:
+
+  * baseline: ``GET /healthz`` over httpx (the broker's trivial JSON route: the
+    server's own ceiling for one request/response on this machine). httpx costs
+    the client more CPU per request than the broker spends answering, so a second
+    baseline row drives the same route with pyqwest (the Rust HTTP client under
+    the generated Connect client), which comes closer to the broker's ceiling;
+  * Connect JSON: ``POST /ramp.broker.v1.BrokerService/Transact`` over one shared
+    httpx.AsyncClient;
+  * Connect protobuf: the generated ``BrokerServiceClient`` over pyqwest;
+  * gRPC: the generated grpcio stub over one ``grpc.aio`` channel.
+
+Every purchase buys one flat-priced item with its own idempotency key; each
+worker uses its own session (created on first use with the broker's default
+limit, which is set far above anything the run can spend). A purchase counts as
+an error unless the RPC succeeds and its one item comes back PURCHASED. No
+protocol compresses on the agent's hop (the Connect clients would ask for gzip by
+default; grpcio does not).
+
+Nothing here asserts on timings: it measures and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import yaml
+from pyqwest import Client, HTTPTransport
+
+from ramp.broker.v1 import broker_pb2 as bpb
+from ramp.broker.v1 import broker_pb2_grpc
+from ramp.broker.v1.broker_connect import BrokerServiceClient
+
+REPO = Path(__file__).resolve().parents[1]
+EXCHANGE_NAME = "bench.exchange.local"
+ITEM_URI = "https://bench.example/item"
+ITEM_PRICE = "0.01"
+HUGE = "900000000.00"  # just under the broker's MAX_AMOUNT (10**9)
+TRANSACT_PATH = "/ramp.broker.v1.BrokerService/Transact"
+BASELINE_HTTPX = "baseline: GET /healthz (httpx)"
+BASELINE_PYQWEST = "baseline: GET /healthz (pyqwest)"
+# No compression on the agent's hop for any protocol: httpx and the generated Connect
+# client would otherwise ask for gzip, and the broker gzips every answer they accept it
+# for, while grpcio asks for identity first. Uncompressed keeps the protocols comparable.
+CONNECT_JSON = {"content-type": "application/json", "accept-encoding": "identity"}
+
+REQUEST_TIMEOUT_S = 10.0  # one call; a timed-out call counts as an error
+STARTUP_TIMEOUT_S = 20.0  # waiting for /healthz of a freshly started process
+STOP_TIMEOUT_S = 15.0  # SIGTERM, then SIGKILL
+PHASE_GRACE_S = 2 * REQUEST_TIMEOUT_S + 5.0  # past --seconds, the whole phase is abandoned
+
+# (worker index, request sequence number) -> None; raises when the call did not succeed.
+Call = Callable[[int, int], Awaitable[None]]
+
+
+class PurchaseFailed(Exception):
+    """The RPC answered, but not with one purchased item."""
+
+
+# --- the servers, as child processes ---------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    url: str
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def _child_env() -> dict[str, str]:
+    # RAMP_BROKER_* / RAMP_EXCHANGE_* overrides in the caller's environment would
+    # silently change the listen ports or limits written below: leave them out.
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("RAMP_BROKER_", "RAMP_EXCHANGE_"))}
+
+
+def _start(name: str, args: list[str], workdir: Path, port: int) -> Child:
+    log_path = workdir / f"{name}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "broker.cli", "--log-level", "WARNING", *args],
+            cwd=REPO, env=_child_env(), stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return Child(name, proc, log_path, f"http://127.0.0.1:{port}")
+
+
+def _wait_healthy(child: Child) -> None:
+    end = time.monotonic() + STARTUP_TIMEOUT_S
+    with httpx.Client(timeout=2.0, trust_env=False) as client:
+        while True:
+            if child.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{child.name} exited with {child.proc.returncode} before it was healthy:\n"
+                    f"{child.log_tail()}"
+                )
+            try:
+                if client.get(f"{child.url}/healthz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > end:
+                raise RuntimeError(
+                    f"{child.name} not healthy after {STARTUP_TIMEOUT_S:.0f} s:\n{child.log_tail()}"
+                )
+            time.sleep(0.05)
+
+
+def _stop(child: Child) -> None:
+    if child.proc.poll() is not None:
+        return
+    child.proc.terminate()
+    try:
+        child.proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        child.proc.kill()
+        child.proc.wait(timeout=STOP_TIMEOUT_S)
+
+
+@contextlib.contextmanager
+def running_servers() -> Iterator[tuple[Child, Child]]:
+    """The reference Exchange and the broker, each in its own process, stopped on exit."""
+    children: list[Child] = []
+    with tempfile.TemporaryDirectory(prefix="ramp-bench-") as tmp:
+        workdir = Path(tmp)
+        xport, bport = free_port(), free_port()
+        catalog = {
+            "exchange": EXCHANGE_NAME,
+            "listen": f"127.0.0.1:{xport}",
+            "accounts": {"ramp-broker": {"USD": HUGE}},
+            "offers": [{"uri": ITEM_URI, "offer_id": "bench-item", "title": "Bench item",
+                        "model": "flat", "rate": ITEM_PRICE, "currency": "USD"}],
+        }
+        config = {
+            "listen": f"127.0.0.1:{bport}",
+            "default_currency": "USD",
+            "exchanges": [{"name": EXCHANGE_NAME, "endpoint": f"http://127.0.0.1:{xport}",
+                           "trust": 80, "priority": 10}],
+            "session": {"default_limit": {"amount": HUGE, "currency": "USD"}},
+            "shutdown_grace_seconds": 2,
+        }
+        (workdir / "catalog.yaml").write_text(yaml.safe_dump(catalog), encoding="utf-8")
+        (workdir / "broker.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+        try:
+            exchange = _start("exchange", ["exchange", "--catalog", str(workdir / "catalog.yaml")],
+                              workdir, xport)
+            children.append(exchange)
+            _wait_healthy(exchange)
+            broker = _start("broker", ["serve", "--config", str(workdir / "broker.yaml")],
+                            workdir, bport)
+            children.append(broker)
+            _wait_healthy(broker)
+            yield exchange, broker
+        finally:
+            for child in reversed(children):
+                _stop(child)
+
+
+# --- load ------------------------------------------------------------------------
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    concurrency: int
+    elapsed: float
+    latencies: list[float] = field(default_factory=list)  # seconds, successful calls only
+    errors: Counter[str] = field(default_factory=Counter)
+    warmup_ok: int = 0
+    warmup_errors: Counter[str] = field(default_factory=Counter)
+    # CPU used during the measured phase, in % of one core, per process ("bench" is this one).
+    cpu: dict[str, float | None] = field(default_factory=dict)
+    baseline: bool = False  # a /healthz row, not purchases
+
+    @property
+    def ok(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def requests(self) -> int:
+        return self.ok + self.error_count
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.elapsed if self.elapsed > 0 else 0.0
+
+    def percentile_ms(self, p: int) -> float | None:
+        if not self.latencies:
+            return None
+        if len(self.latencies) == 1:
+            return self.latencies[0] * 1000
+        cuts = statistics.quantiles(self.latencies, n=100, method="inclusive")
+        return cuts[p - 1] * 1000
+
+
+MACHINE = -1  # pseudo-pid: every process on the machine (busy time of all CPUs)
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process (None: this one, all threads); None if unknown."""
+    if pid is None:
+        return time.process_time()
+    if pid == MACHINE:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                ticks = [int(t) for t in f.readline().split()[1:]]
+            # user nice system idle iowait irq softirq steal ...: busy = all but idle, iowait
+            return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+        fields = stat.rsplit(")", 1)[1].split()  # from field 3 ("state") on
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None  # not Linux, or the process is gone
+
+
+async def run_phase(
+    name: str, call: Call, concurrency: int, seconds: float, max_requests: int,
+    pids: dict[str, int | None] | None = None,
+) -> PhaseResult:
+    result = PhaseResult(name, concurrency, 0.0)
+    issued = 0
+    pids = pids or {}
+    cpu_before = {who: cpu_seconds(pid) for who, pid in pids.items()}
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    async def worker(w: int) -> None:
+        nonlocal issued
+        while issued < max_requests and time.perf_counter() < deadline:
+            issued += 1
+            seq = issued
+            t0 = time.perf_counter()
+            try:
+                await call(w, seq)
+            except Exception as exc:
+                result.errors[f"{type(exc).__name__}: {str(exc)[:160]}"] += 1
+            else:
+                result.latencies.append(time.perf_counter() - t0)
+
+    async with asyncio.timeout(seconds + PHASE_GRACE_S):
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    result.elapsed = time.perf_counter() - start
+    for who, pid in pids.items():
+        before, after = cpu_before[who], cpu_seconds(pid)
+        result.cpu[who] = (
+            None if before is None or after is None else 100 * (after - before) / result.elapsed
+        )
+    return result
+
+
+@dataclass
+class Settings:
+    seconds: float
+    concurrency: int
+    max_requests: int
+    warmup_seconds: float
+    warmup_requests: int
+    # Processes whose CPU use is sampled per phase: {"broker": pid, "exchange": pid, "bench": None}.
+    pids: dict[str, int | None] = field(default_factory=dict)
+
+
+async def measure(
+    name: str, make_call: Callable[[str], Call], s: Settings, *, baseline: bool = False
+) -> PhaseResult:
+    """A warm-up (not counted), then the measured phase; keys never repeat across the two."""
+    print(f"  {name}: warm-up ...", file=sys.stderr, flush=True)
+    warm = await run_phase(name, make_call("warm"), s.concurrency, s.warmup_seconds,
+                           s.warmup_requests)
+    print(f"  {name}: measuring (warm-up: {warm.ok} ok, {warm.error_count} errors) ...",
+          file=sys.stderr, flush=True)
+    result = await run_phase(name, make_call("run"), s.concurrency, s.seconds, s.max_requests,
+                             s.pids)
+    result.warmup_ok, result.warmup_errors = warm.ok, warm.errors
+    result.baseline = baseline
+    return result
+
+
+def _request(run_id: str, tag: str, w: int, seq: int) -> bpb.TransactRequest:
+    return bpb.TransactRequest(
+        session_id=f"{run_id}-{tag}-w{w}", idempotency_key=f"{run_id}-{tag}-{seq}", uris=[ITEM_URI]
+    )
+
+
+def _check(answer: bpb.TransactResponse) -> None:
+    if len(answer.items) != 1 or answer.items[0].status != bpb.ITEM_STATUS_PURCHASED:
+        states = [bpb.ItemStatus.Name(i.status) for i in answer.items]
+        detail = answer.items[0].detail if answer.items else f"dropped={list(answer.dropped)}"
+        raise PurchaseFailed(f"items={states} {detail}"[:160])
+
+
+async def run_all(broker_url: str, broker_port: int, s: Settings) -> list[PhaseResult]:
+    run_id = uuid.uuid4().hex[:10]
+    results: list[PhaseResult] = []
+    limits = httpx.Limits(max_connections=s.concurrency, max_keepalive_connections=s.concurrency)
+
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits, trust_env=False) as http:
+        # Baseline: the broker's trivial JSON route.
+        def healthz(tag: str) -> Call:
+            async def call(w: int, seq: int) -> None:
+                r = await http.get(f"{broker_url}/healthz")
+                if r.status_code != 200:
+                    raise PurchaseFailed(f"HTTP {r.status_code}: {r.text[:120]}")
+            return call
+
+        results.append(await measure(BASELINE_HTTPX, healthz, s, baseline=True))
+
+        # Connect JSON over the same shared httpx client.
+        def connect_json(tag: str) -> Call:
+            prefix = f"json-{tag}"
+
+            async def call(w: int, seq: int) -> None:
+                body = {"sessionId": f"{run_id}-{prefix}-w{w}",
+                        "idempotencyKey": f"{run_id}-{prefix}-{seq}", "uris": [ITEM_URI]}
+                r = await http.post(f"{broker_url}{TRANSACT_PATH}", json=body, headers=CONNECT_JSON)
+                if r.status_code != 200:
+                    raise PurchaseFailed(f"HTTP {r.status_code}: {r.text[:120]}")
+                items: list[dict[str, Any]] = r.json().get("items", [])
+                if len(items) != 1 or items[0].get("status") != "ITEM_STATUS_PURCHASED":
+                    raise PurchaseFailed(f"items={items!r}"[:160])
+            return call
+
+        results.append(await measure("Connect JSON (httpx)", connect_json, s))
+
+    # pyqwest: a second baseline (a Rust HTTP client, far cheaper per request than
+    # httpx), and under the generated Connect client. Each on its own transport,
+    # closed explicitly: the shared default one was seen to abort the process at exit.
+    transport = HTTPTransport(timeout=REQUEST_TIMEOUT_S)
+    try:
+        raw = Client(transport)
+
+        def healthz_pyqwest(tag: str) -> Call:
+            async def call(w: int, seq: int) -> None:
+                r = await raw.get(f"{broker_url}/healthz")
+                if r.status != 200:
+                    raise PurchaseFailed(f"HTTP {r.status}")
+            return call
+
+        results.append(await measure(BASELINE_PYQWEST, healthz_pyqwest, s, baseline=True))
+    finally:
+        await transport.aclose()
+
+    transport = HTTPTransport(timeout=REQUEST_TIMEOUT_S)
+    try:
+        client = BrokerServiceClient(
+            broker_url, http_client=Client(transport), send_compression=None,
+            accept_compression=(), timeout_ms=int(REQUEST_TIMEOUT_S * 1000),
+        )
+        try:
+            def connect_proto(tag: str) -> Call:
+                prefix = f"proto-{tag}"
+
+                async def call(w: int, seq: int) -> None:
+                    _check(await client.transact(_request(run_id, prefix, w, seq)))
+                return call
+
+            results.append(await measure("Connect protobuf (connectrpc)", connect_proto, s))
+        finally:
+            await client.close()
+    finally:
+        await transport.aclose()
+
+    # gRPC: the generated grpcio stub over one grpc.aio channel (HTTP/2).
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{broker_port}") as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
+        transact: grpc.aio.UnaryUnaryMultiCallable[bpb.TransactRequest, bpb.TransactResponse]
+        transact = stub.Transact
+
+        def grpc_call(tag: str) -> Call:
+            prefix = f"grpc-{tag}"
+
+            async def call(w: int, seq: int) -> None:
+                _check(await transact(_request(run_id, prefix, w, seq), timeout=REQUEST_TIMEOUT_S))
+            return call
+
+        results.append(await measure("gRPC (grpc.aio)", grpc_call, s))
+    # Baselines first, then the purchases, in the order they ran.
+    return [r for r in results if r.baseline] + [r for r in results if not r.baseline]
+
+
+# --- report ----------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
+def _other_cpu(r: PhaseResult, ours: list[str]) -> float | None:
+    machine = r.cpu.get("machine")
+    mine = [r.cpu.get(who) for who in ours]
+    if machine is None or any(v is None for v in mine):
+        return None
+    return max(0.0, machine - sum(v for v in mine if v is not None))
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(
+            cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)
+        ).rstrip()
+
+    return [line(header), line(tuple("-" * w for w in widths)), *(line(row) for row in rows)]
+
+
+def report(results: list[PhaseResult], s: Settings, exchange_charges: int | None) -> str:
+    cpu_of = [who for who in s.pids if who != "machine"]
+    machine = "machine" in s.pids
+    header = ("protocol", "purchases/s", "p50 ms", "p99 ms", "requests", "errors",
+              *(f"{who} CPU" for who in cpu_of), *(["other CPU"] if machine else []))
+    rows = [
+        (r.name, f"{r.rate:.0f}", _ms(r.percentile_ms(50)), _ms(r.percentile_ms(99)),
+         str(r.requests), str(r.error_count), *(_pct(r.cpu.get(who)) for who in cpu_of),
+         *([_pct(_other_cpu(r, cpu_of))] if machine else []))
+        for r in results
+    ]
+    out = [
+        f"ramp-broker purchases: concurrency {s.concurrency}, at most {s.seconds:g} s or "
+        f"{s.max_requests} requests per protocol (after a {s.warmup_seconds:g} s / "
+        f"{s.warmup_requests}-request warm-up)",
+        f"python {platform.python_version()} on {platform.system()} {platform.machine()}, "
+        f"{os.cpu_count()} CPUs shared by the load generator, the broker and the Exchange",
+        "",
+        *_table(header, rows),
+        "",
+        "purchases/s counts successful purchases (baseline rows: /healthz answers) per second;",
+        "latency percentiles are over successful calls.",
+    ]
+    if cpu_of:
+        out += textwrap.wrap(
+            f"CPU columns: CPU time used during the measured phase, in % of one core of "
+            f"{os.cpu_count()} (bench = this load generator, all its threads; other = everything "
+            "else on the machine).", 100)
+    baselines = [r for r in results if r.baseline and r.rate > 0]
+    for base in baselines:
+        bench_cpu = base.cpu.get("bench")
+        if bench_cpu is not None and bench_cpu >= 85:
+            out += ["", *textwrap.wrap(
+                f"note: during '{base.name}' this load generator used {bench_cpu:.0f}% of a core "
+                "(its event loop can use at most one): that row shows what the client can drive, "
+                "a floor under the broker's ceiling rather than the ceiling itself.", 100)]
+    protocols = [r for r in results if not r.baseline]
+    if baselines and protocols:
+        out += ["", "purchases/s relative to each baseline:", ""]
+        out += _table(
+            ("protocol", *(f"vs {b.name.removeprefix('baseline: ')}" for b in baselines)),
+            [(r.name, *(f"{r.rate / b.rate:.3f}x" for b in baselines)) for r in protocols],
+        )
+    errors = [(r.name, "", k, v) for r in results for k, v in r.errors.most_common(3)]
+    errors += [(r.name, " (warm-up)", k, v)
+               for r in results for k, v in r.warmup_errors.most_common(3)]
+    if errors:
+        out += ["", "errors (most common per row):"]
+        out += [f"  {name}{when}: {count} x {kind}" for name, when, kind, count in errors]
+    if exchange_charges is not None:
+        bought = sum(r.ok + r.warmup_ok for r in protocols)
+        out += ["", f"the Exchange recorded {exchange_charges} charges; the bench counted {bought} "
+                    "successful purchases (warm-ups included)"]
+    return "\n".join(out)
+
+
+def _exchange_charges(exchange_url: str) -> int | None:
+    try:
+        with httpx.Client(timeout=5.0, trust_env=False) as client:
+            r = client.get(f"{exchange_url}/admin/state")
+            r.raise_for_status()
+            charges: int = r.json()["charges"]
+            return charges
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.purchases", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0,
+                        help="time limit per protocol (default 5)")
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="concurrent workers (default 16)")
+    parser.add_argument("--requests", type=int, default=20000,
+                        help="request limit per protocol (default 20000)")
+    args = parser.parse_args(argv)
+    if args.seconds <= 0 or args.concurrency < 1 or args.requests < 1:
+        parser.error("--seconds must be positive, --concurrency and --requests at least 1")
+    s = Settings(
+        seconds=args.seconds, concurrency=args.concurrency, max_requests=args.requests,
+        warmup_seconds=min(1.0, args.seconds / 5),
+        warmup_requests=min(args.requests, 10 * args.concurrency),
+    )
+    # Loopback only: never through a proxy from the environment (httpx, pyqwest, grpcio
+    # and the broker's own Exchange client all honour NO_PROXY).
+    for var in ("NO_PROXY", "no_proxy"):
+        os.environ[var] = ",".join(filter(None, ["127.0.0.1,localhost", os.environ.get(var)]))
+    print("starting the reference Exchange and the broker ...", file=sys.stderr, flush=True)
+    try:
+        with running_servers() as (exchange, broker):
+            port = int(broker.url.rsplit(":", 1)[1])
+            s.pids = {"broker": broker.proc.pid, "exchange": exchange.proc.pid, "bench": None,
+                      "machine": MACHINE}
+            results = asyncio.run(run_all(broker.url, port, s))
+            charges = _exchange_charges(exchange.url)
+    except TimeoutError:
+        print(f"bench: a phase ran {PHASE_GRACE_S:g} s past --seconds and was abandoned",
+              file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    print(report(results, s, charges))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
