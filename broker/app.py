@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from connectrpc.compat import google_protobuf_binary_codec, google_protobuf_json_codec
+
 from broker.config import BrokerConfig
 from broker.errors import ErrorMapping
 from broker.purchase import Purchaser
@@ -40,8 +42,13 @@ def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Broker:
     }
     purchaser = Purchaser(config, exchanges, sessions, converter, clock)
     interceptors = [ErrorMapping()]
-    broker_app = BrokerServiceASGIApplication(BrokerHandlers(purchaser), interceptors=interceptors)
-    budget_app = BudgetServiceASGIApplication(BudgetHandlers(sessions), interceptors=interceptors)
+    # Unknown JSON fields are refused, not skipped: a misspelled "maxPrize" must
+    # not quietly buy without the cap the agent meant to set.
+    codecs = [google_protobuf_binary_codec(), google_protobuf_json_codec(ignore_unknown_fields=False)]
+    broker_app = BrokerServiceASGIApplication(
+        BrokerHandlers(purchaser), interceptors=interceptors, codecs=codecs)
+    budget_app = BudgetServiceASGIApplication(
+        BudgetHandlers(sessions), interceptors=interceptors, codecs=codecs)
 
     async def healthz(method: str, body: Any) -> tuple[int, Any]:
         return 200, {"status": "ok", "exchanges": sorted(exchanges), "sessions": len(sessions)}

@@ -120,6 +120,8 @@ async def test_fifty_concurrent_purchases_against_a_budget_for_ten(
         assert info.reason == "session_budget_exhausted"
     state = await exchange.state()
     assert state["charges"] == 10
+    # The 40 denials never reached the wire: one purchase call per success.
+    assert state["execute_calls"] == 10
     assert state["balances"]["ramp-broker"]["USD"] == "990.00"
     status = (await broker.post("BudgetService/GetBudgetStatus", {"sessionId": "s1"})).json()
     (session,) = status["budgets"]
@@ -377,6 +379,23 @@ async def test_bad_input_is_invalid_argument_naming_the_field(
     status = (await broker.post("BudgetService/GetBudgetStatus", {"sessionId": "s1"})).json()
     assert status["budgets"][0]["spent"]["amount"] == "0.00"
     assert status["budgets"][0]["reserved"]["amount"] == "0.00"
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"uris": [A], "constraints": {"maxPrize": {"amount": "1.00", "currency": "USD"}}}, "maxPrize"),
+    ({"uris": [A], "constraints": {"deliveryPreference": ["DELIVERY_METHOD_TELEPATHY"]}},
+     "deliveryPreference"),
+    ({"uris": A}, "uris"),
+])
+async def test_unknown_or_mistyped_json_fields_are_refused_not_skipped(
+    broker: RunningBroker, exchange: Exchange, body: dict[str, Any], field: str
+) -> None:
+    await declare(broker, "s1", "10.00")
+    r = await broker.post("BrokerService/Transact", {"sessionId": "s1", "idempotencyKey": "k1", **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == "invalid_argument"
+    assert field in r.json()["message"]
+    assert (await exchange.state())["execute_calls"] == 0
 
 
 @pytest.mark.parametrize(("limit", "field"), [
