@@ -50,7 +50,7 @@ from budget.layers import (
 )
 from budget.session import SessionAccount, SessionBudgets
 from currency.convert import Converter, convert
-from currency.money import Money, MoneyError
+from currency.money import Money, MoneyError, total
 from exchange_client.adapter import ExchangeError
 from ramp.broker.v1 import broker_pb2 as bpb
 from ramp.v1 import ramp_pb2 as rpb
@@ -202,9 +202,9 @@ class Purchaser:
             kept, pruned = prune(best, room.room)
             if not kept:
                 raise self._nothing_to_buy(fitted, room, c, discovery)
-            total = sum((cand.price for cand in kept[1:]), start=kept[0].price)
             try:
-                holds = await reserve_all(budgets, total, self._converter)
+                holds = await reserve_all(
+                    budgets, total((cand.price for cand in kept), currency), self._converter)
             except BudgetExhausted:
                 # Another purchase took budget since headroom was read: look again.
                 if attempt == _RESERVE_ATTEMPTS - 1:
@@ -241,13 +241,10 @@ class Purchaser:
                 await hold.commit(hold.amount)
             raise
         outcomes = [o for group in groups for o in group]
-        spent = sum((o.charged for o in outcomes), start=Money.zero(currency))
+        spent = total((o.charged for o in outcomes), currency)
         await _settle(holds, spent, self._converter)
-        charged = Money.zero(currency)
-        for o in outcomes:
-            response.items.append(o.item)
-            if o.actual is not None:
-                charged = charged + o.actual
+        response.items.extend(o.item for o in outcomes)
+        charged = total((o.actual for o in outcomes if o.actual is not None), currency)
         response.total_cost.CopyFrom(wire.cost(charged))
         for budget in budgets:
             response.budgets.append(wire.budget_state(await budget.snapshot()))

@@ -9,6 +9,7 @@ with the name of the field, never rounded or clamped.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Context, Decimal
 from functools import cache
@@ -161,7 +162,8 @@ def format_amount(value: Decimal) -> str:
     return f"{whole}.{frac.ljust(2, '0')}"
 
 
-def total(items: list[Money], currency: str) -> Money:
+def total(items: Iterable[Money], currency: str) -> Money:
+    """The sum of `items`, all in `currency` (CurrencyMismatch otherwise); zero when empty."""
     acc = Money.zero(currency)
     for m in items:
         acc = acc + m
