@@ -6,10 +6,10 @@ import re
 from decimal import Decimal
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from broker.configfile import load
-from currency.money import Money, MoneyError, parse_amount, parse_currency
+from broker.configfile import Amount, CurrencyCode, load
+from currency.money import Money, parse_amount, parse_currency
 
 ENV_PREFIX = "RAMP_BROKER_"
 _ADDR = re.compile(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
@@ -27,17 +27,8 @@ def check_address(value: str) -> str:
 
 
 class MoneySetting(_Strict):
-    amount: str
-    currency: str
-
-    @model_validator(mode="after")
-    def _valid(self) -> MoneySetting:
-        try:
-            Money.parse(self.amount, self.currency, "")
-        except MoneyError as exc:
-            # "amount: ..." / "currency: ...", under the setting's own path.
-            raise ValueError(str(exc).lstrip(".")) from None
-        return self
+    amount: Amount
+    currency: CurrencyCode
 
     def money(self) -> Money:
         return Money.parse(self.amount, self.currency, "limit")

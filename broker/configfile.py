@@ -10,16 +10,38 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError
+
+from currency.money import MoneyError, parse_amount, parse_currency
 
 M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(Exception):
     """Configuration that cannot be used; the message says which setting and why."""
+
+
+def _amount(text: str) -> str:
+    try:
+        parse_amount(text, "amount")
+    except MoneyError as exc:
+        raise ValueError(exc.problem) from None  # the setting's path says where
+    return text
+
+
+def _currency(code: str) -> str:
+    try:
+        return parse_currency(code, "currency")
+    except MoneyError as exc:
+        raise ValueError(exc.problem) from None
+
+
+# Setting types for money, parsed as strictly as the wire's amounts.
+Amount = Annotated[str, AfterValidator(_amount)]
+CurrencyCode = Annotated[str, AfterValidator(_currency)]
 
 
 def _apply_override(tree: dict[str, Any], path: list[str], value: str, env_name: str) -> None:

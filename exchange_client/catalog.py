@@ -8,8 +8,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from broker.config import check_address
-from broker.configfile import load
-from currency.money import MoneyError, parse_amount, parse_currency
+from broker.configfile import Amount, CurrencyCode, load
+from currency.money import parse_amount, parse_currency
 
 ENV_PREFIX = "RAMP_EXCHANGE_"
 
@@ -24,8 +24,8 @@ class CatalogOffer(_Strict):
     title: str = ""
     model: Literal["free", "flat", "per_unit"] = "flat"
     # Flat price, or price per unit (decimal string).
-    rate: str = "0"
-    currency: str = "USD"
+    rate: Amount = "0"
+    currency: CurrencyCode = "USD"
     unit: str | None = None
     # What the offer announces it will charge for (per_unit).
     estimated_quantity: int = Field(default=1, ge=1)
@@ -35,22 +35,6 @@ class CatalogOffer(_Strict):
     # Seconds the offer stays valid after discovery; none means no expiry.
     ttl_seconds: int | None = Field(default=None, gt=0)
 
-    @field_validator("rate")
-    @classmethod
-    def _rate(cls, rate: str) -> str:
-        try:
-            parse_amount(rate, "rate")
-        except MoneyError as exc:
-            raise ValueError(exc.problem) from None
-        return rate
-
-    @field_validator("currency")
-    @classmethod
-    def _currency(cls, code: str) -> str:
-        try:
-            return parse_currency(code, "currency")
-        except MoneyError as exc:
-            raise ValueError(exc.problem) from None
 
 
 class Knobs(_Strict):

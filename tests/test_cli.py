@@ -281,10 +281,10 @@ BROKER_ERRORS: dict[str, tuple[Any, dict[str, str], str]] = {
         " exchanges.0.endpoint: "),
     "default limit with exponent": (
         _with(session={"default_limit": {"amount": "1e3", "currency": "USD"}}), {},
-        " session.default_limit: "),
+        " session.default_limit.amount: "),
     "default limit bad currency": (
         _with(session={"default_limit": {"amount": "1.00", "currency": "XYZ"}}), {},
-        " session.default_limit: "),
+        " session.default_limit.currency: "),
     "duplicate exchange": (_with(exchanges=[_EXCHANGE, _EXCHANGE]), {}, " exchanges: "),
     "bad rate": (_with(rates={"EUR": {"USD": "-1"}}), {}, " rates: "),
     "env override not an integer": (
