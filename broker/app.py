@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from connectrpc.compat import google_protobuf_binary_codec, google_protobuf_json_codec
 
-from broker.config import BrokerConfig
+from broker.auth import AdminToken, Authenticator
+from broker.config import BrokerConfig, StoreSetting
 from broker.errors import ErrorMapping
 from broker.purchase import Purchaser
 from broker.selection import Exchange
-from broker.service import BrokerHandlers, BudgetHandlers
+from broker.service import AdminHandlers, BrokerHandlers, BudgetHandlers
 from budget.clock import Clock, SystemClock
+from budget.journal import Journal
+from budget.period import PeriodLayer, ScopeRule
+from budget.periods import Period, time_zone
+from budget.scopes import billing_scope
 from budget.session import SessionBudgets
-from currency.convert import Converter, FixedRates, NoConverter
+from budget.statedir import state_dir
+from budget.store import Store
+from currency.convert import Chain, ConversionError, Converter, FixedRates, NoConverter
+from currency.ecb import EcbConverter, EcbSource, run_refresher
 from exchange_client.connect_adapter import ConnectExchange
-from exchange_client.serving import Router
-from ramp.broker.v1.broker_connect import BrokerServiceASGIApplication, BudgetServiceASGIApplication
+from exchange_client.serving import ASGIApp, Router
+from ramp.broker.v1.broker_connect import (
+    BrokerServiceASGIApplication,
+    BudgetAdminServiceASGIApplication,
+    BudgetServiceASGIApplication,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,34 +44,125 @@ class Broker:
     app: Router
     exchanges: dict[str, Exchange]
     sessions: SessionBudgets
+    period: PeriodLayer | None = None
+    ecb: EcbConverter | None = None
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start(self) -> None:
+        """Background work: the period layer's sweeper and journal replay."""
+        if self._tasks:
+            return
+        if self.period is not None:
+            self._tasks.append(asyncio.create_task(self.period.run_upkeep(
+                self.config.period_budgets.sweep_interval_seconds, self._stop)))
+        if self.ecb is not None and self.config.ecb_rates is not None:
+            self._tasks.append(asyncio.create_task(run_refresher(
+                self.ecb, self.config.ecb_rates.refresh_seconds, self._stop)))
 
     async def close(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            await task
         for ex in self.exchanges.values():
             await ex.adapter.close()
+        if self.period is not None:
+            await self.period.store.close()
 
 
-def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Broker:
+def scope_owners(config: BrokerConfig) -> dict[str, str]:
+    """Every scope the config knows, and the account it belongs to."""
+    owners = {s: name for name, acct in config.period_budgets.accounts.items() for s in acct.scopes}
+    for a in config.agents:
+        for scope in [*a.charged_to, *a.may_name, *([billing_scope(a.billing_ref)] if a.billing_ref else [])]:
+            owners.setdefault(scope, a.account)
+    return owners
+
+
+async def open_store(setting: StoreSetting) -> Store:
+    if setting.kind == "redis":
+        from budget.redis_store import RedisStore
+
+        return await RedisStore.open(setting.url, timeout_ms=setting.timeout_ms)
+    from budget.sqlite_store import SqliteStore
+
+    return await SqliteStore.open(_file(setting.path, "budget.sqlite3"), timeout_ms=setting.timeout_ms)
+
+
+def _file(configured: str | None, default_name: str) -> Path:
+    return Path(configured).expanduser() if configured else state_dir() / default_name
+
+
+def build_converter(
+    config: BrokerConfig, clock: Clock, store: Store | None
+) -> tuple[Converter, EcbConverter | None]:
+    fixed: list[Converter] = [FixedRates(config.decimal_rates())] if config.rates else []
+    if config.ecb_rates is None:
+        return (fixed[0] if fixed else NoConverter()), None
+    s = config.ecb_rates
+    ecb = EcbConverter(EcbSource(s.source, cache_ttl=timedelta(seconds=s.cache_seconds)), clock,
+                       store=store, max_age=timedelta(hours=s.max_age_hours))
+    return Chain(*fixed, ecb), ecb
+
+
+def build_period_layer(
+    config: BrokerConfig, clock: Clock, converter: Converter, store: Store
+) -> PeriodLayer:
+    pb = config.period_budgets
+    owners = scope_owners(config)
+    rules: dict[str, dict[str, ScopeRule]] = {account: {} for account in owners.values()}
+    for name, account in pb.accounts.items():
+        for scope, s in account.scopes.items():
+            rules[name][scope] = ScopeRule(
+                limits={lim.period: (Period.parse(lim.period, "period"), lim.money()) for lim in s.limits},
+                failure=s.failure,
+                open_allowance=s.open_allowance.money() if s.open_allowance else None,
+            )
+    # One journal per broker: the default is named after its port.
+    journal_path = _file(pb.journal_path, f"journal-{config.listen.rsplit(':', 1)[1]}.jsonl")
+    return PeriodLayer(
+        store, rules, clock=clock, tz=time_zone(pb.time_zone, "period_budgets.time_zone"),
+        converter=converter, ttl_s=pb.reservation_ttl_seconds, grace_s=pb.grace_seconds,
+        journal=Journal(journal_path),
+    )
+
+
+async def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Broker:
     clock = clock or SystemClock()
-    converter: Converter = FixedRates(config.decimal_rates()) if config.rates else NoConverter()
+    auth = Authenticator(config.agents)
+    admin_token = AdminToken(config)
+    store = await open_store(config.period_budgets.store) if scope_owners(config) else None
+    converter, ecb = build_converter(config, clock, store)
+    if ecb is not None:
+        try:
+            await ecb.refresh()
+        except ConversionError as exc:
+            # Conversions are refused until a refresh succeeds; same-currency purchases go on.
+            log.error("ECB reference rates not loaded: %s", exc)
+    period = build_period_layer(config, clock, converter, store) if store is not None else None
     default = config.session.default_limit.money() if config.session.default_limit else None
     sessions = SessionBudgets(clock, default, idle_seconds=config.session.idle_seconds)
     exchanges = {
         e.name: Exchange(e, ConnectExchange(e.name, e.endpoint)) for e in config.exchanges
     }
-    purchaser = Purchaser(config, exchanges, sessions, converter, clock)
+    purchaser = Purchaser(config, exchanges, sessions, converter, clock, period)
     interceptors = [ErrorMapping()]
     # Unknown JSON fields are refused, not skipped: a misspelled "maxPrize" must
     # not quietly buy without the cap the agent meant to set.
     codecs = [google_protobuf_binary_codec(), google_protobuf_json_codec(ignore_unknown_fields=False)]
     broker_app = BrokerServiceASGIApplication(
-        BrokerHandlers(purchaser), interceptors=interceptors, codecs=codecs)
+        BrokerHandlers(purchaser, auth), interceptors=interceptors, codecs=codecs)
     budget_app = BudgetServiceASGIApplication(
-        BudgetHandlers(sessions), interceptors=interceptors, codecs=codecs)
+        BudgetHandlers(sessions, purchaser, auth), interceptors=interceptors, codecs=codecs)
+    apps: dict[str, ASGIApp] = {broker_app.path: broker_app, budget_app.path: budget_app}
+    if period is not None:
+        admin_app = BudgetAdminServiceASGIApplication(
+            AdminHandlers(period, scope_owners(config), admin_token, clock),
+            interceptors=interceptors, codecs=codecs)
+        apps[admin_app.path] = admin_app
 
     async def healthz(method: str, body: Any) -> tuple[int, Any]:
         return 200, {"status": "ok", "exchanges": sorted(exchanges), "sessions": len(sessions)}
 
-    router = Router(
-        {broker_app.path: broker_app, budget_app.path: budget_app}, {"/healthz": healthz}
-    )
-    return Broker(config, router, exchanges, sessions)
+    router = Router(apps, {"/healthz": healthz})
+    return Broker(config, router, exchanges, sessions, period, ecb)

@@ -9,6 +9,7 @@ import sys
 
 from broker.config import load_broker_config
 from broker.configfile import ConfigError
+from budget.store import StoreUnavailable
 
 log = logging.getLogger("ramp_broker")
 
@@ -18,7 +19,8 @@ async def _serve(config_path: str | None) -> None:
     from exchange_client.serving import serve_until_signalled
 
     config = load_broker_config(config_path)
-    broker = build_broker(config)
+    broker = await build_broker(config)
+    broker.start()
     log.info("starting broker on %s (Connect, gRPC-Web, gRPC); exchanges: %s",
              config.listen, ", ".join(broker.exchanges) or "none")
     try:
@@ -41,6 +43,37 @@ async def _exchange(catalog_path: str | None) -> None:
     log.info("reference exchange stopped")
 
 
+async def _reconcile(config_path: str | None, repair: bool) -> int:
+    from broker.app import open_store, scope_owners
+    from budget.reconcile import reconcile
+    from currency.money import Money
+
+    config = load_broker_config(config_path)
+    accounts = sorted(set(scope_owners(config).values()))
+    if not accounts:
+        print("no period scopes are configured: nothing to reconcile")
+        return 0
+    store = await open_store(config.period_budgets.store)
+    try:
+        report = await reconcile(store, accounts, repair=repair)
+    finally:
+        await store.close()
+    print(f"checked {report.counters} counter(s) against {report.entries} ledger entr(y/ies) "
+          f"in {len(accounts)} account(s)")
+    if report.orphaned_entries:
+        print(f"{report.orphaned_entries} ledger entr(y/ies) belong to counters that have expired")
+    for d in report.differences:
+        cur = d.counter.currency
+        print(f"MISMATCH {d.account} {d.counter.key}: counter spent "
+              f"{Money.from_units(d.counter_spent, cur)}, ledger says "
+              f"{Money.from_units(d.ledger_spent, cur)} ({d.ledger_entries} entries)"
+              + (" -> repaired from the ledger" if repair else ""))
+    if report.ok:
+        print("counters match the ledger")
+        return 0
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ramp-broker", description=__doc__)
     parser.add_argument("--log-level", default="INFO", type=str.upper,
@@ -50,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", help="broker.yaml (defaults apply when omitted)")
     exchange = sub.add_parser("exchange", help="run the reference RAMP Exchange")
     exchange.add_argument("--catalog", help="catalog.yaml")
+    rec = sub.add_parser("reconcile", help="rebuild period counters from the ledger and compare")
+    rec.add_argument("--config", help="broker.yaml (its period_budgets.store is checked)")
+    rec.add_argument("--repair", action="store_true", help="set mismatching counters from the ledger")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr,
@@ -58,12 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             asyncio.run(_serve(args.config))
+        elif args.command == "reconcile":
+            return asyncio.run(_reconcile(args.config, args.repair))
         else:
             asyncio.run(_exchange(args.catalog))
     except ConfigError as exc:
         print(f"ramp-broker: configuration error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except (OSError, StoreUnavailable) as exc:
         print(f"ramp-broker: {exc}", file=sys.stderr)
         return 1
     return 0

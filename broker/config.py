@@ -5,10 +5,13 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from broker.configfile import Amount, CurrencyCode, load
+from budget.periods import Period, time_zone
+from budget.scopes import check_account, check_scope
 from currency.money import Money, parse_amount, parse_currency
 
 ENV_PREFIX = "RAMP_BROKER_"
@@ -65,6 +68,133 @@ class RequesterSetting(_Strict):
     name: str = "ramp-broker"
 
 
+def _scope(value: str) -> str:
+    check_scope(value, "scope")
+    return value
+
+
+Scope = Annotated[str, AfterValidator(_scope)]
+
+
+def _period(value: str) -> str:
+    return Period.parse(value, "period").spec
+
+
+PeriodSpec = Annotated[str, AfterValidator(_period)]
+
+
+class PeriodLimitSetting(_Strict):
+    period: PeriodSpec
+    amount: Amount
+    currency: CurrencyCode
+
+    def money(self) -> Money:
+        return Money.parse(self.amount, self.currency, "amount")
+
+
+class ScopeSetting(_Strict):
+    limits: list[PeriodLimitSetting] = Field(default_factory=list)
+    # closed: deny while the store is unreachable. open: spend up to
+    # open_allowance per broker, journaled locally and replayed on recovery.
+    failure: Literal["closed", "open"] = "closed"
+    open_allowance: MoneySetting | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ScopeSetting:
+        periods = [lim.period for lim in self.limits]
+        dupes = sorted({p for p in periods if periods.count(p) > 1})
+        if dupes:
+            raise ValueError(f"one limit per period; repeated: {', '.join(dupes)}")
+        if self.failure == "open" and self.open_allowance is None:
+            raise ValueError("failure: open needs open_allowance (what one broker may spend while "
+                             "the store is unreachable)")
+        return self
+
+
+class AccountSetting(_Strict):
+    scopes: dict[Scope, ScopeSetting] = Field(default_factory=dict)
+
+
+class StoreSetting(_Strict):
+    kind: Literal["embedded", "redis"] = "embedded"
+    # embedded: the SQLite file; default under the user's state directory.
+    path: str | None = None
+    # redis: shared by every broker of a deployment.
+    url: str = "redis://127.0.0.1:6379/0"
+    # A store call slower than this fails, and the scope's failure policy applies.
+    timeout_ms: int = Field(default=250, gt=0, le=30000)
+
+
+class EcbSetting(_Strict):
+    # A file path or an http(s) URL of an ECB eurofxref XML document.
+    source: str = Field(min_length=1)
+    max_age_hours: int = Field(default=96, gt=0, le=24 * 30)
+    cache_seconds: int = Field(default=3600, gt=0)
+    refresh_seconds: int = Field(default=3600, gt=0)
+
+
+class PeriodBudgetsSetting(_Strict):
+    store: StoreSetting = StoreSetting()
+    # Calendar periods (hour, day, week, month) start at midnight in this zone.
+    time_zone: str = "UTC"
+    # A reservation not settled by then is refunded by any broker's sweeper.
+    reservation_ttl_seconds: int = Field(default=120, gt=0, le=86400)
+    sweep_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # Counters are kept this long after their period ends (reports, reconcile).
+    grace_seconds: int = Field(default=7 * 86400, ge=0)
+    # Fail-open spends are appended here; default under the user's state directory.
+    journal_path: str | None = None
+    accounts: dict[str, AccountSetting] = Field(default_factory=dict)
+
+    @field_validator("time_zone")
+    @classmethod
+    def _tz(cls, name: str) -> str:
+        time_zone(name, "time_zone")
+        return name
+
+    @field_validator("accounts")
+    @classmethod
+    def _accounts(cls, accounts: dict[str, AccountSetting]) -> dict[str, AccountSetting]:
+        owner: dict[str, str] = {}
+        for name, account in accounts.items():
+            check_account(name, "account")
+            for scope in account.scopes:
+                if scope in owner:
+                    raise ValueError(f"scope {scope} is in accounts {owner[scope]} and {name}; "
+                                     "a scope belongs to one account")
+                owner[scope] = name
+        return accounts
+
+
+class AgentSetting(_Strict):
+    """One agent credential and what it is charged to."""
+
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@/+=-]+$")
+    # The credential: the SHA-256 (hex) of the API key, or the name of an
+    # environment variable holding the key. Never the key itself in the file.
+    key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    account: str
+    # Charged when the request names no scope: billing:<billing_ref>.
+    billing_ref: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+    # Charged on every purchase, whatever the request says.
+    charged_to: list[Scope] = Field(default_factory=list)
+    # Scopes the agent may name in constraints.budget_scope.
+    may_name: list[Scope] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> AgentSetting:
+        if (self.key_sha256 is None) == (self.key_env is None):
+            raise ValueError("give exactly one of key_sha256 and key_env")
+        check_account(self.account, "account")
+        return self
+
+
+class AdminSetting(_Strict):
+    # Environment variable holding the admin token; the admin API is off without it.
+    token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 class BrokerConfig(_Strict):
     listen: str = "127.0.0.1:9090"
     # Currency offers are compared in when no session budget applies.
@@ -79,6 +209,12 @@ class BrokerConfig(_Strict):
     shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=300)
     # Broker-side answers kept for idempotent retries.
     idempotency_cache_size: int = Field(default=100_000, gt=0)
+    # Daily ECB reference rates (instead of, or beside, fixed rates: fixed ones win).
+    ecb_rates: EcbSetting | None = None
+    period_budgets: PeriodBudgetsSetting = PeriodBudgetsSetting()
+    # Agent credentials; with none, requests need no credential and have no period scopes.
+    agents: list[AgentSetting] = Field(default_factory=list)
+    admin: AdminSetting = AdminSetting()
 
     _check_listen = field_validator("listen")(check_address)
 
@@ -106,6 +242,20 @@ class BrokerConfig(_Strict):
                 if parse_amount(rate, f"rates.{source}.{target}") == 0:
                     raise ValueError(f"rates.{source}.{target} must be positive")
         return rates
+
+    @model_validator(mode="after")
+    def _agents(self) -> BrokerConfig:
+        ids = [a.id for a in self.agents]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"agent ids must be unique; repeated: {', '.join(dupes)}")
+        owner = {s: name for name, acct in self.period_budgets.accounts.items() for s in acct.scopes}
+        for i, agent in enumerate(self.agents):
+            for scope in [*agent.charged_to, *agent.may_name]:
+                if owner.get(scope, agent.account) != agent.account:
+                    raise ValueError(f"agents[{i}]: scope {scope} belongs to account "
+                                     f"{owner[scope]}, not {agent.account}")
+        return self
 
     def decimal_rates(self) -> dict[str, dict[str, Decimal]]:
         return {s: {t: Decimal(r) for t, r in ts.items()} for s, ts in self.rates.items()}

@@ -20,6 +20,9 @@ from protobuf.wkt import Any as AnyDetail
 
 from broker import wire
 from budget.layers import BudgetExhausted
+from budget.period import KeyInFlight, StoreDown
+from budget.periods import PeriodError
+from budget.scopes import ScopeError
 from budget.session import SessionError
 from currency.convert import ConversionError
 from currency.money import MoneyError
@@ -34,8 +37,16 @@ class InvalidField(MoneyError):
     """A request field that cannot be accepted (INVALID_ARGUMENT naming the field)."""
 
 
-class Unsupported(MoneyError):
-    """A request field asking for something this broker does not do (UNIMPLEMENTED)."""
+class Unauthenticated(Exception):
+    """No credential, or one this broker does not know (UNAUTHENTICATED)."""
+
+
+class PermissionDenied(Exception):
+    """The caller may not do this (PERMISSION_DENIED); `field` names what it asked for."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
 
 
 class NothingToBuy(Exception):
@@ -72,17 +83,23 @@ def to_connect_error(exc: BaseException) -> ConnectError:
         return exc
     if isinstance(exc, BudgetExhausted):
         return ConnectError(Code.RESOURCE_EXHAUSTED, str(exc), [detail(exhausted_detail(exc))])
-    if isinstance(exc, Unsupported):
-        return ConnectError(Code.UNIMPLEMENTED, str(exc))
     if isinstance(exc, ConversionError):
         return ConnectError(Code.FAILED_PRECONDITION, exc.problem)
-    if isinstance(exc, MoneyError):
+    if isinstance(exc, MoneyError | ScopeError | PeriodError):
         violation = bpb.FieldViolation(field=exc.field, description=exc.problem)
         return ConnectError(Code.INVALID_ARGUMENT, str(exc), [detail(violation)])
     if isinstance(exc, SessionError):
         return ConnectError(Code.FAILED_PRECONDITION, str(exc))
     if isinstance(exc, NothingToBuy):
         return ConnectError(exc.code, str(exc))
+    if isinstance(exc, Unauthenticated):
+        return ConnectError(Code.UNAUTHENTICATED, str(exc))
+    if isinstance(exc, PermissionDenied):
+        return ConnectError(Code.PERMISSION_DENIED, str(exc))
+    if isinstance(exc, StoreDown):
+        return ConnectError(Code.UNAVAILABLE, str(exc))
+    if isinstance(exc, KeyInFlight):
+        return ConnectError(Code.ABORTED, str(exc))
     ref = uuid.uuid4().hex[:12]
     log.error("internal error ref=%s", ref, exc_info=exc)
     return ConnectError(Code.INTERNAL, f"internal error (ref {ref})")

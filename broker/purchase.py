@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from connectrpc.code import Code
 
 from broker import wire
+from broker.auth import ANONYMOUS, Agent, charge_for
 from broker.config import BrokerConfig
 from broker.errors import InvalidField, NothingToBuy
 from broker.idempotency import Entry, IdempotencyCache
@@ -39,15 +40,8 @@ from broker.validation import (
     check_uris,
 )
 from budget.clock import Clock
-from budget.layers import (
-    Budget,
-    BudgetExhausted,
-    Headroom,
-    Layer,
-    Reservation,
-    headroom,
-    reserve_all,
-)
+from budget.layers import BudgetExhausted, Headroom, Layer, Reservation, Snapshot, headroom_of, next_action
+from budget.period import AlreadySettled, Charge, ItemSpend, PeriodHold, PeriodLayer, Plan, StoreDown
 from budget.session import SessionAccount, SessionBudgets
 from currency.convert import Converter, convert
 from currency.money import Money, MoneyError, total
@@ -72,27 +66,21 @@ class _Outcome:
     item: bpb.ItemResult
     charged: Money  # counted as spent (actual, or the hold when unknown)
     actual: Money | None  # what the Exchange said it charged
-
-
-# Extra budgets for a purchase beyond the session's (the per-period layer's seam).
-BudgetSource = Callable[[bpb.TransactRequest | bpb.ResolveRequest], Sequence[Budget]]
-
-
-def _no_extra_budgets(_: bpb.TransactRequest | bpb.ResolveRequest) -> Sequence[Budget]:
-    return ()
+    original: Money | None = None  # the same, in the currency the Exchange charged in
+    cand: Candidate | None = None
 
 
 class Purchaser:
     def __init__(
         self, config: BrokerConfig, exchanges: dict[str, Exchange], sessions: SessionBudgets,
-        converter: Converter, clock: Clock, extra_budgets: BudgetSource = _no_extra_budgets,
+        converter: Converter, clock: Clock, period: PeriodLayer | None = None,
     ) -> None:
         self._config = config
         self._exchanges = exchanges
         self._sessions = sessions
         self._converter = converter
         self._clock = clock
-        self._extra_budgets = extra_budgets
+        self._period = period
         self._idem = IdempotencyCache(config.idempotency_cache_size)
         self._requester = rpb.Requester(
             id=config.requester.id, domain=config.requester.domain, name=config.requester.name,
@@ -101,17 +89,17 @@ class Purchaser:
 
     # --- Resolve -------------------------------------------------------------
 
-    async def resolve(self, req: bpb.ResolveRequest) -> bpb.ResolveResponse:
+    async def resolve(self, req: bpb.ResolveRequest, agent: Agent = ANONYMOUS) -> bpb.ResolveResponse:
         uris = check_uris(req.uris)
         c = check_constraints(req.constraints, self._exchanges)
         overall = check_deadline_ms(req.deadline.seconds, req.deadline.nanos, "deadline",
                                     self._config.fanout.overall_timeout_ms)
         account = self._sessions.get(check_id(req.session_id, "session_id")) if req.session_id else None
-        budgets: list[Budget] = [*([account] if account else []), *self._extra_budgets(req)]
+        plan = await self.plan(agent, c)
         currency = account.currency if account else self._config.default_currency
         unique, dupes = _dedupe(uris)
         discovery = await self._discover(unique, c, overall)
-        room = await headroom(budgets, currency, self._converter)
+        room = headroom_of(await self.snapshots(account, plan), currency, self._converter)
         response = bpb.ResolveResponse(
             exchanges=discovery.calls, budgets=[wire.budget_state(s) for s in room.snapshots]
         )
@@ -128,7 +116,7 @@ class Purchaser:
 
     # --- Transact ------------------------------------------------------------
 
-    async def transact(self, req: bpb.TransactRequest) -> bpb.TransactResponse:
+    async def transact(self, req: bpb.TransactRequest, agent: Agent = ANONYMOUS) -> bpb.TransactResponse:
         session_id = check_id(req.session_id, "session_id")
         key = check_id(req.idempotency_key, "idempotency_key")
         fingerprint = hashlib.sha256(req.SerializeToString(deterministic=True)).hexdigest()
@@ -137,7 +125,8 @@ class Purchaser:
         if entry is None:
             # The purchase runs in its own task: an agent that hangs up mid-purchase
             # does not cancel money in flight, and its retry joins the same task.
-            entry = Entry(fingerprint, asyncio.create_task(self._transact(req, session_id, key)))
+            entry = Entry(fingerprint, asyncio.create_task(
+                self._transact(req, agent, session_id, key, fingerprint)))
             self._idem.add(key, entry)
         try:
             answer = await asyncio.shield(entry.task)
@@ -155,13 +144,14 @@ class Purchaser:
         return replayed
 
     async def _transact(
-        self, req: bpb.TransactRequest, session_id: str, key: str
+        self, req: bpb.TransactRequest, agent: Agent, session_id: str, key: str, fingerprint: str,
     ) -> bpb.TransactResponse:
         c = check_constraints(req.constraints, self._exchanges)
         deadline_ms = check_deadline_ms(req.deadline.seconds, req.deadline.nanos, "deadline",
                                         self._config.fanout.overall_timeout_ms)
         account = self._sessions.get(session_id)
-        budgets: list[Budget] = [account, *self._extra_budgets(req)]
+        charge = charge_for(agent, c)
+        plan = await self._period.plan(charge) if charge and self._period else None
         currency = account.currency
         response = bpb.TransactResponse(idempotency_key=key)
 
@@ -184,27 +174,44 @@ class Purchaser:
             discovery = None
         choices = [self._choose(uri, offers[uri], c, currency) for uri in unique]
 
-        holds, kept = await self._reserve(budgets, choices, currency, c, discovery, response)
         try:
-            return await self._buy(key, account, budgets, holds, kept, response)
+            held, kept = await self._reserve(
+                account, charge, plan, key, choices, c, discovery, response)
+        except AlreadySettled as done:
+            # Another broker (or this one before a restart) finished this key: replay its answer.
+            return _replay(done.result, fingerprint)
+        try:
+            return await self._buy(key, fingerprint, account, plan, held, kept, response)
         except Exception as exc:
             raise AfterWire(str(exc)) from exc
 
+    async def plan(self, agent: Agent, c: Constraints, prefix: str = "constraints.") -> Plan | None:
+        charge = charge_for(agent, c, prefix)
+        return await self._period.plan(charge) if charge and self._period else None
+
+    async def snapshots(self, account: SessionAccount | None, plan: Plan | None) -> list[Snapshot]:
+        snaps = [account.snap()] if account else []
+        if plan is not None and self._period is not None:
+            snaps.extend(await self._period.snapshots(plan))
+        return snaps
+
     async def _reserve(
-        self, budgets: Sequence[Budget], choices: Sequence[UriChoice], currency: str,
-        c: Constraints, discovery: Discovery | None, response: bpb.TransactResponse,
-    ) -> tuple[list[Reservation], list[Candidate]]:
-        """Prune to the tightest budget and hold the batch total on every budget."""
+        self, account: SessionAccount, charge: Charge | None, plan: Plan | None, key: str,
+        choices: Sequence[UriChoice], c: Constraints, discovery: Discovery | None,
+        response: bpb.TransactResponse,
+    ) -> tuple[_Held, list[Candidate]]:
+        """Prune to the tightest budget and hold the batch total on the session and period budgets."""
+        currency = account.currency
         for attempt in range(_RESERVE_ATTEMPTS):
-            room = await headroom(budgets, currency, self._converter)
+            room = headroom_of(await self.snapshots(account, plan), currency, self._converter)
             fitted = [affordable(ch, room.room) for ch in choices]
             best = [ch.ranked[0] for ch in fitted if ch.ranked]
             kept, pruned = prune(best, room.room)
             if not kept:
                 raise self._nothing_to_buy(fitted, room, c, discovery)
+            cost = total((cand.price for cand in kept), currency)
             try:
-                holds = await reserve_all(
-                    budgets, total((cand.price for cand in kept), currency), self._converter)
+                held = await self._hold(account, charge, plan, cost, key)
             except BudgetExhausted:
                 # Another purchase took budget since headroom was read: look again.
                 if attempt == _RESERVE_ATTEMPTS - 1:
@@ -218,13 +225,25 @@ class Purchaser:
                     uri=cand.uri, reason=bpb.DROP_REASON_BUDGET, cost=wire.cost(cand.price),
                     detail=f"batch pruned to fit the remaining budget {room.room}",
                 )
-            return holds, kept
+            return held, kept
         raise AssertionError("unreachable")
 
+    async def _hold(
+        self, account: SessionAccount, charge: Charge | None, plan: Plan | None, cost: Money, key: str,
+    ) -> _Held:
+        """Session first (in memory, no await), then every period counter in one store call."""
+        session = await account.reserve(cost)
+        if plan is None or charge is None or self._period is None:
+            return _Held(session, None)
+        try:
+            return _Held(session, await self._period.reserve(charge, plan, cost, key))
+        except BaseException:
+            await session.release()
+            raise
+
     async def _buy(
-        self, key: str, account: SessionAccount,
-        budgets: Sequence[Budget], holds: list[Reservation], kept: list[Candidate],
-        response: bpb.TransactResponse,
+        self, key: str, fingerprint: str, account: SessionAccount, plan: Plan | None, held: _Held,
+        kept: list[Candidate], response: bpb.TransactResponse,
     ) -> bpb.TransactResponse:
         by_exchange: dict[str, list[Candidate]] = {}
         for cand in kept:
@@ -237,17 +256,32 @@ class Purchaser:
             ))
         except BaseException:
             # Unknown how far the purchase got: count every hold as spent.
-            for hold in holds:
-                await hold.commit(hold.amount)
+            await held.session.commit(held.session.amount)
+            if held.period is not None and self._period is not None:
+                await self._period.commit(held.period, [
+                    ItemSpend(c.exchange.name, c.offer.offer_id, c.uri, c.price) for c in kept
+                ], fingerprint.encode() + b"\n")
             raise
         outcomes = [o for group in groups for o in group]
         spent = total((o.charged for o in outcomes), currency)
-        await _settle(holds, spent, self._converter)
+        if spent.is_zero():
+            await held.session.release()
+        else:
+            await held.session.commit(spent)
         response.items.extend(o.item for o in outcomes)
         charged = total((o.actual for o in outcomes if o.actual is not None), currency)
         response.total_cost.CopyFrom(wire.cost(charged))
-        for budget in budgets:
-            response.budgets.append(wire.budget_state(await budget.snapshot()))
+        if held.period is not None and self._period is not None:
+            # The answer is stored with the commit, so any broker can replay this key.
+            await self._period.commit(held.period, [
+                ItemSpend(o.cand.exchange.name, o.cand.offer.offer_id, o.cand.uri, o.original or o.charged)
+                for o in outcomes if o.cand is not None and not o.charged.is_zero()
+            ], fingerprint.encode() + b"\n" + response.SerializeToString())
+        try:
+            snaps = await self.snapshots(account, plan)
+        except StoreDown:
+            snaps = [account.snap()]  # bought and recorded; only the report is partial
+        response.budgets.extend(wire.budget_state(s) for s in snaps)
         return response
 
     async def _execute(
@@ -279,7 +313,7 @@ class Purchaser:
             # The Exchange may have charged: keep the hold as spent, err toward stopping early.
             item.status = bpb.ITEM_STATUS_UNKNOWN
             item.detail = f"exchange did not answer ({failure.kind}); the reserved amount stays spent"
-            return _Outcome(item, cand.price, None)
+            return _Outcome(item, cand.price, None, cand=cand)
         item.status = bpb.ITEM_STATUS_FAILED
         item.detail = f"exchange refused the request ({failure.kind}): {failure.detail}"
         return _Outcome(item, Money.zero(cand.price.currency), None)
@@ -292,25 +326,25 @@ class Purchaser:
         if res is None:
             item.status = bpb.ITEM_STATUS_UNKNOWN
             item.detail = "exchange answer has no result for this offer; the reserved amount stays spent"
-            return _Outcome(item, cand.price, None)
+            return _Outcome(item, cand.price, None, cand=cand)
         item.result.CopyFrom(res)
         if res.denial_reason != rpb.DENIAL_REASON_UNSPECIFIED:
             item.status = bpb.ITEM_STATUS_DENIED
             item.detail = rpb.DenialReason.Name(res.denial_reason)
             return _Outcome(item, zero, None)
         try:
-            actual = convert(Money.parse(res.cost.amount, res.cost.currency, "cost"),
-                             currency, self._converter)
+            original = Money.parse(res.cost.amount, res.cost.currency, "cost")
+            actual = convert(original, currency, self._converter)
         except MoneyError as exc:
             item.status = bpb.ITEM_STATUS_UNKNOWN
             item.detail = f"exchange reported an unusable cost ({exc}); the reserved amount stays spent"
-            return _Outcome(item, cand.price, None)
+            return _Outcome(item, cand.price, None, cand=cand)
         item.status = bpb.ITEM_STATUS_PURCHASED
         if actual > cand.price:
             # Recorded in full, never dropped: the Exchange is the authority.
             log.warning("overage: %s/%s charged %s, reserved %s", cand.exchange.name,
                         cand.offer.offer_id, actual, cand.price)
-        return _Outcome(item, actual, actual)
+        return _Outcome(item, actual, actual, original, cand)
 
     # --- helpers ---------------------------------------------------------------
 
@@ -351,7 +385,7 @@ class Purchaser:
                 cost = convert(ch.cheapest, room.tightest.limit.currency, self._converter)
                 return BudgetExhausted.from_snapshot(
                     room.tightest, cost, reason=f"{room.tightest.layer}_budget_exhausted",
-                    next_action=_next_action(room.tightest.layer),
+                    next_action=next_action(room.tightest),
                 )
             if ch.over_cap is not None and c.max_price is not None:
                 zero = Money.zero(c.max_price.currency)
@@ -369,18 +403,22 @@ class Purchaser:
         return NothingToBuy(Code.FAILED_PRECONDITION, f"no offer passes the constraints ({reasons})")
 
 
-def _next_action(layer: Layer) -> str:
-    if layer == Layer.SESSION:
-        return "raise the session budget with DeclareSessionBudget, or buy fewer or cheaper resources"
-    return "wait for the period to reset, or ask an operator to raise the limit"
+@dataclass
+class _Held:
+    session: Reservation
+    period: PeriodHold | None
 
 
-async def _settle(holds: Sequence[Reservation], spent: Money, converter: Converter) -> None:
-    for hold in holds:
-        if spent.is_zero():
-            await hold.release()
-        else:
-            await hold.commit(convert(spent, hold.amount.currency, converter))
+def _replay(stored: bytes, fingerprint: str) -> bpb.TransactResponse:
+    if not stored:
+        # Recorded from a fail-open journal: the spend is known, the original answer is not.
+        return bpb.TransactResponse(replayed=True)
+    digest, _, body = stored.partition(b"\n")
+    if digest.decode() != fingerprint:
+        raise InvalidField("idempotency_key", "was already used for a different request")
+    answer = bpb.TransactResponse.FromString(body)
+    answer.replayed = True
+    return answer
 
 
 def _dedupe(uris: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any
 
 from connectrpc.code import Code
@@ -9,30 +11,39 @@ from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
 from broker import wire
+from broker.auth import AdminToken, Authenticator
 from broker.errors import InvalidField
 from broker.purchase import Purchaser
-from broker.validation import check_id
+from broker.validation import Constraints, check_id
+from budget.clock import Clock
+from budget.period import Charge, PeriodLayer
+from budget.periods import Period
+from budget.scopes import check_scope
 from budget.session import SessionBudgets
 from currency.money import Money
 from ramp.broker.v1 import broker_pb2 as bpb
 
 Ctx = RequestContext[Any, Any]
+log = logging.getLogger(__name__)
 
 
 class BrokerHandlers:
-    def __init__(self, purchaser: Purchaser) -> None:
+    def __init__(self, purchaser: Purchaser, auth: Authenticator) -> None:
         self._purchaser = purchaser
+        self._auth = auth
 
     async def resolve(self, request: bpb.ResolveRequest, ctx: Ctx) -> bpb.ResolveResponse:
-        return await self._purchaser.resolve(request)
+        return await self._purchaser.resolve(request, self._auth.identify(ctx.request_headers))
 
     async def transact(self, request: bpb.TransactRequest, ctx: Ctx) -> bpb.TransactResponse:
-        return await self._purchaser.transact(request)
+        return await self._purchaser.transact(request, self._auth.identify(ctx.request_headers))
 
 
 class BudgetHandlers:
-    def __init__(self, sessions: SessionBudgets) -> None:
+    def __init__(self, sessions: SessionBudgets, purchaser: Purchaser, auth: Authenticator) -> None:
         self._sessions = sessions
+        self._purchaser = purchaser
+        self._auth = auth
 
     async def declare_session_budget(
         self, request: bpb.DeclareSessionBudgetRequest, ctx: Ctx
@@ -47,12 +58,77 @@ class BudgetHandlers:
     async def get_budget_status(
         self, request: bpb.GetBudgetStatusRequest, ctx: Ctx
     ) -> bpb.GetBudgetStatusResponse:
-        session_id = check_id(request.session_id, "session_id")
-        account = self._sessions.peek(session_id)
+        agent = self._auth.identify(ctx.request_headers)
+        account = None
+        if request.session_id or agent.account is None:
+            session_id = check_id(request.session_id, "session_id")
+            account = self._sessions.peek(session_id)
+            if account is None:
+                raise ConnectError(
+                    Code.NOT_FOUND,
+                    f"session {session_id!r} is not known to this broker (sessions are kept in "
+                    "memory: declare it with DeclareSessionBudget)",
+                )
+        c = Constraints(frozenset(), None, None, frozenset(), False, (), request.budget_scope)
+        plan = await self._purchaser.plan(agent, c, "")
+        snaps = await self._purchaser.snapshots(account, plan)
+        return bpb.GetBudgetStatusResponse(budgets=[wire.budget_state(s) for s in snaps])
+
+
+class AdminHandlers:
+    """Operators' per-period limits, behind the admin token."""
+
+    def __init__(self, period: PeriodLayer, owners: Mapping[str, str], token: AdminToken,
+                 clock: Clock) -> None:
+        self._period = period
+        self._owners = owners
+        self._token = token
+        self._clock = clock
+
+    def _account(self, scope: str, ctx: Ctx) -> str:
+        self._token.check(ctx.request_headers)
+        check_scope(scope, "scope")
+        account = self._owners.get(scope)
         if account is None:
-            raise ConnectError(
-                Code.NOT_FOUND,
-                f"session {session_id!r} is not known to this broker (sessions are kept in "
-                "memory: declare it with DeclareSessionBudget)",
-            )
-        return bpb.GetBudgetStatusResponse(budgets=[wire.budget_state(account.snap())])
+            raise ConnectError(Code.NOT_FOUND, f"scope {scope!r} is not in any configured account "
+                               "(list it under period_budgets.accounts or an agent)")
+        return account
+
+    async def set_period_limit(
+        self, request: bpb.SetPeriodLimitRequest, ctx: Ctx
+    ) -> bpb.ScopeStatusResponse:
+        account = self._account(request.scope, ctx)
+        period = Period.parse(request.period, "period")
+        if request.clear:
+            value = None
+        else:
+            if not request.HasField("limit"):
+                raise InvalidField("limit", "is required (amount and currency), or set clear")
+            limit = Money.parse(request.limit.amount, request.limit.currency, "limit")
+            value = (limit.currency, limit.units())
+        await self._period.store.set_limit(account, request.scope, period.spec, value)
+        await self._period.refresh_limits(account)
+        log.info("admin: %s %s limit set to %s", request.scope, period.spec,
+                 "none" if value is None else f"{request.limit.amount} {request.limit.currency}")
+        return await self._status(account, request.scope)
+
+    async def add_credit(self, request: bpb.AddCreditRequest, ctx: Ctx) -> bpb.ScopeStatusResponse:
+        account = self._account(request.scope, ctx)
+        period = Period.parse(request.period, "period")
+        if not request.HasField("amount"):
+            raise InvalidField("amount", "is required (amount and currency)")
+        amount = Money.parse(request.amount.amount, request.amount.currency, "amount")
+        await self._period.add_credit(account, request.scope, period, amount)
+        log.info("admin: %s %s credited %s", request.scope, period.spec, amount)
+        return await self._status(account, request.scope)
+
+    async def get_scope_status(
+        self, request: bpb.GetScopeStatusRequest, ctx: Ctx
+    ) -> bpb.ScopeStatusResponse:
+        account = self._account(request.scope, ctx)
+        return await self._status(account, request.scope)
+
+    async def _status(self, account: str, scope: str) -> bpb.ScopeStatusResponse:
+        plan = await self._period.plan(Charge(account, (scope,)))
+        snaps = await self._period.snapshots(plan)
+        return bpb.ScopeStatusResponse(budgets=[wire.budget_state(s) for s in snaps])

@@ -11,7 +11,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
-from broker.errors import InvalidField, Unsupported
+from broker.errors import InvalidField
+from budget.periods import Period
 from currency.money import Money, parse_amount
 from ramp.v1 import ramp_pb2 as rpb
 
@@ -54,6 +55,9 @@ class Constraints:
     delivery: frozenset[int]
     reporting_capable: bool
     preferred: tuple[str, ...]
+    budget_scope: str = ""
+    period_budget: Money | None = None
+    budget_period: Period | None = None
 
 
 def check_constraints(
@@ -70,17 +74,20 @@ def check_constraints(
     for i, method in enumerate(c.delivery_preference):
         if method not in rpb.DeliveryMethod.values() or method == rpb.DELIVERY_METHOD_UNSPECIFIED:
             raise InvalidField(f"{field}.delivery_preference[{i}]", "is not a delivery method")
-    # The per-period layer is not enabled on this broker: refusing beats
-    # ignoring a limit the agent expects to be enforced.
-    if c.budget_scope:
-        raise Unsupported(f"{field}.budget_scope", "per-period budgets are not enabled on this broker")
-    if c.HasField("period_budget") or c.HasField("budget_period"):
-        name = "period_budget" if c.HasField("period_budget") else "budget_period"
-        raise Unsupported(f"{field}.{name}", "per-period budgets are not enabled on this broker")
+    period_budget = (
+        Money.parse(c.period_budget.amount, c.period_budget.currency, f"{field}.period_budget")
+        if c.HasField("period_budget") else None
+    )
+    budget_period = None
+    if c.HasField("budget_period"):
+        if c.budget_period.nanos:
+            raise InvalidField(f"{field}.budget_period", "must be whole seconds")
+        budget_period = Period.of_seconds(c.budget_period.seconds, f"{field}.budget_period")
     return Constraints(
         exchanges=frozenset(c.exchanges), max_price=max_price, max_unit_cost=max_unit,
         delivery=frozenset(c.delivery_preference), reporting_capable=c.reporting_capable,
-        preferred=tuple(c.preferred_exchanges),
+        preferred=tuple(c.preferred_exchanges), budget_scope=c.budget_scope,
+        period_budget=period_budget, budget_period=budget_period,
     )
 
 

@@ -33,7 +33,7 @@ def budget_state(snap: Snapshot) -> bpb.BudgetState:
         layer=LAYERS[snap.layer], scope=snap.scope, limit=cost(snap.limit),
         spent=cost(snap.spent), reserved=cost(snap.reserved), remaining=cost(snap.remaining),
         mode=bpb.ENFORCEMENT_MODE_STRICT, transaction_count=snap.transaction_count,
-        as_of=timestamp(snap.as_of),
+        as_of=timestamp(snap.as_of), period=snap.period, failure_policy=snap.failure_policy,
     )
     if snap.period_start is not None:
         state.period_start.CopyFrom(timestamp(snap.period_start))

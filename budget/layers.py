@@ -37,6 +37,8 @@ class Snapshot:
     as_of: datetime
     period_start: datetime | None = None
     period_end: datetime | None = None
+    period: str = ""  # period layer: "month", "30d", ...
+    failure_policy: str = ""  # period layer: "closed" or "open"
 
     @property
     def remaining(self) -> Money:
@@ -86,6 +88,16 @@ class BudgetExhausted(Exception):
             reserved=snap.reserved, cost=cost, reason=reason, next_action=next_action,
             period_end=snap.period_end,
         )
+
+
+def next_action(snap: Snapshot) -> str:
+    """What an agent denied by this budget can do about it."""
+    if snap.layer == Layer.SESSION:
+        return "raise the session budget with DeclareSessionBudget, or buy fewer or cheaper resources"
+    if snap.period_end is not None:
+        return (f"wait for the {snap.period} period to reset at {snap.period_end.isoformat()}, "
+                f"or ask an operator to raise {snap.scope}'s limit")
+    return "ask an operator to raise the limit, or retry later"
 
 
 class Reservation(Protocol):
@@ -146,11 +158,15 @@ async def headroom(budgets: Sequence[Budget], currency: str, converter: Converte
     Converting a remaining amount rounds down, so the pre-filter never thinks
     there is more room than there is. `room` is None when no budget applies.
     """
-    snaps = [await b.snapshot() for b in budgets]
+    return headroom_of([await b.snapshot() for b in budgets], currency, converter)
+
+
+def headroom_of(snaps: Sequence[Snapshot], currency: str, converter: Converter) -> Headroom:
+    """`headroom` over numbers already read."""
     room: Money | None = None
     tightest: Snapshot | None = None
     for s in snaps:
         left = convert(s.remaining, currency, converter, round_up=False)
         if room is None or left < room:
             room, tightest = left, s
-    return Headroom(room, tightest, snaps)
+    return Headroom(room, tightest, list(snaps))

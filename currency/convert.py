@@ -70,3 +70,23 @@ class FixedRates:
             raise ConversionError(
                 "currency", f"no exchange rate from {source} to {target} is configured"
             ) from None
+
+
+class Chain:
+    """The first converter that knows a rate wins; fixed rates from config go before daily ones."""
+
+    def __init__(self, *converters: Converter) -> None:
+        self._converters = converters
+
+    def rate(self, source: str, target: str) -> Fraction:
+        if source == target:
+            return Fraction(1)
+        error: ConversionError | None = None
+        for conv in self._converters:
+            try:
+                return conv.rate(source, target)
+            except ConversionError as exc:
+                error = exc  # the last one's reason (e.g. stale daily rates) says the most
+        if error is None:
+            return NoConverter().rate(source, target)
+        raise error

@@ -8,6 +8,7 @@ books directly.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ from budget.clock import Clock
 from exchange_client.catalog import Catalog
 from exchange_client.reference import ReferenceExchange, reference_app
 from exchange_client.serving import ASGIApp, hypercorn_config
+from ramp.broker.v1 import broker_pb2 as bpb
 
 CONNECT_JSON = {"content-type": "application/json"}
 
@@ -104,12 +106,11 @@ class RunningBroker:
     url: str
     port: int
 
-    async def post(self, method: str, body: dict[str, Any]) -> httpx.Response:
-        """One Connect JSON call, e.g. post("BrokerService/Transact", {...})."""
+    async def post(self, method: str, body: dict[str, Any], key: str | None = None) -> httpx.Response:
+        """One Connect JSON call, e.g. post("BrokerService/Transact", {...}), with an optional API key."""
+        headers = {**CONNECT_JSON, **({"authorization": f"Bearer {key}"} if key else {})}
         async with httpx.AsyncClient(timeout=30) as client:
-            return await client.post(
-                f"{self.url}/ramp.broker.v1.{method}", json=body, headers=CONNECT_JSON
-            )
+            return await client.post(f"{self.url}/ramp.broker.v1.{method}", json=body, headers=headers)
 
 
 def broker_config(exchanges: list[Exchange], **overrides: Any) -> BrokerConfig:
@@ -133,9 +134,17 @@ async def running_broker(
     edit: Callable[[BrokerConfig], BrokerConfig] | None = None,
 ) -> AsyncIterator[RunningBroker]:
     port = int(config.listen.rsplit(":", 1)[1])
-    broker = build_broker(edit(config) if edit else config, clock)
+    broker = await build_broker(edit(config) if edit else config, clock)
+    broker.start()
     try:
         async with serving(broker.app, port):
             yield RunningBroker(broker, f"http://127.0.0.1:{port}", port)
     finally:
         await broker.close()
+
+
+def exhausted(body: dict[str, Any]) -> bpb.BudgetExhausted:
+    """The BudgetExhausted detail of a Connect JSON error body."""
+    (detail,) = body["details"]
+    assert detail["type"] == "ramp.broker.v1.BudgetExhausted"
+    return bpb.BudgetExhausted.FromString(base64.b64decode(detail["value"] + "=="))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 from typing import Any
 
 import grpc
@@ -16,7 +15,15 @@ from pyqwest import Client, HTTPTransport
 from ramp.broker.v1 import broker_pb2 as bpb
 from ramp.broker.v1 import broker_pb2_grpc
 from ramp.broker.v1.broker_connect import BrokerServiceClient, BudgetServiceClient
-from tests.harness import Exchange, RunningBroker, broker_config, catalog, running_broker, running_exchange
+from tests.harness import (
+    Exchange,
+    RunningBroker,
+    broker_config,
+    catalog,
+    exhausted,
+    running_broker,
+    running_exchange,
+)
 
 A, B, C = "https://x.test/a", "https://x.test/b", "https://x.test/c"
 
@@ -25,12 +32,6 @@ async def declare(broker: RunningBroker, session: str, amount: str, currency: st
     r = await broker.post("BudgetService/DeclareSessionBudget",
                           {"sessionId": session, "limit": {"amount": amount, "currency": currency}})
     assert r.status_code == 200, r.text
-
-
-def exhausted(body: dict[str, Any]) -> bpb.BudgetExhausted:
-    (detail,) = body["details"]
-    assert detail["type"] == "ramp.broker.v1.BudgetExhausted"
-    return bpb.BudgetExhausted.FromString(base64.b64decode(detail["value"] + "=="))
 
 
 async def test_purchase_over_connect_json(broker: RunningBroker, exchange: Exchange) -> None:
@@ -437,15 +438,22 @@ async def test_default_session_limit_applies_to_undeclared_sessions(exchange: Ex
         assert again.status_code == 429
 
 
-async def test_period_fields_are_refused_until_the_period_layer_exists(
+async def test_period_fields_are_refused_for_a_requester_without_period_scopes(
     broker: RunningBroker, exchange: Exchange
 ) -> None:
+    # No agents configured: an anonymous caller has no scope a period budget could apply to,
+    # and silently ignoring the limit it asked for would be worse than refusing.
     await declare(broker, "s1", "10.00")
     r = await broker.post("BrokerService/Transact", {
         "sessionId": "s1", "idempotencyKey": "k1", "uris": [A],
         "constraints": {"periodBudget": {"amount": "1.00", "currency": "USD"}}})
-    assert r.json()["code"] == "unimplemented"
+    assert r.json()["code"] == "permission_denied"
     assert "constraints.period_budget" in r.json()["message"]
+    r = await broker.post("BrokerService/Transact", {
+        "sessionId": "s1", "idempotencyKey": "k2", "uris": [A],
+        "constraints": {"budgetScope": "user:alice"}})
+    assert r.json()["code"] == "permission_denied"
+    assert "constraints.budget_scope" in r.json()["message"]
     assert (await exchange.state())["execute_calls"] == 0
 
 

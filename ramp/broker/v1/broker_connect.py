@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .broker_pb2 import DeclareSessionBudgetRequest, DeclareSessionBudgetResponse, GetBudgetStatusRequest, GetBudgetStatusResponse, ResolveRequest, ResolveResponse, TransactRequest, TransactResponse
+from .broker_pb2 import AddCreditRequest, DeclareSessionBudgetRequest, DeclareSessionBudgetResponse, GetBudgetStatusRequest, GetBudgetStatusResponse, GetScopeStatusRequest, ResolveRequest, ResolveResponse, ScopeStatusResponse, SetPeriodLimitRequest, TransactRequest, TransactResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -605,6 +605,331 @@ class BudgetServiceClientSync(ConnectClientSync):
                 service_name="ramp.broker.v1.BudgetService",
                 input=GetBudgetStatusRequest,
                 output=GetBudgetStatusResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+class BudgetAdminService(Protocol):
+    """
+    Operators' per-period limits. Every call needs the admin token
+    ("authorization: Bearer <token>").
+    """
+    async def set_period_limit(self, request: SetPeriodLimitRequest, ctx: RequestContext[SetPeriodLimitRequest, ScopeStatusResponse], /) -> ScopeStatusResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def add_credit(self, request: AddCreditRequest, ctx: RequestContext[AddCreditRequest, ScopeStatusResponse], /) -> ScopeStatusResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def get_scope_status(self, request: GetScopeStatusRequest, ctx: RequestContext[GetScopeStatusRequest, ScopeStatusResponse], /) -> ScopeStatusResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+
+class BudgetAdminServiceASGIApplication(ConnectASGIApplication[BudgetAdminService]):
+    def __init__(
+        self,
+        service: BudgetAdminService | AsyncGenerator[BudgetAdminService],
+        *,
+        interceptors: Iterable[Interceptor] = (),
+        read_max_bytes: int | None = DEFAULT_READ_MAX_BYTES,
+        compressions: Iterable[Compression] | None = None,
+        codecs: Iterable[Codec] | None = _DEFAULT_CODECS,
+    ) -> None:
+        super().__init__(
+            service=service,
+            endpoints=lambda svc: {
+                "/ramp.broker.v1.BudgetAdminService/SetPeriodLimit": Endpoint.unary(
+                    method=MethodInfo(
+                        name="SetPeriodLimit",
+                        service_name="ramp.broker.v1.BudgetAdminService",
+                        input=SetPeriodLimitRequest,
+                        output=ScopeStatusResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.set_period_limit,
+                ),
+                "/ramp.broker.v1.BudgetAdminService/AddCredit": Endpoint.unary(
+                    method=MethodInfo(
+                        name="AddCredit",
+                        service_name="ramp.broker.v1.BudgetAdminService",
+                        input=AddCreditRequest,
+                        output=ScopeStatusResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.add_credit,
+                ),
+                "/ramp.broker.v1.BudgetAdminService/GetScopeStatus": Endpoint.unary(
+                    method=MethodInfo(
+                        name="GetScopeStatus",
+                        service_name="ramp.broker.v1.BudgetAdminService",
+                        input=GetScopeStatusRequest,
+                        output=ScopeStatusResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.get_scope_status,
+                ),
+            },
+            interceptors=interceptors,
+            read_max_bytes=read_max_bytes,
+            compressions=compressions,
+            codecs=codecs,
+        )
+
+    @property
+    def path(self) -> str:
+        """Returns the URL path to mount the application to when serving multiple applications."""
+        return "/ramp.broker.v1.BudgetAdminService"
+
+
+class BudgetAdminServiceClient(ConnectClient):
+    """
+    Operators' per-period limits. Every call needs the admin token
+    ("authorization: Bearer <token>").
+    """
+    def __init__(
+        self,
+        address: str,
+        *,
+        codec: Codec | None = _PROTO_BINARY_CODEC,
+        protocol: ProtocolType = ProtocolType.CONNECT,
+        accept_compression: Iterable[Compression] | None = None,
+        send_compression: Compression | None = _GZIP_COMPRESSION,
+        timeout_ms: int | None = None,
+        read_max_bytes: int | None = None,
+        interceptors: Iterable[Interceptor] = (),
+        http_client: Client | None = None,
+    ) -> None:
+        super().__init__(
+            address=address,
+            codec=codec,
+            protocol=protocol,
+            accept_compression=accept_compression,
+            send_compression=send_compression,
+            timeout_ms=timeout_ms,
+            read_max_bytes=read_max_bytes,
+            interceptors=interceptors,
+            http_client=http_client,
+        )
+    async def set_period_limit(
+        self,
+        request: SetPeriodLimitRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ScopeStatusResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SetPeriodLimit",
+                service_name="ramp.broker.v1.BudgetAdminService",
+                input=SetPeriodLimitRequest,
+                output=ScopeStatusResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def add_credit(
+        self,
+        request: AddCreditRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ScopeStatusResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="AddCredit",
+                service_name="ramp.broker.v1.BudgetAdminService",
+                input=AddCreditRequest,
+                output=ScopeStatusResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def get_scope_status(
+        self,
+        request: GetScopeStatusRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ScopeStatusResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetScopeStatus",
+                service_name="ramp.broker.v1.BudgetAdminService",
+                input=GetScopeStatusRequest,
+                output=ScopeStatusResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+class BudgetAdminServiceSync(Protocol):
+    """
+    Operators' per-period limits. Every call needs the admin token
+    ("authorization: Bearer <token>").
+    """
+    def set_period_limit(self, request: SetPeriodLimitRequest, ctx: RequestContext[SetPeriodLimitRequest, ScopeStatusResponse], /) -> ScopeStatusResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def add_credit(self, request: AddCreditRequest, ctx: RequestContext[AddCreditRequest, ScopeStatusResponse], /) -> ScopeStatusResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def get_scope_status(self, request: GetScopeStatusRequest, ctx: RequestContext[GetScopeStatusRequest, ScopeStatusResponse], /) -> ScopeStatusResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+
+class BudgetAdminServiceWSGIApplication(ConnectWSGIApplication):
+    def __init__(
+        self,
+        service: BudgetAdminServiceSync,
+        interceptors: Iterable[InterceptorSync] = (),
+        read_max_bytes: int | None = DEFAULT_READ_MAX_BYTES,
+        compressions: Iterable[Compression] | None = None,
+        codecs: Iterable[Codec] | None = _DEFAULT_CODECS,
+    ) -> None:
+        super().__init__(
+            endpoints={
+                "/ramp.broker.v1.BudgetAdminService/SetPeriodLimit": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="SetPeriodLimit",
+                        service_name="ramp.broker.v1.BudgetAdminService",
+                        input=SetPeriodLimitRequest,
+                        output=ScopeStatusResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.set_period_limit,
+                ),
+                "/ramp.broker.v1.BudgetAdminService/AddCredit": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="AddCredit",
+                        service_name="ramp.broker.v1.BudgetAdminService",
+                        input=AddCreditRequest,
+                        output=ScopeStatusResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.add_credit,
+                ),
+                "/ramp.broker.v1.BudgetAdminService/GetScopeStatus": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="GetScopeStatus",
+                        service_name="ramp.broker.v1.BudgetAdminService",
+                        input=GetScopeStatusRequest,
+                        output=ScopeStatusResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.get_scope_status,
+                ),
+            },
+            interceptors=interceptors,
+            read_max_bytes=read_max_bytes,
+            compressions=compressions,
+            codecs=codecs,
+        )
+
+    @property
+    def path(self) -> str:
+        """Returns the URL path to mount the application to when serving multiple applications."""
+        return "/ramp.broker.v1.BudgetAdminService"
+
+
+class BudgetAdminServiceClientSync(ConnectClientSync):
+    """
+    Operators' per-period limits. Every call needs the admin token
+    ("authorization: Bearer <token>").
+    """
+    def __init__(
+        self,
+        address: str,
+        *,
+        codec: Codec | None = _PROTO_BINARY_CODEC,
+        protocol: ProtocolType = ProtocolType.CONNECT,
+        accept_compression: Iterable[Compression] | None = None,
+        send_compression: Compression | None = _GZIP_COMPRESSION,
+        timeout_ms: int | None = None,
+        read_max_bytes: int | None = None,
+        interceptors: Iterable[InterceptorSync] = (),
+        http_client: SyncClient | None = None,
+    ) -> None:
+        super().__init__(
+            address=address,
+            codec=codec,
+            protocol=protocol,
+            accept_compression=accept_compression,
+            send_compression=send_compression,
+            timeout_ms=timeout_ms,
+            read_max_bytes=read_max_bytes,
+            interceptors=interceptors,
+            http_client=http_client,
+        )
+    def set_period_limit(
+        self,
+        request: SetPeriodLimitRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ScopeStatusResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SetPeriodLimit",
+                service_name="ramp.broker.v1.BudgetAdminService",
+                input=SetPeriodLimitRequest,
+                output=ScopeStatusResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def add_credit(
+        self,
+        request: AddCreditRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ScopeStatusResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="AddCredit",
+                service_name="ramp.broker.v1.BudgetAdminService",
+                input=AddCreditRequest,
+                output=ScopeStatusResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def get_scope_status(
+        self,
+        request: GetScopeStatusRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ScopeStatusResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetScopeStatus",
+                service_name="ramp.broker.v1.BudgetAdminService",
+                input=GetScopeStatusRequest,
+                output=ScopeStatusResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

@@ -57,7 +57,7 @@ ITEM_STATUS_FAILED: ItemStatus
 ITEM_STATUS_UNKNOWN: ItemStatus
 
 class BudgetState(_message.Message):
-    __slots__ = ("layer", "scope", "limit", "spent", "reserved", "remaining", "period_start", "period_end", "mode", "transaction_count", "as_of")
+    __slots__ = ("layer", "scope", "limit", "spent", "reserved", "remaining", "period_start", "period_end", "mode", "transaction_count", "as_of", "period", "failure_policy")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,8 @@ class BudgetState(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     TRANSACTION_COUNT_FIELD_NUMBER: _ClassVar[int]
     AS_OF_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_POLICY_FIELD_NUMBER: _ClassVar[int]
     layer: BudgetLayer
     scope: str
     limit: _ramp_pb2.Cost
@@ -80,7 +82,9 @@ class BudgetState(_message.Message):
     mode: EnforcementMode
     transaction_count: int
     as_of: _timestamp_pb2.Timestamp
-    def __init__(self, layer: _Optional[_Union[BudgetLayer, str]] = ..., scope: _Optional[str] = ..., limit: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., spent: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., reserved: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., remaining: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[EnforcementMode, str]] = ..., transaction_count: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    period: str
+    failure_policy: str
+    def __init__(self, layer: _Optional[_Union[BudgetLayer, str]] = ..., scope: _Optional[str] = ..., limit: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., spent: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., reserved: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., remaining: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[EnforcementMode, str]] = ..., transaction_count: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period: _Optional[str] = ..., failure_policy: _Optional[str] = ...) -> None: ...
 
 class BudgetExhausted(_message.Message):
     __slots__ = ("layer", "scope", "spent", "limit", "remaining", "estimated_cost", "period_end", "mode", "reason", "next_action", "reserved")
@@ -253,12 +257,48 @@ class DeclareSessionBudgetResponse(_message.Message):
     def __init__(self, budget: _Optional[_Union[BudgetState, _Mapping]] = ...) -> None: ...
 
 class GetBudgetStatusRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "budget_scope")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_SCOPE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    budget_scope: str
+    def __init__(self, session_id: _Optional[str] = ..., budget_scope: _Optional[str] = ...) -> None: ...
 
 class GetBudgetStatusResponse(_message.Message):
+    __slots__ = ("budgets",)
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    budgets: _containers.RepeatedCompositeFieldContainer[BudgetState]
+    def __init__(self, budgets: _Optional[_Iterable[_Union[BudgetState, _Mapping]]] = ...) -> None: ...
+
+class SetPeriodLimitRequest(_message.Message):
+    __slots__ = ("scope", "period", "limit", "clear")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    period: str
+    limit: _ramp_pb2.Cost
+    clear: bool
+    def __init__(self, scope: _Optional[str] = ..., period: _Optional[str] = ..., limit: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., clear: _Optional[bool] = ...) -> None: ...
+
+class AddCreditRequest(_message.Message):
+    __slots__ = ("scope", "period", "amount")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    period: str
+    amount: _ramp_pb2.Cost
+    def __init__(self, scope: _Optional[str] = ..., period: _Optional[str] = ..., amount: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ...) -> None: ...
+
+class GetScopeStatusRequest(_message.Message):
+    __slots__ = ("scope",)
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    def __init__(self, scope: _Optional[str] = ...) -> None: ...
+
+class ScopeStatusResponse(_message.Message):
     __slots__ = ("budgets",)
     BUDGETS_FIELD_NUMBER: _ClassVar[int]
     budgets: _containers.RepeatedCompositeFieldContainer[BudgetState]

@@ -268,3 +268,167 @@ class BudgetService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class BudgetAdminServiceStub:
+    """Operators' per-period limits. Every call needs the admin token
+    ("authorization: Bearer <token>").
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SetPeriodLimit = channel.unary_unary(
+                '/ramp.broker.v1.BudgetAdminService/SetPeriodLimit',
+                request_serializer=ramp_dot_broker_dot_v1_dot_broker__pb2.SetPeriodLimitRequest.SerializeToString,
+                response_deserializer=ramp_dot_broker_dot_v1_dot_broker__pb2.ScopeStatusResponse.FromString,
+                _registered_method=True)
+        self.AddCredit = channel.unary_unary(
+                '/ramp.broker.v1.BudgetAdminService/AddCredit',
+                request_serializer=ramp_dot_broker_dot_v1_dot_broker__pb2.AddCreditRequest.SerializeToString,
+                response_deserializer=ramp_dot_broker_dot_v1_dot_broker__pb2.ScopeStatusResponse.FromString,
+                _registered_method=True)
+        self.GetScopeStatus = channel.unary_unary(
+                '/ramp.broker.v1.BudgetAdminService/GetScopeStatus',
+                request_serializer=ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeStatusRequest.SerializeToString,
+                response_deserializer=ramp_dot_broker_dot_v1_dot_broker__pb2.ScopeStatusResponse.FromString,
+                _registered_method=True)
+
+
+class BudgetAdminServiceServicer:
+    """Operators' per-period limits. Every call needs the admin token
+    ("authorization: Bearer <token>").
+    """
+
+    def SetPeriodLimit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddCredit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetScopeStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_BudgetAdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SetPeriodLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPeriodLimit,
+                    request_deserializer=ramp_dot_broker_dot_v1_dot_broker__pb2.SetPeriodLimitRequest.FromString,
+                    response_serializer=ramp_dot_broker_dot_v1_dot_broker__pb2.ScopeStatusResponse.SerializeToString,
+            ),
+            'AddCredit': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddCredit,
+                    request_deserializer=ramp_dot_broker_dot_v1_dot_broker__pb2.AddCreditRequest.FromString,
+                    response_serializer=ramp_dot_broker_dot_v1_dot_broker__pb2.ScopeStatusResponse.SerializeToString,
+            ),
+            'GetScopeStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetScopeStatus,
+                    request_deserializer=ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeStatusRequest.FromString,
+                    response_serializer=ramp_dot_broker_dot_v1_dot_broker__pb2.ScopeStatusResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'ramp.broker.v1.BudgetAdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('ramp.broker.v1.BudgetAdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class BudgetAdminService:
+    """Operators' per-period limits. Every call needs the admin token
+    ("authorization: Bearer <token>").
+    """
+
+    @staticmethod
+    def SetPeriodLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ramp.broker.v1.BudgetAdminService/SetPeriodLimit',
+            ramp_dot_broker_dot_v1_dot_broker__pb2.SetPeriodLimitRequest.SerializeToString,
+            ramp_dot_broker_dot_v1_dot_broker__pb2.ScopeStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddCredit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ramp.broker.v1.BudgetAdminService/AddCredit',
+            ramp_dot_broker_dot_v1_dot_broker__pb2.AddCreditRequest.SerializeToString,
+            ramp_dot_broker_dot_v1_dot_broker__pb2.ScopeStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetScopeStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ramp.broker.v1.BudgetAdminService/GetScopeStatus',
+            ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeStatusRequest.SerializeToString,
+            ramp_dot_broker_dot_v1_dot_broker__pb2.ScopeStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,121 @@
+"""Who is calling, and which scopes a purchase of theirs is charged to.
+
+Agents present an API key (`authorization: Bearer <key>` or `x-api-key`); the
+config maps each key, by its SHA-256, to an account, the scopes it is always
+charged to, and the scopes it may name. Naming any other scope is refused
+before anything is read or written. With no agents configured the broker needs
+no credential and has no period scopes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from broker.config import AgentSetting, BrokerConfig
+from broker.configfile import ConfigError
+from broker.errors import InvalidField, PermissionDenied, Unauthenticated
+from broker.validation import Constraints
+from budget.period import Charge
+from budget.scopes import billing_scope, check_scope
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    id: str
+    account: str | None = None
+    billing_scope: str | None = None
+    charged_to: tuple[str, ...] = ()
+    may_name: frozenset[str] = frozenset()
+
+    def may_charge(self, scope: str) -> bool:
+        return scope in self.may_name or scope in self.charged_to or scope == self.billing_scope
+
+
+ANONYMOUS = Agent("anonymous")
+
+
+def _bearer(headers: Mapping[str, str]) -> str | None:
+    value = headers.get("authorization")
+    if value is not None:
+        scheme, _, token = value.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return headers.get("x-api-key") or None
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Authenticator:
+    def __init__(self, agents: Sequence[AgentSetting]) -> None:
+        self._by_digest: dict[str, Agent] = {}
+        for i, a in enumerate(agents):
+            if a.key_env is not None:
+                key = os.environ.get(a.key_env)
+                if not key:
+                    raise ConfigError(f"agents.{i}.key_env: environment variable {a.key_env} is not set")
+                digest = _digest(key)
+            else:
+                assert a.key_sha256 is not None
+                digest = a.key_sha256
+            self._by_digest[digest] = Agent(
+                id=a.id, account=a.account,
+                billing_scope=billing_scope(a.billing_ref) if a.billing_ref else None,
+                charged_to=tuple(a.charged_to), may_name=frozenset(a.may_name),
+            )
+
+    @property
+    def required(self) -> bool:
+        return bool(self._by_digest)
+
+    def identify(self, headers: Mapping[str, str]) -> Agent:
+        if not self._by_digest:
+            return ANONYMOUS
+        key = _bearer(headers)
+        if key is None:
+            raise Unauthenticated("an API key is required: send 'authorization: Bearer <key>'")
+        agent = self._by_digest.get(_digest(key))
+        if agent is None:
+            raise Unauthenticated("unknown API key")
+        return agent
+
+
+def charge_for(agent: Agent, c: Constraints, prefix: str = "constraints.") -> Charge | None:
+    """The scopes a purchase is charged to; None when the caller has no period scopes."""
+    named = c.budget_scope
+    if named:
+        check_scope(named, f"{prefix}budget_scope")
+        if agent.account is None or not agent.may_charge(named):
+            raise PermissionDenied(f"{prefix}budget_scope",
+                                   f"this API key may not charge scope {named!r}")
+    target = named or agent.billing_scope
+    if c.budget_period is not None and c.period_budget is None:
+        raise InvalidField(f"{prefix}period_budget", "is required when budget_period is given")
+    if c.period_budget is not None and (agent.account is None or target is None):
+        raise PermissionDenied(f"{prefix}period_budget",
+                               "this requester has no scope to apply a period budget to")
+    if agent.account is None:
+        return None
+    scopes = tuple(dict.fromkeys([*agent.charged_to, *([target] if target else [])]))
+    return Charge(agent.account, scopes, target, c.period_budget, c.budget_period)
+
+
+class AdminToken:
+    """The operator's token for the admin API, from the environment; the API is off without it."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        name = config.admin.token_env
+        self._token = os.environ.get(name) if name else None
+        if name and not self._token:
+            raise ConfigError(f"admin.token_env: environment variable {name} is not set")
+
+    def check(self, headers: Mapping[str, str]) -> None:
+        if self._token is None:
+            raise PermissionDenied("authorization", "the admin API is disabled (set admin.token_env)")
+        given = _bearer(headers)
+        if given is None or not hmac.compare_digest(given.encode(), self._token.encode()):
+            raise Unauthenticated("the admin API needs 'authorization: Bearer <admin token>'")

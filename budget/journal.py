@@ -1,0 +1,101 @@
+"""The fail-open journal: spends made while the store was unreachable.
+
+An append-only file of JSON lines, fsynced before the purchase's answer is
+sent. Each spend has an id; once the store has recorded it (idempotently, under
+`journal:<id>`), an ack line follows. A crash between the two only means the
+spend is offered to the store again, which records it once. When everything is
+acknowledged the file is truncated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from budget.store import CounterRef, Hold, Line
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    id: str
+    account: str
+    idempotency_key: str
+    holds: tuple[Hold, ...]
+    lines: tuple[Line, ...]
+    at_ms: int
+
+    @property
+    def store_key(self) -> str:
+        return f"journal:{self.id}"
+
+
+def _hold(d: dict[str, Any]) -> Hold:
+    return Hold(counter=CounterRef(**d["counter"]), amount=d["amount"], limit=d["limit"],
+                expire_at_ms=d["expire_at_ms"])
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = asyncio.Lock()
+        self._pending: dict[str, JournalEntry] = {}
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        for raw in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                d = json.loads(raw)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a crash mid-write: that spend was never answered
+            if "ack" in d:
+                self._pending.pop(d["ack"], None)
+                continue
+            self._pending[d["id"]] = JournalEntry(
+                id=d["id"], account=d["account"], idempotency_key=d["idempotency_key"],
+                holds=tuple(_hold(h) for h in d["holds"]),
+                lines=tuple(Line(**ln) for ln in d["lines"]), at_ms=d["at_ms"],
+            )
+
+    def pending(self) -> list[JournalEntry]:
+        return list(self._pending.values())
+
+    async def append(
+        self, account: str, idempotency_key: str, holds: tuple[Hold, ...], lines: tuple[Line, ...],
+        at_ms: int,
+    ) -> JournalEntry:
+        entry = JournalEntry(uuid.uuid4().hex, account, idempotency_key, holds, lines, at_ms)
+        record = {"id": entry.id, "account": account, "idempotency_key": idempotency_key,
+                  "holds": [asdict(h) for h in holds], "lines": [asdict(ln) for ln in lines],
+                  "at_ms": at_ms}
+        async with self._lock:
+            await asyncio.to_thread(self._write, json.dumps(record, separators=(",", ":")))
+            self._pending[entry.id] = entry
+        return entry
+
+    async def ack(self, entry_id: str) -> None:
+        async with self._lock:
+            self._pending.pop(entry_id, None)
+            if self._pending:
+                await asyncio.to_thread(self._write, json.dumps({"ack": entry_id}))
+            else:
+                await asyncio.to_thread(self._truncate)
+
+    def _write(self, line: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _truncate(self) -> None:
+        if self.path.exists():
+            with self.path.open("w", encoding="utf-8") as f:
+                f.flush()
+                os.fsync(f.fileno())

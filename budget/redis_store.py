@@ -1,0 +1,641 @@
+"""The shared per-period store on Redis (budget.store.Store), for several brokers of one deployment.
+
+Key layout, for prefix `ramp` and account `acme` (the `{acme}` hash tag keeps every key of an
+account in one Redis Cluster slot, so each multi-key script stays in one slot):
+
+    ramp:{acme}:c:<scope>|<period>|<window>  hash: spent reserved credit count + scope period window
+                                             currency start_ms end_ms (to rebuild the CounterRef)
+    ramp:{acme}:r:<reservation id>           hash: ik created expires holds ("<counter> <amount> ...")
+    ramp:{acme}:exp                          zset: reservation id by expires_ms, for sweep
+    ramp:{acme}:i:<idempotency key>          hash: state (open|committed) rid result
+    ramp:{acme}:ledger                       stream: one entry per committed line
+    ramp:{acme}:limits                       hash: "<scope>|<period>" -> "CUR units" or "-" (removed)
+    ramp:{acme}:limits:v                     string: limits version (missing = 0)
+    ramp:{acme}:counters                     zset: counter key by expire_at_ms, for counters()
+    ramp:blob:<name>                         hash: data expires_ms (not per account)
+
+Every change runs as one Lua script (budget/lua/, each prefixed with _lib.lua), called with
+EVALSHA and reloaded on NOSCRIPT, e.g. after a Redis restart. Scripts take every input as
+KEYS/ARGV; the few keys they can only learn inside Redis (a reservation's counters, the
+idempotency record it points back to) are built from the account prefix and so share its slot.
+
+Time. Semantics use only the callers' now_ms. Key lifetimes are cleanup, and are set relative
+(PEXPIRE expire_at_ms - now_ms, never shortened) rather than PEXPIREAT: with an injected clock
+behind Redis's own, an absolute time in Redis's past would delete a live counter at once.
+
+Money. Values travel as decimal strings and HINCRBY does the arithmetic, so any signed 64-bit
+amount is exact (the scripts compare by splitting values, never through Lua's doubles).
+Inputs outside 64 bits raise ValueError before anything is sent. A counter that a commit would
+push past 2^63 - 1 fails in Redis, mid-script; at nano-units that is 9.2e9 currency units.
+
+Failures. Every call runs under socket timeouts of timeout_ms and an asyncio deadline just
+above it; a connection error, a timeout or a server that is loading/read-only/out of memory
+raises StoreUnavailable. redis-py's own retries are off. Reads retry once on a connection error
+(a pooled connection that a restart closed). `reserve` retries once too: its reservation id is
+generated here, so if the first attempt did land, the second finds the key open under our own
+id and reports it as Reserved. Other writes are never retried.
+
+Coalescing. Concurrent `reserve` (and `commit`) calls for one account are sent as one EVALSHA
+that processes them in arrival order, each exactly as if alone: the first caller's batch goes
+out at once, callers arriving while it is in flight form the next one (at most 64 each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib.resources
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from budget.store import (
+    Committed,
+    CounterRef,
+    CounterState,
+    Denied,
+    Hold,
+    InFlight,
+    LedgerEntry,
+    Limits,
+    Line,
+    Reserved,
+    ReserveOutcome,
+    Settled,
+    StaleLimits,
+    StoreUnavailable,
+)
+
+MAX_BATCH: Final = 64
+_INT64_MAX: Final = 2**63 - 1
+_HOUR_MS: Final = 3_600_000
+_DAY_MS: Final = 86_400_000
+# A counter written after its expire_at_ms (a late commit) still lives this long.
+_MIN_COUNTER_TTL_MS: Final = _HOUR_MS
+# Idempotency results outlive the counters they charged by at least this.
+_MIN_IDEMPOTENCY_TTL_MS: Final = _DAY_MS
+# Reservations and their open records carry a safety TTL well past any sweep.
+_RESERVATION_SLACK_MS: Final = _DAY_MS
+# overwrite_spent creates a counter that lives this long past its window's end.
+_REPAIR_GRACE_MS: Final = 7 * _DAY_MS
+_LEDGER_PAGE: Final = 500
+_COUNTERS_PAGE: Final = 200
+# The asyncio deadline sits a little above the socket timeouts so theirs is the error we see.
+_DEADLINE_SLACK_S: Final = 0.05
+# Redis refusals that mean "not now" rather than "wrong request".
+_UNAVAILABLE_REPLIES: Final = ("LOADING", "BUSY", "OOM", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN",
+                               "CLUSTERDOWN", "READONLY")
+
+_SCRIPTS: Final = ("reserve", "commit", "release", "sweep", "record_spend", "set_limit", "add_credit",
+                   "overwrite_spent", "prune_counters")
+
+T = TypeVar("T")
+Req = TypeVar("Req")
+Out = TypeVar("Out")
+
+
+@dataclass(slots=True)
+class _Script:
+    name: str
+    text: bytes
+    sha: str = ""
+
+
+def _load_scripts() -> dict[str, _Script]:
+    folder = importlib.resources.files("budget").joinpath("lua")
+    lib = folder.joinpath("_lib.lua").read_bytes()
+    return {name: _Script(name, lib + b"\n" + folder.joinpath(f"{name}.lua").read_bytes())
+            for name in _SCRIPTS}
+
+
+def _int64(value: int, what: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if not -_INT64_MAX <= value <= _INT64_MAX:
+        raise ValueError(f"{what} {value} does not fit in 64 bits")
+    return str(value)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | TimeoutError | OSError | ReadOnlyError):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
+
+
+class _Batcher(Generic[Req, Out]):
+    """Runs submitted requests in batches, one batch in flight at a time.
+
+    The first request starts a drain task at once (it runs on the next loop turn, so requests
+    submitted in the same turn share its batch); requests submitted while a batch is in flight
+    wait for the next. The drain runs in its own task so a cancelled caller cannot strand the
+    others; a caller that gave up before its batch was formed is skipped.
+    """
+
+    def __init__(
+        self, run: Callable[[list[Req]], Awaitable[list[Out]]], on_idle: Callable[[], object]
+    ) -> None:
+        self._run = run
+        self._on_idle = on_idle
+        self._pending: deque[tuple[Req, asyncio.Future[Out]]] = deque()
+        self.task: asyncio.Task[None] | None = None
+
+    def submit(self, request: Req) -> asyncio.Future[Out]:
+        future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
+        self._pending.append((request, future))
+        if self.task is None:
+            self.task = asyncio.create_task(self._drain())
+        return future
+
+    async def _drain(self) -> None:
+        batch: list[tuple[Req, asyncio.Future[Out]]] = []
+        try:
+            while self._pending:
+                batch = []
+                while self._pending and len(batch) < MAX_BATCH:
+                    request, future = self._pending.popleft()
+                    if not future.done():
+                        batch.append((request, future))
+                if not batch:
+                    continue
+                try:
+                    outcomes = await self._run([request for request, _ in batch])
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(_copy(exc))
+                    continue
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if not future.done():
+                        future.set_result(outcome)
+        finally:
+            # Cancelled (the store is closing): nobody will answer these callers.
+            for _, future in (*batch, *self._pending):
+                future.cancel()  # a no-op for futures already answered
+            self._pending.clear()
+            self.task = None
+            self._on_idle()
+
+
+def _copy(exc: Exception) -> Exception:
+    """One exception per waiting caller (each raise extends the object's traceback)."""
+    if isinstance(exc, StoreUnavailable):
+        fresh = StoreUnavailable(*exc.args)
+        fresh.__cause__ = exc.__cause__
+        return fresh
+    return exc
+
+
+@dataclass(frozen=True, slots=True)
+class _ReserveRequest:
+    rid: str
+    holds: Sequence[Hold]
+    ttl_ms: int
+    idempotency_key: str
+    now_ms: int
+    limits_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class _CommitRequest:
+    rid: str
+    holds: Sequence[Hold]
+    lines: Sequence[Line]
+    idempotency_key: str
+    result: bytes
+    now_ms: int
+
+
+class RedisStore:
+    """budget.store.Store on one Redis server (or Cluster-ready keys; see the module docstring)."""
+
+    def __init__(self, client: Redis, *, timeout_ms: int = 250, prefix: str = "ramp") -> None:
+        if timeout_ms <= 0:
+            raise ValueError("timeout_ms must be positive")
+        if not prefix or any(c in prefix for c in "{} "):
+            raise ValueError("prefix must be non-empty, without braces or spaces")
+        self._client = client
+        self._prefix = prefix
+        self._deadline_s = timeout_ms / 1000 + _DEADLINE_SLACK_S
+        self._scripts = _load_scripts()
+        self._reserve_batchers: dict[str, _Batcher[_ReserveRequest, ReserveOutcome]] = {}
+        self._commit_batchers: dict[str, _Batcher[_CommitRequest, Committed]] = {}
+
+    @classmethod
+    async def open(
+        cls, url: str, *, timeout_ms: int = 250, prefix: str = "ramp", max_connections: int = 64
+    ) -> RedisStore:
+        """Connect and load the scripts; StoreUnavailable if Redis does not answer in time."""
+        timeout_s = timeout_ms / 1000
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout_s, socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0), client_name="ramp-broker",
+        )
+        store = cls(Redis.from_pool(pool), timeout_ms=timeout_ms, prefix=prefix)
+        try:
+            await store.load_scripts()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    @property
+    def client(self) -> Redis:
+        """The underlying client (tests and admin tools)."""
+        return self._client
+
+    async def load_scripts(self) -> None:
+        """SCRIPT LOAD every script (done by `open`; EVALSHA reloads by itself after a restart)."""
+
+        async def load() -> None:
+            for script in self._scripts.values():
+                script.sha = await self._client.script_load(script.text)
+
+        await self._call(load, retry=True)
+
+    async def close(self) -> None:
+        batchers: list[_Batcher[Any, Any]] = [*self._reserve_batchers.values(),
+                                              *self._commit_batchers.values()]
+        tasks = [b.task for b in batchers if b.task]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._client.aclose()
+
+    # --- keys -------------------------------------------------------------------------------
+
+    def account_prefix(self, account: str) -> str:
+        """`<prefix>:{<account>}:`: every key of the account starts with it."""
+        return f"{self._prefix}:{{{account}}}:"
+
+    def counter_key(self, account: str, counter: CounterRef) -> str:
+        return f"{self.account_prefix(account)}c:{counter.key}"
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    async def _call(self, operation: Callable[[], Awaitable[T]], *, retry: bool) -> T:
+        """Run `operation` within the deadline; StoreUnavailable on any sign Redis is not there."""
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                try:
+                    return await operation()
+                except RedisConnectionError:
+                    if not retry:
+                        raise
+                    return await operation()
+        except Exception as exc:
+            if _unavailable(exc):
+                raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+            raise
+
+    async def _eval(self, name: str, keys: Sequence[str], args: Sequence[str | bytes]) -> Any:
+        script = self._scripts[name]
+        if script.sha:
+            try:
+                return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                pass  # a restarted or flushed server: nothing ran; load and run once
+        script.sha = await self._client.script_load(script.text)
+        return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def _script(
+        self, name: str, keys: Sequence[str], args: Sequence[str | bytes], *, retry: bool
+    ) -> Any:
+        return await self._call(lambda: self._eval(name, keys, args), retry=retry)
+
+    async def _wait(self, future: asyncio.Future[T]) -> T:
+        """A batched call's result, or StoreUnavailable once this caller's deadline has passed."""
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                return await future
+        except TimeoutError as exc:
+            raise StoreUnavailable("redis: no answer in time") from exc
+
+    def _counter_args(self, counter: CounterRef, expire_at_ms: int, now_ms: int) -> list[str]:
+        ttl = max(expire_at_ms - now_ms, _MIN_COUNTER_TTL_MS)
+        return [counter.key, str(ttl), str(expire_at_ms), counter.scope, counter.period, counter.window,
+                counter.currency, str(counter.start_ms), str(counter.end_ms)]
+
+    def _line_args(self, holds: Sequence[Hold], lines: Sequence[Line]) -> list[str]:
+        args: list[str] = []
+        for line in lines:
+            if not 0 <= line.hold_index < len(holds):
+                raise ValueError(f"line hold_index {line.hold_index} is not one of {len(holds)} holds")
+            counter = holds[line.hold_index].counter
+            args += [counter.scope, counter.period, counter.window, counter.currency,
+                     _int64(line.amount, "line amount"), line.original_amount, line.original_currency,
+                     line.exchange, line.offer_id, line.uri]
+        return args
+
+    def _spend_args(self, holds: Sequence[Hold], lines: Sequence[Line], now_ms: int) -> list[str]:
+        """Per hold: counter arguments and the sum of its lines."""
+        sums = [0] * len(holds)
+        for line in lines:
+            if 0 <= line.hold_index < len(holds):
+                sums[line.hold_index] += line.amount
+        args: list[str] = []
+        for hold, total in zip(holds, sums, strict=True):
+            args += self._counter_args(hold.counter, hold.expire_at_ms, now_ms)
+            args.append(_int64(total, "spend on one counter"))
+        return args
+
+    @staticmethod
+    def _idempotency_ttl(holds: Sequence[Hold], now_ms: int) -> str:
+        return str(max([h.expire_at_ms - now_ms for h in holds] + [_MIN_IDEMPOTENCY_TTL_MS]))
+
+    # --- reserve ----------------------------------------------------------------------------
+
+    async def reserve(
+        self, account: str, holds: Sequence[Hold], *, ttl_ms: int, idempotency_key: str,
+        now_ms: int, limits_version: int,
+    ) -> ReserveOutcome:
+        for hold in holds:
+            _int64(hold.amount, "hold amount")
+            _int64(hold.limit, "hold limit")
+        _int64(now_ms + ttl_ms, "expiry")
+        request = _ReserveRequest(uuid.uuid4().hex, tuple(holds), ttl_ms, idempotency_key, now_ms,
+                                  limits_version)
+        batcher = self._reserve_batchers.get(account)
+        if batcher is None:
+            batcher = _Batcher(lambda batch: self._reserve_batch(account, batch),
+                               lambda: self._reserve_batchers.pop(account, None))
+            self._reserve_batchers[account] = batcher
+        return await self._wait(batcher.submit(request))
+
+    async def _reserve_batch(self, account: str, batch: list[_ReserveRequest]) -> list[ReserveOutcome]:
+        p = self.account_prefix(account)
+        keys = [f"{p}limits:v", f"{p}exp", f"{p}counters"]
+        args: list[str | bytes] = [p, str(len(batch))]
+        for r in batch:
+            keys += [f"{p}i:{r.idempotency_key}", f"{p}r:{r.rid}"]
+            keys += [f"{p}c:{h.counter.key}" for h in r.holds]
+            rttl = max([h.expire_at_ms - r.now_ms for h in r.holds] + [r.ttl_ms]) + _RESERVATION_SLACK_MS
+            args += [r.rid, r.idempotency_key, str(r.limits_version), str(r.now_ms), str(r.now_ms + r.ttl_ms),
+                     str(rttl), str(len(r.holds))]
+            for h in r.holds:
+                args += self._counter_args(h.counter, h.expire_at_ms, r.now_ms)
+                args += [str(h.amount), str(h.limit)]
+        # Safe to retry once: a first attempt that landed shows up as InFlight under our own id.
+        replies = await self._script("reserve", keys, args, retry=True)
+        return [self._reserve_outcome(r, reply) for r, reply in zip(batch, replies, strict=True)]
+
+    @staticmethod
+    def _reserve_outcome(request: _ReserveRequest, reply: list[bytes]) -> ReserveOutcome:
+        kind = reply[0]
+        if kind == b"ok":
+            return Reserved(_text(reply[1]), int(reply[2]))
+        if kind == b"inflight":
+            rid = _text(reply[1])
+            if rid == request.rid:
+                return Reserved(rid, int(reply[2]))
+            return InFlight(rid)
+        if kind == b"stale":
+            return StaleLimits(int(reply[1]))
+        if kind == b"settled":
+            return Settled(bytes(reply[1]))
+        if kind == b"denied":
+            return Denied(int(reply[1]), CounterState(int(reply[2]), int(reply[3]), int(reply[4]),
+                                                      int(reply[5])))
+        raise RuntimeError(f"reserve script replied {reply!r}")
+
+    # --- commit -----------------------------------------------------------------------------
+
+    async def commit(
+        self, account: str, reservation_id: str, holds: Sequence[Hold], lines: Sequence[Line], *,
+        idempotency_key: str, result: bytes, now_ms: int,
+    ) -> Committed:
+        # Build (and so validate) the arguments now, so a bad request fails alone, not its batch.
+        self._spend_args(holds, lines, now_ms)
+        self._line_args(holds, lines)
+        request = _CommitRequest(reservation_id, tuple(holds), tuple(lines), idempotency_key, bytes(result),
+                                 now_ms)
+        batcher = self._commit_batchers.get(account)
+        if batcher is None:
+            batcher = _Batcher(lambda batch: self._commit_batch(account, batch),
+                               lambda: self._commit_batchers.pop(account, None))
+            self._commit_batchers[account] = batcher
+        return await self._wait(batcher.submit(request))
+
+    async def _commit_batch(self, account: str, batch: list[_CommitRequest]) -> list[Committed]:
+        p = self.account_prefix(account)
+        keys = [f"{p}exp", f"{p}ledger", f"{p}counters"]
+        args: list[str | bytes] = [p, str(len(batch))]
+        for r in batch:
+            keys += [f"{p}i:{r.idempotency_key}", f"{p}r:{r.rid}"]
+            keys += [f"{p}c:{h.counter.key}" for h in r.holds]
+            args += [r.rid, r.idempotency_key, r.result, str(r.now_ms),
+                     self._idempotency_ttl(r.holds, r.now_ms), str(len(r.holds)), str(len(r.lines))]
+            args += self._spend_args(r.holds, r.lines, r.now_ms)
+            args += self._line_args(r.holds, r.lines)
+        # Not retried: a second attempt would only report the first as a duplicate.
+        replies = await self._script("commit", keys, args, retry=False)
+        return [self._committed(r, reply) for r, reply in zip(batch, replies, strict=True)]
+
+    @staticmethod
+    def _committed(request: _CommitRequest, reply: list[bytes]) -> Committed:
+        if reply[0] == b"dup":
+            return Committed(overage=(0,) * len(request.holds), duplicate=True)
+        late = reply[1] == b"1"
+        held: dict[str, int] = {}
+        words = _text(reply[2]).split()
+        for key, amount in zip(words[::2], words[1::2], strict=True):
+            held[key] = held.get(key, 0) + int(amount)
+        spent = [0] * len(request.holds)
+        for line in request.lines:
+            spent[line.hold_index] += line.amount
+        # A late commit's hold was refunded by the sweep; its overage is still measured against
+        # what the caller had reserved, so `late` alone tells that the window was not held.
+        overage = tuple(
+            max(0, total - (hold.amount if late else held.get(hold.counter.key, 0)))
+            for hold, total in zip(request.holds, spent, strict=True)
+        )
+        return Committed(overage=overage, late=late)
+
+    # --- other writes -----------------------------------------------------------------------
+
+    async def release(self, account: str, reservation_id: str, *, now_ms: int) -> bool:
+        p = self.account_prefix(account)
+        reply = await self._script("release", [f"{p}r:{reservation_id}", f"{p}exp"], [p, reservation_id],
+                                   retry=False)
+        return int(reply) == 1
+
+    async def sweep(self, account: str, *, now_ms: int, batch: int = 100) -> int:
+        if batch <= 0:
+            return 0
+        p = self.account_prefix(account)
+        reply = await self._script("sweep", [f"{p}exp"], [p, str(now_ms), str(batch)], retry=False)
+        return int(reply)
+
+    async def add_credit(self, account: str, counter: CounterRef, amount: int, *, expire_at_ms: int) -> None:
+        p = self.account_prefix(account)
+        # No caller clock here: the wall clock stands in for now_ms (the TTL only ever grows).
+        args = [p, *self._counter_args(counter, expire_at_ms, _wall_ms()), _int64(amount, "credit")]
+        await self._script("add_credit", [f"{p}c:{counter.key}", f"{p}counters"], args, retry=False)
+
+    async def set_limit(self, account: str, scope: str, period: str, value: tuple[str, int] | None) -> int:
+        p = self.account_prefix(account)
+        encoded = "-" if value is None else f"{value[0]} {_int64(value[1], 'limit')}"
+        reply = await self._script("set_limit", [f"{p}limits", f"{p}limits:v"],
+                                   [p, f"{scope}|{period}", encoded], retry=False)
+        return int(reply)
+
+    async def record_spend(
+        self, account: str, holds: Sequence[Hold], lines: Sequence[Line], *, idempotency_key: str,
+        now_ms: int, kind: str,
+    ) -> bool:
+        p = self.account_prefix(account)
+        keys = [f"{p}i:{idempotency_key}", f"{p}ledger", f"{p}counters"]
+        keys += [f"{p}c:{h.counter.key}" for h in holds]
+        args = [p, idempotency_key, str(now_ms), kind, self._idempotency_ttl(holds, now_ms), str(len(holds)),
+                str(len(lines)), *self._spend_args(holds, lines, now_ms), *self._line_args(holds, lines)]
+        reply = await self._script("record_spend", keys, args, retry=False)
+        return int(reply) == 1
+
+    async def overwrite_spent(self, account: str, counter: CounterRef, spent: int, count: int) -> None:
+        p = self.account_prefix(account)
+        args = [p, *self._counter_args(counter, counter.end_ms + _REPAIR_GRACE_MS, _wall_ms()),
+                _int64(spent, "spent"), _int64(count, "count")]
+        await self._script("overwrite_spent", [f"{p}c:{counter.key}", f"{p}counters"], args, retry=False)
+
+    # --- reads ------------------------------------------------------------------------------
+
+    async def read(self, account: str, counters: Sequence[CounterRef]) -> list[CounterState]:
+        if not counters:
+            return []
+
+        async def run() -> list[Any]:
+            # MULTI/EXEC: one consistent snapshot of all the counters.
+            async with self._client.pipeline(transaction=True) as pipe:
+                for counter in counters:
+                    pipe.hmget(self.counter_key(account, counter), ["spent", "reserved", "credit", "count"])
+                return await pipe.execute()
+
+        rows = await self._call(run, retry=True)
+        return [CounterState(*(int(v) if v is not None else 0 for v in row)) for row in rows]
+
+    async def limits(self, account: str) -> Limits:
+        p = self.account_prefix(account)
+
+        async def run() -> list[Any]:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hgetall(f"{p}limits")
+                pipe.get(f"{p}limits:v")
+                return await pipe.execute()
+
+        raw, version = await self._call(run, retry=True)
+        values: dict[tuple[str, str], tuple[str, int] | None] = {}
+        for field_, value in raw.items():
+            scope, period = _text(field_).split("|", 1)
+            text = _text(value)
+            if text == "-":
+                values[(scope, period)] = None
+            else:
+                currency, units = text.split(" ", 1)
+                values[(scope, period)] = (currency, int(units))
+        return Limits(int(version) if version is not None else 0, values)
+
+    async def ledger(self, account: str, *, scope: str | None = None) -> AsyncIterator[LedgerEntry]:
+        key = f"{self.account_prefix(account)}ledger"
+        start = "-"
+        while True:
+            fetch = functools.partial(self._client.xrange, key, start, "+", count=_LEDGER_PAGE)
+            page = await self._call(fetch, retry=True)
+            if not page:
+                return
+            for entry_id, fields in page:
+                entry = _ledger_entry(account, _text(entry_id), fields or {})
+                if scope is None or entry.scope == scope:
+                    yield entry
+            if len(page) < _LEDGER_PAGE:
+                return
+            start = f"({_text(page[-1][0])}"  # exclusive (Redis >= 6.2)
+
+    async def counters(self, account: str) -> AsyncIterator[tuple[CounterRef, CounterState]]:
+        p = self.account_prefix(account)
+        index = f"{p}counters"
+        seen: set[str] = set()  # ZSCAN may return a member twice
+        cursor = 0
+        while True:
+            cursor, members = await self._call(
+                functools.partial(self._client.zscan, index, cursor, count=_COUNTERS_PAGE), retry=True)
+            names = [n for n in (_text(m[0]) for m in members) if n not in seen]
+            seen.update(names)
+            if names:
+                rows = await self._call(functools.partial(self._hgetall_counters, p, names), retry=True)
+                gone: list[str] = []
+                for name, row in zip(names, rows, strict=True):
+                    if not row:
+                        gone.append(name)
+                        continue
+                    yield _counter_row(row)
+                if gone:
+                    await self._script("prune_counters", [index], [p, *gone], retry=False)
+            if cursor == 0:
+                return
+
+    async def _hgetall_counters(self, p: str, names: list[str]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(f"{p}c:{name}")
+            return await pipe.execute()
+
+    # --- blobs ------------------------------------------------------------------------------
+
+    async def put_blob(self, name: str, data: bytes, *, ttl_ms: int, now_ms: int) -> None:
+        key = f"{self._prefix}:blob:{name}"
+
+        async def run() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping={"data": data, "expires_ms": str(now_ms + ttl_ms)})
+                # Expiry is judged by expires_ms against the caller's clock; this TTL only cleans up.
+                pipe.pexpire(key, max(ttl_ms, 1))
+                await pipe.execute()
+
+        await self._call(run, retry=False)
+
+    async def get_blob(self, name: str, *, now_ms: int) -> bytes | None:
+        key = f"{self._prefix}:blob:{name}"
+        data, expires = await self._call(lambda: self._client.hmget(key, ["data", "expires_ms"]), retry=True)
+        if data is None or expires is None or now_ms >= int(expires):
+            return None
+        return bytes(data) if isinstance(data, bytes) else data.encode()
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _ledger_entry(account: str, entry_id: str, raw: dict[Any, Any]) -> LedgerEntry:
+    f = {_text(k): _text(v) for k, v in raw.items()}
+    return LedgerEntry(
+        id=entry_id, account=account, scope=f["scope"], period=f["period"], window=f["window"],
+        amount=int(f["amount"]), currency=f["currency"], original_amount=f["original_amount"],
+        original_currency=f["original_currency"], idempotency_key=f["idempotency_key"],
+        reservation_id=f["reservation_id"], exchange=f["exchange"], offer_id=f["offer_id"], uri=f["uri"],
+        reserved_at_ms=int(f["reserved_at_ms"]), committed_at_ms=int(f["committed_at_ms"]), kind=f["kind"],
+    )
+
+
+def _counter_row(raw: dict[Any, Any]) -> tuple[CounterRef, CounterState]:
+    f = {_text(k): _text(v) for k, v in raw.items()}
+    ref = CounterRef(f["scope"], f["period"], f["window"], f["currency"], int(f["start_ms"]),
+                     int(f["end_ms"]))
+    state = CounterState(int(f.get("spent", 0)), int(f.get("reserved", 0)), int(f.get("credit", 0)),
+                         int(f.get("count", 0)))
+    return ref, state

@@ -1,0 +1,732 @@
+"""The embedded budget store: one SQLite file shared by the broker processes of one host.
+
+Every operation is one transaction, run from BEGIN to COMMIT as a single plain function on the
+store's own worker thread. Nothing awaits inside a transaction, so a caller cancelled by its
+timeout can never leave a transaction (and with it the file's write lock) open: the function
+finishes, committing or rolling back, and the next operation queues behind it.
+
+Writes start with BEGIN IMMEDIATE, which takes the file's single write lock before reading, so
+check-then-hold is atomic across processes. Reads use a deferred BEGIN: in WAL mode that is a
+snapshot that never blocks, nor is blocked by, the writer. All arithmetic on amounts happens in
+Python on values read inside the write transaction (SQLite would turn an overflowing INTEGER sum
+into a REAL); CHECK constraints refuse anything but integers in amount columns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from budget.store import (
+    Committed,
+    CounterRef,
+    CounterState,
+    Denied,
+    Hold,
+    InFlight,
+    LedgerEntry,
+    Limits,
+    Line,
+    Reserved,
+    ReserveOutcome,
+    Settled,
+    StaleLimits,
+    StoreUnavailable,
+)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+_PAGE = 500  # ledger rows fetched per read transaction
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS counters (
+        account      TEXT NOT NULL,
+        "key"        TEXT NOT NULL,
+        scope        TEXT NOT NULL,
+        period       TEXT NOT NULL,
+        "window"     TEXT NOT NULL,
+        currency     TEXT NOT NULL,
+        start_ms     INTEGER NOT NULL CHECK (typeof(start_ms) = 'integer'),
+        end_ms       INTEGER NOT NULL CHECK (typeof(end_ms) = 'integer'),
+        spent        INTEGER NOT NULL CHECK (typeof(spent) = 'integer'),
+        reserved     INTEGER NOT NULL CHECK (typeof(reserved) = 'integer' AND reserved >= 0),
+        credit       INTEGER NOT NULL CHECK (typeof(credit) = 'integer'),
+        count        INTEGER NOT NULL CHECK (typeof(count) = 'integer'),
+        expire_at_ms INTEGER NOT NULL CHECK (typeof(expire_at_ms) = 'integer'),
+        PRIMARY KEY (account, "key")
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS reservations (
+        account         TEXT NOT NULL,
+        id              TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        created_ms      INTEGER NOT NULL CHECK (typeof(created_ms) = 'integer'),
+        expires_ms      INTEGER NOT NULL CHECK (typeof(expires_ms) = 'integer'),
+        holds           TEXT NOT NULL,  -- JSON [[counter key, amount], ...], one per Hold, in order
+        PRIMARY KEY (account, id)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX IF NOT EXISTS reservations_by_expiry ON reservations (account, expires_ms)",
+    """
+    CREATE TABLE IF NOT EXISTS idempotency (
+        account        TEXT NOT NULL,
+        "key"          TEXT NOT NULL,
+        state          TEXT NOT NULL CHECK (state IN ('open', 'committed')),
+        reservation_id TEXT NOT NULL,
+        result         BLOB,
+        PRIMARY KEY (account, "key")
+    ) WITHOUT ROWID
+    """,
+    # AUTOINCREMENT: ids are never reused, so they only ever increase.
+    """
+    CREATE TABLE IF NOT EXISTS ledger (
+        id                INTEGER PRIMARY KEY AUTOINCREMENT,
+        account           TEXT NOT NULL,
+        scope             TEXT NOT NULL,
+        period            TEXT NOT NULL,
+        "window"          TEXT NOT NULL,
+        amount            INTEGER NOT NULL CHECK (typeof(amount) = 'integer'),
+        currency          TEXT NOT NULL,
+        original_amount   TEXT NOT NULL,
+        original_currency TEXT NOT NULL,
+        idempotency_key   TEXT NOT NULL,
+        reservation_id    TEXT NOT NULL,
+        exchange          TEXT NOT NULL,
+        offer_id          TEXT NOT NULL,
+        uri               TEXT NOT NULL,
+        reserved_at_ms    INTEGER NOT NULL CHECK (typeof(reserved_at_ms) = 'integer'),
+        committed_at_ms   INTEGER NOT NULL CHECK (typeof(committed_at_ms) = 'integer'),
+        kind              TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS ledger_by_account ON ledger (account, id)",
+    "CREATE INDEX IF NOT EXISTS ledger_by_scope ON ledger (account, scope, id)",
+    # currency and units both NULL: the operator removed this limit.
+    """
+    CREATE TABLE IF NOT EXISTS limits (
+        account  TEXT NOT NULL,
+        scope    TEXT NOT NULL,
+        period   TEXT NOT NULL,
+        currency TEXT,
+        units    INTEGER CHECK (units IS NULL OR typeof(units) = 'integer'),
+        CHECK ((currency IS NULL) = (units IS NULL)),
+        PRIMARY KEY (account, scope, period)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS limits_version (
+        account TEXT PRIMARY KEY,
+        version INTEGER NOT NULL CHECK (typeof(version) = 'integer')
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS blobs (
+        name       TEXT PRIMARY KEY,
+        data       BLOB NOT NULL,
+        expires_ms INTEGER NOT NULL CHECK (typeof(expires_ms) = 'integer')
+    )
+    """,
+)
+
+# Primary result codes that mean "the file cannot be used right now", as opposed to a bug
+# (constraint, SQL or misuse errors), which should surface as itself.
+_UNAVAILABLE_CODES = frozenset({
+    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOTADB,
+})
+
+
+def default_path() -> Path:
+    """`$XDG_STATE_HOME/ramp-broker/budget.sqlite3`, else `~/.local/state/ramp-broker/budget.sqlite3`."""
+    state = os.environ.get("XDG_STATE_HOME", "")
+    # The XDG spec says a relative value is invalid and must be ignored.
+    base = Path(state) if state and Path(state).is_absolute() else Path.home() / ".local" / "state"
+    return base / "ramp-broker" / "budget.sqlite3"
+
+
+def _unavailable(error: sqlite3.Error) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return (code & 0xFF) in _UNAVAILABLE_CODES
+    # Errors raised by the sqlite3 module itself carry no code; judge by the message.
+    text = str(error).lower()
+    return "locked" in text or "busy" in text
+
+
+def _connect(path: Path, timeout_ms: int) -> sqlite3.Connection:
+    """Open (creating if needed) the file and its schema. Runs on the store's worker thread."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # isolation_level=None: the module never opens transactions behind our back.
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        # First, so every later statement (including the switch to WAL) waits at most this long.
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout_ms)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreUnavailable(f"budget store {path}: cannot use WAL journal mode (got {mode!r})")
+        # FULL: a commit is fsynced before it returns, so a spend recorded (and a reservation
+        # made) survives power loss too; NORMAL in WAL could lose the last commits.
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreUnavailable(
+                    f"budget store {path} has schema version {version}, newer than this broker "
+                    f"understands ({SCHEMA_VERSION}); upgrade ramp-broker"
+                )
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@dataclass(slots=True)
+class _Counter:
+    ref: CounterRef
+    spent: int
+    reserved: int
+    credit: int
+    count: int
+    expire_at_ms: int
+
+    def state(self) -> CounterState:
+        return CounterState(spent=self.spent, reserved=self.reserved, credit=self.credit, count=self.count)
+
+
+_LEDGER_COLUMNS = (
+    'account, scope, period, "window", amount, currency, original_amount, original_currency, '
+    "idempotency_key, reservation_id, exchange, offer_id, uri, reserved_at_ms, committed_at_ms, kind"
+)
+_COUNTER_COLUMNS = (
+    'scope, period, "window", currency, start_ms, end_ms, spent, reserved, credit, count, expire_at_ms'
+)
+
+
+def _counter_from_row(row: Sequence[Any]) -> _Counter:
+    ref = CounterRef(scope=row[0], period=row[1], window=row[2], currency=row[3],
+                     start_ms=row[4], end_ms=row[5])
+    return _Counter(ref, spent=row[6], reserved=row[7], credit=row[8], count=row[9], expire_at_ms=row[10])
+
+
+class _Counters:
+    """The counters one transaction touches: read once, changed in Python, written back by save()."""
+
+    def __init__(self, conn: sqlite3.Connection, account: str) -> None:
+        self._conn = conn
+        self._account = account
+        self._rows: dict[str, _Counter | None] = {}
+
+    def find(self, key: str) -> _Counter | None:
+        if key not in self._rows:
+            row = self._conn.execute(
+                f'SELECT {_COUNTER_COLUMNS} FROM counters WHERE account = ? AND "key" = ?',
+                (self._account, key),
+            ).fetchone()
+            self._rows[key] = None if row is None else _counter_from_row(row)
+        return self._rows[key]
+
+    def get(self, ref: CounterRef, expire_at_ms: int) -> _Counter:
+        counter = self.find(ref.key)
+        if counter is None:
+            counter = _Counter(ref, spent=0, reserved=0, credit=0, count=0, expire_at_ms=expire_at_ms)
+            self._rows[ref.key] = counter
+        # The latest caller's grace can only extend the counter's life, never cut it short.
+        counter.expire_at_ms = max(counter.expire_at_ms, expire_at_ms)
+        return counter
+
+    def save(self) -> None:
+        self._conn.executemany(
+            f"""INSERT INTO counters (account, "key", {_COUNTER_COLUMNS})
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (account, "key") DO UPDATE SET
+                    spent = excluded.spent, reserved = excluded.reserved, credit = excluded.credit,
+                    count = excluded.count, expire_at_ms = excluded.expire_at_ms""",
+            [
+                (self._account, key, c.ref.scope, c.ref.period, c.ref.window, c.ref.currency,
+                 c.ref.start_ms, c.ref.end_ms, c.spent, c.reserved, c.credit, c.count, c.expire_at_ms)
+                for key, c in self._rows.items() if c is not None
+            ],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Reservation:
+    id: str
+    idempotency_key: str
+    created_ms: int
+    expires_ms: int
+    holds: tuple[tuple[str, int], ...]
+
+
+def _load_reservation(conn: sqlite3.Connection, account: str, reservation_id: str) -> _Reservation | None:
+    row = conn.execute(
+        "SELECT id, idempotency_key, created_ms, expires_ms, holds FROM reservations "
+        "WHERE account = ? AND id = ?",
+        (account, reservation_id),
+    ).fetchone()
+    return None if row is None else _reservation_from_row(row)
+
+
+def _reservation_from_row(row: Sequence[Any]) -> _Reservation:
+    holds: list[tuple[str, int]] = []
+    for item in json.loads(row[4]):
+        key, amount = item
+        if not isinstance(key, str) or type(amount) is not int:
+            raise ValueError(f"reservation {row[0]}: malformed hold {item!r}")
+        holds.append((key, amount))
+    return _Reservation(id=row[0], idempotency_key=row[1], created_ms=row[2], expires_ms=row[3],
+                        holds=tuple(holds))
+
+
+def _refund(conn: sqlite3.Connection, account: str, counters: _Counters, res: _Reservation) -> None:
+    """Give back every amount the reservation holds and forget it (and its key, if still open)."""
+    for key, amount in res.holds:
+        counter = counters.find(key)
+        # A counter is only dropped at reserved == 0, so it is missing only for a 0 hold.
+        if counter is not None:
+            counter.reserved = max(0, counter.reserved - amount)
+    conn.execute("DELETE FROM reservations WHERE account = ? AND id = ?", (account, res.id))
+    # Only the key's *open* record for this very reservation: a committed record must stay.
+    conn.execute(
+        "DELETE FROM idempotency WHERE account = ? AND \"key\" = ? AND state = 'open' AND reservation_id = ?",
+        (account, res.idempotency_key, res.id),
+    )
+
+
+def _limits_version(conn: sqlite3.Connection, account: str) -> int:
+    row = conn.execute("SELECT version FROM limits_version WHERE account = ?", (account,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _idempotency(conn: sqlite3.Connection, account: str, key: str) -> tuple[str, str, bytes | None] | None:
+    row = conn.execute(
+        'SELECT state, reservation_id, result FROM idempotency WHERE account = ? AND "key" = ?',
+        (account, key),
+    ).fetchone()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def _settle_key(conn: sqlite3.Connection, account: str, key: str, reservation_id: str, result: bytes) -> None:
+    conn.execute(
+        "INSERT INTO idempotency (account, \"key\", state, reservation_id, result) "
+        "VALUES (?, ?, 'committed', ?, ?) "
+        "ON CONFLICT (account, \"key\") DO UPDATE SET state = 'committed', "
+        "reservation_id = excluded.reservation_id, result = excluded.result",
+        (account, key, reservation_id, result),
+    )
+
+
+def _spend(
+    conn: sqlite3.Connection, account: str, counters: _Counters, holds: Sequence[Hold], lines: Sequence[Line],
+    *, idempotency_key: str, reservation_id: str, reserved_at_ms: int, now_ms: int, kind: str,
+) -> list[int]:
+    """spent += the lines on each hold's counter, count += 1, ledger rows; returns spend per hold."""
+    per_hold = [0] * len(holds)
+    for line in lines:
+        per_hold[line.hold_index] += line.amount
+    for hold, amount in zip(holds, per_hold, strict=True):
+        counter = counters.get(hold.counter, hold.expire_at_ms)
+        counter.spent += amount
+        counter.count += 1
+    rows = []
+    for line in lines:
+        ref = holds[line.hold_index].counter
+        rows.append((account, ref.scope, ref.period, ref.window, line.amount, ref.currency,
+                     line.original_amount, line.original_currency, idempotency_key, reservation_id,
+                     line.exchange, line.offer_id, line.uri, reserved_at_ms, now_ms, kind))
+    conn.executemany(
+        f"INSERT INTO ledger ({_LEDGER_COLUMNS}) VALUES ({', '.join('?' * 16)})", rows
+    )
+    return per_hold
+
+
+def _check_holds(holds: Sequence[Hold]) -> None:
+    for i, hold in enumerate(holds):
+        if hold.amount < 0:
+            raise ValueError(f"holds[{i}].amount is negative ({hold.amount})")
+
+
+def _check_lines(holds: Sequence[Hold], lines: Sequence[Line]) -> None:
+    for i, line in enumerate(lines):
+        if not 0 <= line.hold_index < len(holds):
+            raise ValueError(f"lines[{i}].hold_index {line.hold_index} names no hold (have {len(holds)})")
+
+
+def _ledger_entry(row: Sequence[Any]) -> LedgerEntry:
+    return LedgerEntry(
+        # Zero-padded so that the ids sort as strings in the order they were assigned.
+        id=f"{row[0]:019d}", account=row[1], scope=row[2], period=row[3], window=row[4], amount=row[5],
+        currency=row[6], original_amount=row[7], original_currency=row[8], idempotency_key=row[9],
+        reservation_id=row[10], exchange=row[11], offer_id=row[12], uri=row[13], reserved_at_ms=row[14],
+        committed_at_ms=row[15], kind=row[16],
+    )
+
+
+class SqliteStore:
+    """budget.store.Store on one SQLite file. Open with `await SqliteStore.open(path)`."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+        self.path = path
+        self._conn = conn
+        # One worker: the connection lives on it, and it runs transactions one after another.
+        self._executor = executor
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path, *, timeout_ms: int = 1000) -> SqliteStore:
+        """Open or create the store at `path` (and its directory). Raises StoreUnavailable."""
+        if timeout_ms < 0:
+            raise ValueError(f"timeout_ms must be >= 0, got {timeout_ms}")
+        path = Path(path)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ramp-budget-sqlite")
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(executor, _connect, path, timeout_ms)
+        except StoreUnavailable:
+            executor.shutdown(wait=False)
+            raise
+        except (OSError, sqlite3.Error) as e:
+            executor.shutdown(wait=False)
+            raise StoreUnavailable(f"cannot open budget store {path}: {e}") from e
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(path, conn, executor)
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            out = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                # The original error is what matters; a failed rollback ends with the connection.
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+        return out
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
+        if self._closed:
+            raise StoreUnavailable(f"budget store {self.path} is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._transaction, fn, write)
+        except sqlite3.Error as e:
+            if _unavailable(e):
+                raise StoreUnavailable(f"budget store {self.path}: {e}") from e
+            raise
+
+    # --- reservations -----------------------------------------------------------------
+
+    async def reserve(
+        self, account: str, holds: Sequence[Hold], *, ttl_ms: int, idempotency_key: str,
+        now_ms: int, limits_version: int,
+    ) -> ReserveOutcome:
+        _check_holds(holds)
+        holds = tuple(holds)
+
+        def run(conn: sqlite3.Connection) -> ReserveOutcome:
+            version = _limits_version(conn, account)
+            if version != limits_version:
+                return StaleLimits(version)
+            counters = _Counters(conn, account)
+            known = _idempotency(conn, account, idempotency_key)
+            if known is not None:
+                state, reservation_id, result = known
+                if state == "committed":
+                    return Settled(bytes(result or b""))
+                previous = _load_reservation(conn, account, reservation_id)
+                if previous is not None and previous.expires_ms > now_ms:
+                    return InFlight(reservation_id)
+                if previous is not None:
+                    _refund(conn, account, counters, previous)
+                # (An open record without its reservation is overwritten below.)
+            # Two holds on one counter must fit together, so check against what is already asked.
+            asked: dict[str, int] = {}
+            for i, hold in enumerate(holds):
+                key = hold.counter.key
+                current = counters.find(key)
+                state_now = CounterState() if current is None else current.state()
+                wanted = asked.get(key, 0) + hold.amount
+                if state_now.spent + state_now.reserved + wanted > hold.limit + state_now.credit:
+                    # Any refund above is kept: it was due whatever this purchase does.
+                    counters.save()
+                    return Denied(i, state_now)
+                asked[key] = wanted
+            for hold in holds:
+                counters.get(hold.counter, hold.expire_at_ms).reserved += hold.amount
+            counters.save()
+            reservation_id = uuid.uuid4().hex
+            expires = now_ms + ttl_ms
+            conn.execute(
+                "INSERT INTO reservations (account, id, idempotency_key, created_ms, expires_ms, holds) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (account, reservation_id, idempotency_key, now_ms, expires,
+                 json.dumps([[h.counter.key, h.amount] for h in holds], separators=(",", ":"))),
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO idempotency (account, \"key\", state, reservation_id, result) "
+                "VALUES (?, ?, 'open', ?, NULL)",
+                (account, idempotency_key, reservation_id),
+            )
+            return Reserved(reservation_id, expires)
+
+        return await self._run(run, write=True)
+
+    async def commit(
+        self, account: str, reservation_id: str, holds: Sequence[Hold], lines: Sequence[Line], *,
+        idempotency_key: str, result: bytes, now_ms: int,
+    ) -> Committed:
+        _check_lines(holds, lines)
+        holds, lines = tuple(holds), tuple(lines)
+
+        def run(conn: sqlite3.Connection) -> Committed:
+            known = _idempotency(conn, account, idempotency_key)
+            if known is not None and known[0] == "committed":
+                return Committed(overage=(0,) * len(holds), duplicate=True)
+            counters = _Counters(conn, account)
+            res = _load_reservation(conn, account, reservation_id)
+            if res is not None:
+                _refund(conn, account, counters, res)
+                # What this reservation held on each hold's counter (same order as reserved).
+                held = [
+                    res.holds[i][1] if i < len(res.holds) and res.holds[i][0] == h.counter.key else 0
+                    for i, h in enumerate(holds)
+                ]
+                reserved_at = res.created_ms
+            else:
+                # Swept already: nothing is held any more; overage still compares with the quote.
+                held = [h.amount for h in holds]
+                reserved_at = now_ms
+            spent = _spend(conn, account, counters, holds, lines, idempotency_key=idempotency_key,
+                           reservation_id=reservation_id, reserved_at_ms=reserved_at, now_ms=now_ms,
+                           kind="commit")
+            counters.save()
+            _settle_key(conn, account, idempotency_key, reservation_id, bytes(result))
+            return Committed(
+                overage=tuple(max(0, s - h) for s, h in zip(spent, held, strict=True)),
+                late=res is None,
+            )
+
+        return await self._run(run, write=True)
+
+    async def release(self, account: str, reservation_id: str, *, now_ms: int) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            res = _load_reservation(conn, account, reservation_id)
+            if res is None:
+                return False
+            counters = _Counters(conn, account)
+            _refund(conn, account, counters, res)
+            counters.save()
+            return True
+
+        return await self._run(run, write=True)
+
+    async def sweep(self, account: str, *, now_ms: int, batch: int = 100) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT id, idempotency_key, created_ms, expires_ms, holds FROM reservations "
+                "WHERE account = ? AND expires_ms <= ? ORDER BY expires_ms, id LIMIT ?",
+                (account, now_ms, batch),
+            ).fetchall()
+            counters = _Counters(conn, account)
+            for row in rows:
+                _refund(conn, account, counters, _reservation_from_row(row))
+            counters.save()
+            # Past their period's grace and holding nothing: reports no longer need them.
+            conn.execute(
+                'DELETE FROM counters WHERE account = ? AND "key" IN ('
+                '  SELECT "key" FROM counters WHERE account = ? AND expire_at_ms < ? AND reserved = 0'
+                "  LIMIT ?)",
+                (account, account, now_ms, batch),
+            )
+            conn.execute("DELETE FROM blobs WHERE expires_ms <= ?", (now_ms,))
+            return len(rows)
+
+        return await self._run(run, write=True)
+
+    async def record_spend(
+        self, account: str, holds: Sequence[Hold], lines: Sequence[Line], *, idempotency_key: str,
+        now_ms: int, kind: str,
+    ) -> bool:
+        _check_lines(holds, lines)
+        holds, lines = tuple(holds), tuple(lines)
+
+        def run(conn: sqlite3.Connection) -> bool:
+            known = _idempotency(conn, account, idempotency_key)
+            if known is not None and known[0] == "committed":
+                return False
+            counters = _Counters(conn, account)
+            reservation_id, reserved_at = "", now_ms
+            if known is not None:
+                # The key's own reservation, if still open, is settled by this spend.
+                res = _load_reservation(conn, account, known[1])
+                if res is not None:
+                    _refund(conn, account, counters, res)
+                    reservation_id, reserved_at = res.id, res.created_ms
+            _spend(conn, account, counters, holds, lines, idempotency_key=idempotency_key,
+                   reservation_id=reservation_id, reserved_at_ms=reserved_at, now_ms=now_ms, kind=kind)
+            counters.save()
+            _settle_key(conn, account, idempotency_key, reservation_id, b"")
+            return True
+
+        return await self._run(run, write=True)
+
+    # --- counters -------------------------------------------------------------------------
+
+    async def read(self, account: str, counters: Sequence[CounterRef]) -> list[CounterState]:
+        keys = [ref.key for ref in counters]
+
+        def run(conn: sqlite3.Connection) -> list[CounterState]:
+            out: list[CounterState] = []
+            for key in keys:
+                row = conn.execute(
+                    'SELECT spent, reserved, credit, count FROM counters WHERE account = ? AND "key" = ?',
+                    (account, key),
+                ).fetchone()
+                out.append(CounterState() if row is None else CounterState(*row))
+            return out
+
+        return await self._run(run, write=False)
+
+    async def add_credit(self, account: str, counter: CounterRef, amount: int, *, expire_at_ms: int) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            counters = _Counters(conn, account)
+            counters.get(counter, expire_at_ms).credit += amount
+            counters.save()
+
+        await self._run(run, write=True)
+
+    async def overwrite_spent(self, account: str, counter: CounterRef, spent: int, count: int) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            counters = _Counters(conn, account)
+            # No grace is known here; a new row lives at least to its period's end.
+            row = counters.get(counter, counter.end_ms)
+            row.spent, row.count = spent, count
+            counters.save()
+
+        await self._run(run, write=True)
+
+    async def counters(self, account: str) -> AsyncIterator[tuple[CounterRef, CounterState]]:
+        def run(conn: sqlite3.Connection) -> list[_Counter]:
+            rows = conn.execute(
+                f'SELECT {_COUNTER_COLUMNS} FROM counters WHERE account = ? ORDER BY "key"', (account,)
+            ).fetchall()
+            return [_counter_from_row(row) for row in rows]
+
+        # An account has few counters: one snapshot, so the numbers are mutually consistent.
+        for counter in await self._run(run, write=False):
+            yield counter.ref, counter.state()
+
+    # --- limits -----------------------------------------------------------------------------
+
+    async def limits(self, account: str) -> Limits:
+        def run(conn: sqlite3.Connection) -> Limits:
+            values: dict[tuple[str, str], tuple[str, int] | None] = {}
+            for scope, period, currency, units in conn.execute(
+                "SELECT scope, period, currency, units FROM limits WHERE account = ?", (account,)
+            ):
+                values[(scope, period)] = None if currency is None else (currency, units)
+            return Limits(version=_limits_version(conn, account), values=values)
+
+        return await self._run(run, write=False)
+
+    async def set_limit(
+        self, account: str, scope: str, period: str, value: tuple[str, int] | None
+    ) -> int:
+        currency, units = value if value is not None else (None, None)
+
+        def run(conn: sqlite3.Connection) -> int:
+            conn.execute(
+                "INSERT OR REPLACE INTO limits (account, scope, period, currency, units) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (account, scope, period, currency, units),
+            )
+            version = _limits_version(conn, account) + 1
+            conn.execute(
+                "INSERT OR REPLACE INTO limits_version (account, version) VALUES (?, ?)", (account, version)
+            )
+            return version
+
+        return await self._run(run, write=True)
+
+    # --- ledger -----------------------------------------------------------------------------
+
+    def _ledger_page(
+        self, account: str, scope: str | None, after: int, conn: sqlite3.Connection
+    ) -> list[LedgerEntry]:
+        if scope is None:
+            query = (
+                f"SELECT id, {_LEDGER_COLUMNS} FROM ledger WHERE account = ? AND id > ? ORDER BY id LIMIT ?"
+            )
+            params: tuple[object, ...] = (account, after, _PAGE)
+        else:
+            query = (
+                f"SELECT id, {_LEDGER_COLUMNS} FROM ledger "
+                "WHERE account = ? AND scope = ? AND id > ? ORDER BY id LIMIT ?"
+            )
+            params = (account, scope, after, _PAGE)
+        return [_ledger_entry(row) for row in conn.execute(query, params)]
+
+    async def ledger(self, account: str, *, scope: str | None = None) -> AsyncIterator[LedgerEntry]:
+        # Page by id, one short read each: the ledger may be long, and the caller may use the store
+        # between entries. Rows are append-only with increasing ids, so no entry is missed or repeated.
+        after = 0
+        while True:
+            page = await self._run(functools.partial(self._ledger_page, account, scope, after), write=False)
+            for entry in page:
+                yield entry
+            if len(page) < _PAGE:
+                return
+            after = int(page[-1].id)
+
+    # --- blobs ------------------------------------------------------------------------------
+
+    async def put_blob(self, name: str, data: bytes, *, ttl_ms: int, now_ms: int) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO blobs (name, data, expires_ms) VALUES (?, ?, ?)",
+                (name, bytes(data), now_ms + ttl_ms),
+            )
+
+        await self._run(run, write=True)
+
+    async def get_blob(self, name: str, *, now_ms: int) -> bytes | None:
+        def run(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute("SELECT data, expires_ms FROM blobs WHERE name = ?", (name,)).fetchone()
+            return None if row is None or row[1] <= now_ms else bytes(row[0])
+
+        return await self._run(run, write=False)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Queued behind any transaction still running, so those finish first.
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
+        finally:
+            self._executor.shutdown(wait=False)

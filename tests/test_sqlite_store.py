@@ -1,0 +1,320 @@
+"""What only the SQLite store has to prove: the file, its modes, and several processes sharing it.
+
+Generic Store behaviour is in test_store_conformance.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from budget.sqlite_store import SqliteStore, default_path
+from budget.store import (
+    CounterRef,
+    CounterState,
+    Denied,
+    Hold,
+    InFlight,
+    Limits,
+    Line,
+    Reserved,
+    Settled,
+    Store,
+    StoreUnavailable,
+)
+
+ACCOUNT = "acme"
+USER = CounterRef(scope="user:alice", period="month", window="2026-01", currency="USD",
+                  start_ms=0, end_ms=1_000_000)
+TEAM = CounterRef(scope="team:eng", period="month", window="2026-01", currency="USD",
+                  start_ms=0, end_ms=1_000_000)
+TABLES = {"counters", "reservations", "idempotency", "ledger", "limits", "limits_version", "blobs"}
+
+
+def holds(amount: int, user_limit: int = 1_000, team_limit: int = 10_000) -> list[Hold]:
+    return [Hold(USER, amount, user_limit, 2_000_000), Hold(TEAM, amount, team_limit, 2_000_000)]
+
+
+def line(hold_index: int, amount: int, offer: str = "o1") -> Line:
+    return Line(hold_index=hold_index, amount=amount, original_amount="0.000000100", original_currency="USD",
+                exchange="ex", offer_id=offer, uri=f"ramp://ex/{offer}")
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "ramp-broker" / "budget.sqlite3"
+
+
+@pytest.fixture
+async def store(db: Path) -> AsyncIterator[SqliteStore]:
+    s = await SqliteStore.open(db)
+    yield s
+    await s.close()
+
+
+async def test_satisfies_the_store_protocol(store: SqliteStore) -> None:
+    as_protocol: Store = store  # mypy checks the structure; this checks it is one object
+    assert await as_protocol.read(ACCOUNT, [USER]) == [CounterState()]
+
+
+async def test_open_creates_directory_schema_and_wal(db: Path, store: SqliteStore) -> None:
+    with sqlite3.connect(db) as raw:  # would create an empty file if open() had not
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+        tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    raw.close()
+    assert tables >= TABLES
+    # synchronous is per connection: ask the store's own.
+    settings = await store._run(
+        lambda c: (c.execute("PRAGMA synchronous").fetchone()[0],
+                   c.execute("PRAGMA busy_timeout").fetchone()[0]),
+        write=False,
+    )
+    assert settings == (2, 1000)  # FULL, and the default timeout_ms
+
+
+async def test_reopening_an_existing_file_keeps_schema_and_data(db: Path) -> None:
+    first = await SqliteStore.open(db)
+    await first.set_limit(ACCOUNT, "user:alice", "month", ("USD", 500))
+    await first.close()
+    second = await SqliteStore.open(db, timeout_ms=200)
+    assert (await second.limits(ACCOUNT)).values == {("user:alice", "month"): ("USD", 500)}
+    await second.close()
+
+
+async def test_amount_columns_refuse_anything_but_integers(db: Path, store: SqliteStore) -> None:
+    raw = sqlite3.connect(db)
+    with pytest.raises(sqlite3.IntegrityError):
+        raw.execute(
+            "INSERT INTO counters VALUES ('a', 'k', 's', 'p', 'w', 'USD', 0, 1, 1.5, 0, 0, 0, 1)"
+        )
+    with pytest.raises(sqlite3.IntegrityError):
+        raw.execute("INSERT INTO limits VALUES ('a', 'user:x', 'day', 'USD', 2.5)")
+    raw.close()
+
+
+async def test_everything_survives_close_and_reopen(db: Path) -> None:
+    s = await SqliteStore.open(db)
+    version = await s.set_limit(ACCOUNT, "team:eng", "month", None)
+    await s.add_credit(ACCOUNT, USER, 50, expire_at_ms=2_000_000)
+    open_res = await s.reserve(ACCOUNT, holds(100), ttl_ms=60_000, idempotency_key="open",
+                               now_ms=1_000, limits_version=version)
+    done = await s.reserve(ACCOUNT, holds(200), ttl_ms=60_000, idempotency_key="done",
+                           now_ms=1_000, limits_version=version)
+    assert isinstance(open_res, Reserved)
+    assert isinstance(done, Reserved)
+    await s.commit(ACCOUNT, done.reservation_id, holds(200), [line(0, 150), line(1, 150)],
+                   idempotency_key="done", result=b"receipt", now_ms=2_000)
+    await s.put_blob("ecb", b"<rates/>", ttl_ms=10_000, now_ms=2_000)
+    await s.close()
+
+    s = await SqliteStore.open(db)
+    assert await s.read(ACCOUNT, [USER, TEAM]) == [
+        CounterState(spent=150, reserved=100, credit=50, count=1),
+        CounterState(spent=150, reserved=100, credit=0, count=1),
+    ]
+    assert await s.limits(ACCOUNT) == Limits(version=1, values={("team:eng", "month"): None})
+    assert [(e.scope, e.amount, e.idempotency_key) async for e in s.ledger(ACCOUNT)] == [
+        ("user:alice", 150, "done"), ("team:eng", 150, "done"),
+    ]
+    assert await s.get_blob("ecb", now_ms=3_000) == b"<rates/>"
+    for key, expected in (("done", Settled(b"receipt")), ("open", InFlight(open_res.reservation_id))):
+        again = await s.reserve(ACCOUNT, holds(1), ttl_ms=60_000, idempotency_key=key, now_ms=3_000,
+                                limits_version=1)
+        assert again == expected
+    assert await s.release(ACCOUNT, open_res.reservation_id, now_ms=3_000)
+    assert [ref async for ref, _ in s.counters(ACCOUNT)] == [TEAM, USER]
+    await s.close()
+
+
+async def test_ledger_pages_past_one_read(store: SqliteStore) -> None:
+    many = [line(i % 2, 1, offer=f"o{i}") for i in range(1_203)]
+    assert await store.record_spend(ACCOUNT, holds(0), many, idempotency_key="bulk", now_ms=5, kind="journal")
+    entries = [e async for e in store.ledger(ACCOUNT)]
+    assert [e.offer_id for e in entries] == [f"o{i}" for i in range(1_203)]
+    ids = [e.id for e in entries]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert {e.kind for e in entries} == {"journal"}
+    assert len([e async for e in store.ledger(ACCOUNT, scope="team:eng")]) == 601
+
+
+async def test_sweep_drops_expired_counters_that_hold_nothing(store: SqliteStore) -> None:
+    short = CounterRef(scope="user:bob", period="day", window="2026-01-01", currency="USD", start_ms=0,
+                       end_ms=100)
+    await store.add_credit(ACCOUNT, short, 5, expire_at_ms=200)
+    held = await store.reserve(ACCOUNT, [Hold(USER, 10, 1_000, 200)], ttl_ms=1_000_000,
+                               idempotency_key="k", now_ms=0, limits_version=0)
+    assert isinstance(held, Reserved)
+    assert await store.sweep(ACCOUNT, now_ms=200) == 0
+    assert {ref.scope async for ref, _ in store.counters(ACCOUNT)} == {"user:bob", "user:alice"}
+    assert await store.sweep(ACCOUNT, now_ms=201) == 0
+    # user:alice still holds a reservation, so it stays however old it is.
+    assert {ref.scope async for ref, _ in store.counters(ACCOUNT)} == {"user:alice"}
+
+
+async def _reserve_many(s: SqliteStore, prefix: str, n: int, amount: int) -> int:
+    got = 0
+    for i in range(n):
+        out = await s.reserve(ACCOUNT, holds(amount, user_limit=1_000, team_limit=700), ttl_ms=60_000,
+                              idempotency_key=f"{prefix}-{i}", now_ms=1, limits_version=0)
+        if isinstance(out, Reserved):
+            got += 1
+        else:
+            assert isinstance(out, Denied)
+    return got
+
+
+async def test_two_stores_on_one_file_never_overspend(db: Path) -> None:
+    a = await SqliteStore.open(db, timeout_ms=5_000)
+    b = await SqliteStore.open(db, timeout_ms=5_000)
+    try:
+        # Each store has its own connection and thread, so the two really race for the file.
+        got = await asyncio.gather(
+            *(_reserve_many(s, f"{name}{k}", 10, 30) for k in range(3) for name, s in (("a", a), ("b", b)))
+        )
+        # team:eng's 700 is the tighter limit: exactly 23 holds of 30 fit, whatever the interleaving.
+        assert sum(got) == 23
+        assert await a.read(ACCOUNT, [USER, TEAM]) == [CounterState(reserved=690), CounterState(reserved=690)]
+    finally:
+        await a.close()
+        await b.close()
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from budget.sqlite_store import SqliteStore
+    from tests.test_sqlite_store import _reserve_many
+
+    async def main() -> None:
+        s = await SqliteStore.open(Path(sys.argv[1]), timeout_ms=5_000)
+        print(await _reserve_many(s, sys.argv[2], 40, 30))
+        await s.close()
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_two_processes_on_one_file_never_overspend(db: Path) -> None:
+    await (await SqliteStore.open(db)).close()  # the file and schema exist before the race
+    root = Path(__file__).parent.parent.absolute()
+    procs = [
+        await asyncio.create_subprocess_exec(sys.executable, "-c", CHILD, str(db), name, cwd=root,
+                                             stdout=asyncio.subprocess.PIPE)
+        for name in ("p", "q")
+    ]
+    outs = [await p.communicate() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert sum(int(out.decode()) for out, _ in outs) == 23
+    s = await SqliteStore.open(db)
+    assert await s.read(ACCOUNT, [TEAM]) == [CounterState(reserved=690)]
+    await s.close()
+
+
+async def test_locked_database_fails_fast_as_store_unavailable(db: Path) -> None:
+    s = await SqliteStore.open(db, timeout_ms=50)
+    res = await s.reserve(ACCOUNT, holds(10), ttl_ms=1_000, idempotency_key="k", now_ms=0, limits_version=0)
+    assert isinstance(res, Reserved)
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process is writing and does not let go
+    try:
+        writes = {
+            "reserve": s.reserve(ACCOUNT, holds(10), ttl_ms=1_000, idempotency_key="k2", now_ms=0,
+                                 limits_version=0),
+            "commit": s.commit(ACCOUNT, res.reservation_id, holds(10), [line(0, 10)],
+                               idempotency_key="k", result=b"", now_ms=1),
+            "release": s.release(ACCOUNT, res.reservation_id, now_ms=1),
+            "sweep": s.sweep(ACCOUNT, now_ms=1),
+            "set_limit": s.set_limit(ACCOUNT, "user:alice", "month", ("USD", 1)),
+        }
+        for name, call in writes.items():
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="locked"):
+                await call
+            assert time.monotonic() - started < 1.0, name
+        # WAL: readers are not blocked by a writer.
+        assert await s.read(ACCOUNT, [USER]) == [CounterState(reserved=10)]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    # Nothing was left half-done: the store carries on.
+    assert await s.release(ACCOUNT, res.reservation_id, now_ms=1)
+    await s.close()
+
+
+async def test_open_failures_are_store_unavailable(tmp_path: Path, db: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreUnavailable, match="cannot open"):
+        await SqliteStore.open(tmp_path / "file" / "budget.sqlite3")
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_bytes(b"this is not a database, just some bytes " * 100)
+    with pytest.raises(StoreUnavailable, match="not a database"):
+        await SqliteStore.open(junk)
+    await (await SqliteStore.open(db)).close()
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreUnavailable, match="locked"):
+            await SqliteStore.open(db, timeout_ms=20)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+async def test_cancelled_call_leaves_no_transaction_open(db: Path) -> None:
+    a = await SqliteStore.open(db, timeout_ms=5_000)
+    b = await SqliteStore.open(db, timeout_ms=200)
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    # a's reserve is now waiting for the lock in a's thread; its caller gives up (a store timeout).
+    call = asyncio.ensure_future(
+        a.reserve(ACCOUNT, holds(10), ttl_ms=1_000, idempotency_key="k", now_ms=0, limits_version=0)
+    )
+    await asyncio.sleep(0.05)
+    call.cancel()
+    other.execute("ROLLBACK")
+    other.close()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    # The transaction still ran to its end in a's thread (the outcome is unknown to the caller, as
+    # for any failed write) ...
+    assert await a.read(ACCOUNT, [USER]) == [CounterState(reserved=10)]
+    # ... and let go of the lock: another process writes without waiting out its timeout.
+    assert await b.set_limit(ACCOUNT, "user:alice", "month", ("USD", 5)) == 1
+    await a.close()
+    await b.close()
+
+
+async def test_closed_store_is_unavailable(db: Path) -> None:
+    s = await SqliteStore.open(db)
+    await s.close()
+    await s.close()  # twice is fine
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await s.read(ACCOUNT, [USER])
+
+
+def test_default_path_honours_xdg_state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert default_path() == tmp_path / "xdg" / "ramp-broker" / "budget.sqlite3"
+
+
+@pytest.mark.parametrize("xdg", [None, "", "relative/dir"])
+def test_default_path_falls_back_to_local_state(
+    xdg: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if xdg is None:
+        monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_STATE_HOME", xdg)
+    assert default_path() == tmp_path / ".local" / "state" / "ramp-broker" / "budget.sqlite3"
