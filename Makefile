@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run gen check-gen lint test bench clean
+.PHONY: setup run gen check-gen lint redis test bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -35,8 +35,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+## redis: make sure redis-server is installed (tests start their own, on loopback)
+redis:
+	@tools/ensure-redis.sh
+
 ## test: everything CI runs: generated code fresh, lint, types, the whole test suite
-test: check-gen lint
+test: check-gen lint redis
 	$(BIN)/python -m pytest -q
 
 ## bench: purchases/s and latency through the broker, per protocol

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class Agent:
 
 
 ANONYMOUS = Agent("anonymous")
+log = logging.getLogger(__name__)
 
 
 def _bearer(headers: Mapping[str, str]) -> str | None:
@@ -111,7 +113,8 @@ class AdminToken:
         name = config.admin.token_env
         self._token = os.environ.get(name) if name else None
         if name and not self._token:
-            raise ConfigError(f"admin.token_env: environment variable {name} is not set")
+            # Off is the safe side: nobody can change limits until the operator sets it.
+            log.warning("admin API disabled: environment variable %s (admin.token_env) is not set", name)
 
     def check(self, headers: Mapping[str, str]) -> None:
         if self._token is None:

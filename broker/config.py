@@ -120,7 +120,9 @@ class StoreSetting(_Strict):
     # embedded: the SQLite file; default under the user's state directory.
     path: str | None = None
     # redis: shared by every broker of a deployment.
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = Field(default="redis://127.0.0.1:6379/0", pattern=r"^rediss?://")
+    # Prefix of every Redis key, so deployments can share one server.
+    key_prefix: str = Field(default="ramp", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     # A store call slower than this fails, and the scope's failure policy applies.
     timeout_ms: int = Field(default=250, gt=0, le=30000)
 

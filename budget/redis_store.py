@@ -185,7 +185,8 @@ class _Batcher(Generic[Req, Out]):
         finally:
             # Cancelled (the store is closing): nobody will answer these callers.
             for _, future in (*batch, *self._pending):
-                future.cancel()  # a no-op for futures already answered
+                if not future.done():
+                    future.set_exception(StoreUnavailable("redis: the store was closed"))
             self._pending.clear()
             self.task = None
             self._on_idle()
@@ -224,6 +225,8 @@ class RedisStore:
     """budget.store.Store on one Redis server (or Cluster-ready keys; see the module docstring)."""
 
     def __init__(self, client: Redis, *, timeout_ms: int = 250, prefix: str = "ramp") -> None:
+        """Prefer `open`. A client given here must return bytes (decode_responses off) and should
+        have socket timeouts of timeout_ms and no retries of its own, as `open` sets up."""
         if timeout_ms <= 0:
             raise ValueError("timeout_ms must be positive")
         if not prefix or any(c in prefix for c in "{} "):

@@ -8,13 +8,9 @@ and every child is killed on the way out whatever happened.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
 import subprocess
-import sys
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +19,7 @@ import pytest
 import yaml
 
 from tests.harness import CONNECT_JSON, free_port
+from tests.processes import Child, run_cli, spawn, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_BROKER = ROOT / "examples" / "broker.yaml"
@@ -30,115 +27,10 @@ EXAMPLE_CATALOG = ROOT / "examples" / "catalog.yaml"
 ARTICLE_1 = "https://news.example/articles/1"  # 0.50 USD in examples/catalog.yaml
 ARTICLE_2 = "https://news.example/articles/2"  # 0.75 USD
 
-START_TIMEOUT = 20.0
-EXIT_TIMEOUT = 10.0
-
-
-def _command() -> list[str]:
-    """The installed console script when there is one, else the module."""
-    script = Path(sys.executable).with_name("ramp-broker")
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-m", "broker.cli"]
-
-
-def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The test's environment without stray overrides, plus `extra`."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAMP_BROKER_", "RAMP_EXCHANGE_"))}
-    env.update(extra or {})
-    return env
-
-
-def _write_yaml(path: Path, tree: Any) -> Path:
-    path.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
-    return path
-
 
 def _example(path: Path) -> dict[str, Any]:
     tree: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
     return tree
-
-
-@dataclass
-class Child:
-    """One `ramp-broker` process; its stderr is collected as it runs."""
-
-    name: str
-    proc: asyncio.subprocess.Process
-    url: str
-    _err: bytearray = field(default_factory=bytearray)
-    _drain: asyncio.Task[None] | None = None
-
-    def start_draining(self) -> None:
-        self._drain = asyncio.create_task(self._read_stderr())
-
-    async def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        while chunk := await self.proc.stderr.read(4096):
-            self._err.extend(chunk)
-
-    @property
-    def stderr(self) -> str:
-        return self._err.decode("utf-8", "replace")
-
-    async def wait_exit(self) -> int:
-        """The exit code, within EXIT_TIMEOUT; stderr is complete afterwards."""
-        code = await asyncio.wait_for(self.proc.wait(), EXIT_TIMEOUT)
-        if self._drain is not None:
-            await asyncio.wait_for(self._drain, EXIT_TIMEOUT)
-        return code
-
-    async def stop(self) -> None:
-        """Terminate, then kill if it will not go; never raises for a dead child."""
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), EXIT_TIMEOUT)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                await asyncio.wait_for(self.proc.wait(), EXIT_TIMEOUT)
-        if self._drain is not None:
-            self._drain.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drain
-
-    async def wait_healthy(self) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + START_TIMEOUT
-        async with httpx.AsyncClient(timeout=2.0) as client:
-            while True:
-                if self.proc.returncode is not None:
-                    pytest.fail(f"{self.name} exited with {self.proc.returncode}:\n{self.stderr}")
-                try:
-                    r = await client.get(f"{self.url}/healthz")
-                    if r.status_code == 200:
-                        body: dict[str, Any] = r.json()
-                        return body
-                except httpx.TransportError:
-                    pass
-                if loop.time() > deadline:
-                    pytest.fail(f"{self.name} not healthy after {START_TIMEOUT}s:\n{self.stderr}")
-                await asyncio.sleep(0.05)
-
-
-@contextlib.asynccontextmanager
-async def spawn(name: str, args: list[str], port: int, cwd: Path,
-                env: Mapping[str, str] | None = None) -> AsyncIterator[Child]:
-    proc = await asyncio.create_subprocess_exec(
-        *_command(), *args, cwd=cwd, env=_env(env),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    child = Child(name, proc, f"http://127.0.0.1:{port}")
-    child.start_draining()
-    try:
-        await child.wait_healthy()
-        yield child
-    finally:
-        await child.stop()
 
 
 @pytest.fixture
@@ -147,7 +39,7 @@ async def exchange(tmp_path: Path) -> AsyncIterator[Child]:
     port = free_port()
     tree = _example(EXAMPLE_CATALOG)
     tree["listen"] = f"127.0.0.1:{port}"
-    catalog = _write_yaml(tmp_path / "catalog.yaml", tree)
+    catalog = write_yaml(tmp_path / "catalog.yaml", tree)
     async with spawn("exchange", ["exchange", "--catalog", str(catalog)], port, tmp_path) as child:
         yield child
 
@@ -247,14 +139,6 @@ async def test_sigterm_lets_in_flight_purchase_finish(broker: Child, exchange: C
 # --- configuration errors -------------------------------------------------
 
 
-def run_cli(args: list[str], cwd: Path, env: Mapping[str, str] | None = None,
-            ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*_command(), *args], cwd=cwd, env=_env(env), stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=30, check=False,
-    )
-
-
 def _valid_broker() -> dict[str, Any]:
     tree = _example(EXAMPLE_BROKER)
     tree["listen"] = f"127.0.0.1:{free_port()}"
@@ -311,7 +195,7 @@ def _assert_config_error(result: subprocess.CompletedProcess[str], expect: str) 
 @pytest.mark.parametrize("case", list(BROKER_ERRORS))
 def test_broker_config_error(case: str, tmp_path: Path) -> None:
     tree, env, expect = BROKER_ERRORS[case]
-    config = _write_yaml(tmp_path / "broker.yaml", tree)
+    config = write_yaml(tmp_path / "broker.yaml", tree)
     result = run_cli(["serve", "--config", str(config)], tmp_path, env)
     _assert_config_error(result, expect)
     assert str(config) in result.stderr or "RAMP_BROKER_" in expect
@@ -369,7 +253,7 @@ CATALOG_ERRORS: dict[str, tuple[Any, dict[str, str], str, str]] = {
 @pytest.mark.parametrize("case", list(CATALOG_ERRORS))
 def test_catalog_config_error(case: str, tmp_path: Path) -> None:
     tree, env, expect, also = CATALOG_ERRORS[case]
-    catalog = _write_yaml(tmp_path / "catalog.yaml", tree)
+    catalog = write_yaml(tmp_path / "catalog.yaml", tree)
     result = run_cli(["exchange", "--catalog", str(catalog)], tmp_path, env)
     _assert_config_error(result, expect)
     assert also in result.stderr, result.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from broker.config import BrokerConfig
+from broker.app import open_store
+from broker.config import BrokerConfig, StoreSetting
 from budget.clock import ManualClock
-from budget.sqlite_store import SqliteStore
 from ramp.broker.v1 import broker_pb2 as bpb
 from tests.harness import (
     Exchange,
@@ -89,9 +90,20 @@ async def period_broker(
         yield b
 
 
+@pytest.fixture(params=["embedded", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """Every broker-level test runs on both stores."""
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        return {"kind": "redis", "url": url, "key_prefix": f"t{uuid.uuid4().hex[:10]}"}
+    return {"kind": "embedded", "path": str(tmp_path / "budget.sqlite3")}
+
+
 @pytest.fixture
-async def broker(exchange: Exchange, tmp_path: Path, clock: ManualClock) -> AsyncIterator[RunningBroker]:
-    async with period_broker(exchange, tmp_path, clock) as b:
+async def broker(
+    exchange: Exchange, tmp_path: Path, clock: ManualClock, store: dict[str, Any]
+) -> AsyncIterator[RunningBroker]:
+    async with period_broker(exchange, tmp_path, clock, store=store) as b:
         yield b
 
 
@@ -116,9 +128,9 @@ async def admin(b: RunningBroker, method: str, body: dict[str, Any], token: str 
     return await b.post(f"BudgetAdminService/{method}", body, token)
 
 
-async def store_rows(path: Path) -> tuple[int, int]:
-    """(counters, ledger entries) in an embedded store file."""
-    store = await SqliteStore.open(path)
+async def store_rows(setting: dict[str, Any]) -> tuple[int, int]:
+    """(counters, ledger entries) of account acme in a store."""
+    store = await open_store(StoreSetting.model_validate(setting))
     try:
         counters = [c async for c in store.counters("acme")]
         ledger = [e async for e in store.ledger("acme")]
@@ -176,7 +188,7 @@ async def test_batch_is_pruned_to_the_tightest_period_budget(broker: RunningBrok
     assert dropped["reason"] == "DROP_REASON_BUDGET"
 
 
-async def test_all_or_none_across_scopes(broker: RunningBroker, tmp_path: Path) -> None:
+async def test_all_or_none_across_scopes(broker: RunningBroker) -> None:
     # Bob is charged to user:bob (20) and org:acme (100); alice exhausts nothing of his, but
     # an org-wide limit of 1.00 set by an operator stops him, and nothing is held anywhere.
     r = await admin(broker, "SetPeriodLimit", {"scope": "org:acme", "period": "month",
@@ -204,7 +216,7 @@ async def test_requests_need_a_known_api_key(broker: RunningBroker) -> None:
 
 
 async def test_naming_a_scope_not_granted_is_permission_denied(
-    broker: RunningBroker, exchange: Exchange, tmp_path: Path
+    broker: RunningBroker, exchange: Exchange, store: dict[str, Any]
 ) -> None:
     code, body = await buy(broker, "k1", [A], budgetScope="user:bob")
     assert (code, body["code"]) == (403, "permission_denied")
@@ -212,7 +224,7 @@ async def test_naming_a_scope_not_granted_is_permission_denied(
     code, body = await buy(broker, "k2", [A], api_key=BOB, budgetScope="project:q4")
     assert body["code"] == "permission_denied"
     assert (await exchange.state())["execute_calls"] == 0
-    assert await store_rows(tmp_path / "budget.sqlite3") == (0, 0)
+    assert await store_rows(store) == (0, 0)
 
 
 async def test_naming_a_granted_scope_charges_it_instead_of_the_billing_scope(
@@ -238,13 +250,13 @@ BAD_SCOPES = [
 
 @pytest.mark.parametrize("scope", BAD_SCOPES)
 async def test_malformed_scopes_are_invalid_and_write_nothing(
-    broker: RunningBroker, exchange: Exchange, tmp_path: Path, scope: str
+    broker: RunningBroker, exchange: Exchange, store: dict[str, Any], scope: str
 ) -> None:
     code, body = await buy(broker, "k1", [A], budgetScope=scope)
     assert (code, body["code"]) == (400, "invalid_argument"), body
     assert "constraints.budget_scope" in body["message"]
     assert (await exchange.state())["execute_calls"] == 0
-    assert await store_rows(tmp_path / "budget.sqlite3") == (0, 0)
+    assert await store_rows(store) == (0, 0)
 
 
 # --- a request's period budget only tightens ----------------------------------------------------------
@@ -283,10 +295,10 @@ async def test_budget_period_without_period_budget_is_invalid(broker: RunningBro
 
 
 async def test_period_rollover_at_the_boundary(
-    exchange: Exchange, tmp_path: Path
+    exchange: Exchange, tmp_path: Path, store: dict[str, Any]
 ) -> None:
     clock = ManualClock(EDGE)
-    async with period_broker(exchange, tmp_path, clock,
+    async with period_broker(exchange, tmp_path, clock, store=store,
                              scopes={"user:alice": {"limits": [limit("month", "3.00")]}}) as b:
         assert (await buy(b, "k1", [C]))[0] == 200  # 3 of 3 in November
         code, body = await buy(b, "k2", [A])
@@ -316,10 +328,10 @@ async def test_mid_period_limit_raise_takes_effect_on_the_next_reservation(
 
 
 async def test_credit_raises_only_the_current_window(
-    exchange: Exchange, tmp_path: Path
+    exchange: Exchange, tmp_path: Path, store: dict[str, Any]
 ) -> None:
     clock = ManualClock(EDGE)
-    async with period_broker(exchange, tmp_path, clock,
+    async with period_broker(exchange, tmp_path, clock, store=store,
                              scopes={"user:alice": {"limits": [limit("month", "3.00")]}}) as b:
         assert (await buy(b, "k1", [C]))[0] == 200
         r = await admin(b, "AddCredit", {"scope": "user:alice", "period": "month",
@@ -360,13 +372,13 @@ async def test_clearing_a_limit_stops_enforcing_it(broker: RunningBroker) -> Non
 
 
 async def test_a_retry_on_another_broker_replays_and_charges_nothing(
-    exchange: Exchange, tmp_path: Path, clock: ManualClock
+    exchange: Exchange, tmp_path: Path, clock: ManualClock, store: dict[str, Any]
 ) -> None:
-    async with period_broker(exchange, tmp_path, clock) as first:
+    async with period_broker(exchange, tmp_path, clock, store=store) as first:
         code, body = await buy(first, "k1", [A, B])
         assert code == 200
     # A second broker process on the same store: its in-memory cache is empty.
-    async with period_broker(exchange, tmp_path, clock) as second:
+    async with period_broker(exchange, tmp_path, clock, store=store) as second:
         code, again = await buy(second, "k1", [A, B])
         assert code == 200, again
         assert again["replayed"] is True
@@ -377,7 +389,7 @@ async def test_a_retry_on_another_broker_replays_and_charges_nothing(
         assert "idempotency_key" in other["message"]
     state = await exchange.state()
     assert state["execute_calls"] == 1
-    assert await store_rows(tmp_path / "budget.sqlite3") == (4, 8)  # 4 counters, 2 items on each
+    assert await store_rows(store) == (4, 8)  # 4 counters, 2 items on each
 
 
 async def test_budget_status_reports_every_scope(broker: RunningBroker) -> None:
@@ -406,9 +418,11 @@ async def test_period_budget_in_another_currency_is_converted_against_the_spende
     assert st["spent"] == {"amount": "0.90909091", "currency": "EUR"}
 
 
-async def test_missing_rates_deny_clearly(exchange: Exchange, tmp_path: Path, clock: ManualClock) -> None:
+async def test_missing_rates_deny_clearly(
+    exchange: Exchange, tmp_path: Path, clock: ManualClock, store: dict[str, Any]
+) -> None:
     scopes = {"user:alice": {"limits": [limit("month", "10.00", "JPY")]}}
-    async with period_broker(exchange, tmp_path, clock, scopes=scopes) as b:
+    async with period_broker(exchange, tmp_path, clock, store=store, scopes=scopes) as b:
         _, body = await buy(b, "k1", [A])
         assert body["code"] == "failed_precondition", body
         assert "JPY" in body["message"]

@@ -1,0 +1,169 @@
+"""Periods, scope names, the fail-open journal and reconcile, without a broker."""
+
+from __future__ import annotations
+
+import asyncio
+import string
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.cli import main
+from budget.journal import Journal
+from budget.periods import Period, PeriodError, time_zone, to_ms
+from budget.reconcile import reconcile
+from budget.scopes import ScopeError, check_scope
+from budget.sqlite_store import SqliteStore
+from budget.store import CounterRef, Hold, Line, Reserved
+
+UTC_TZ = time_zone("UTC", "tz")
+BERLIN = time_zone("Europe/Berlin", "tz")
+NEW_YORK = time_zone("America/New_York", "tz")
+
+
+# --- periods -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "spec"), [
+    ("720h", "30d"), ("30d", "30d"), ("90m", "90m"), ("3600s", "1h"), ("61s", "61s"),
+    ("month", "month"), ("week", "week"), ("day", "day"), ("hour", "hour"),
+])
+def test_period_specs_are_canonical(text: str, spec: str) -> None:
+    assert Period.parse(text, "period").spec == spec
+
+
+@pytest.mark.parametrize("text", ["", "0h", "59s", "367d", "1.5h", "-1h", "1y", "Month", "1 h", "08h"])
+def test_bad_periods_are_refused_naming_the_field(text: str) -> None:
+    with pytest.raises(PeriodError) as err:
+        Period.parse(text, "limits.0.period")
+    assert err.value.field == "limits.0.period"
+
+
+def test_windows_split_at_midnight_to_the_millisecond() -> None:
+    before = datetime(2026, 11, 30, 23, 59, 59, 999000, tzinfo=UTC)
+    after = before + timedelta(milliseconds=1)
+    for spec, old, new in [("day", "2026-11-30", "2026-12-01"), ("month", "2026-11", "2026-12"),
+                           ("hour", "2026-11-30T23Z", "2026-12-01T00Z")]:
+        p = Period.parse(spec, "p")
+        assert (p.window(before, UTC_TZ).id, p.window(after, UTC_TZ).id) == (old, new)
+        assert p.window(before, UTC_TZ).end == p.window(after, UTC_TZ).start == after
+
+
+def test_calendar_windows_follow_the_configured_time_zone() -> None:
+    # 23:30 UTC on 23 Nov is already 24 Nov in Berlin.
+    at = datetime(2026, 11, 23, 23, 30, tzinfo=UTC)
+    w = Period.parse("day", "p").window(at, BERLIN)
+    assert w.id == "2026-11-24"
+    assert w.start == datetime(2026, 11, 23, 23, 0, tzinfo=UTC)
+    week = Period.parse("week", "p").window(at, BERLIN)
+    assert week.id == "2026-W48"
+    assert week.start == datetime(2026, 11, 22, 23, 0, tzinfo=UTC)  # Monday 00:00 Berlin
+
+
+def test_a_day_with_a_dst_change_is_23_or_25_hours() -> None:
+    spring = Period.parse("day", "p").window(datetime(2026, 3, 8, 12, tzinfo=UTC), NEW_YORK)
+    assert spring.end - spring.start == timedelta(hours=23)
+    autumn = Period.parse("day", "p").window(datetime(2026, 11, 1, 12, tzinfo=UTC), NEW_YORK)
+    assert autumn.end - autumn.start == timedelta(hours=25)
+    # The repeated 01:00 hour of the autumn change is two distinct windows.
+    hour = Period.parse("hour", "p")
+    first = hour.window(datetime(2026, 11, 1, 5, 30, tzinfo=UTC), NEW_YORK)
+    second = hour.window(datetime(2026, 11, 1, 6, 30, tzinfo=UTC), NEW_YORK)
+    assert first.id != second.id
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2090, 1, 1), timezones=st.just(UTC)),
+    st.sampled_from(["hour", "day", "week", "month", "720h", "90m", "7d"]),
+    st.sampled_from([UTC_TZ, BERLIN, NEW_YORK]),
+)
+def test_every_instant_is_in_exactly_its_window(at: datetime, spec: str, tz: object) -> None:
+    from zoneinfo import ZoneInfo
+
+    assert isinstance(tz, ZoneInfo)
+    w = Period.parse(spec, "p").window(at, tz)
+    assert w.start <= at < w.end
+    assert to_ms(w.start) == w.start_ms
+    # The instant just before the window belongs to the previous one.
+    assert Period.parse(spec, "p").window(w.start - timedelta(milliseconds=1), tz).id != w.id
+
+
+# --- scope names -------------------------------------------------------------------------------
+
+
+@settings(max_examples=300)
+@given(st.text(min_size=1, max_size=40))
+def test_a_scope_is_accepted_only_from_the_safe_alphabet(text: str) -> None:
+    safe = set(string.ascii_letters + string.digits + "._@+-")
+    kind, sep, ident = text.partition(":")
+    ok = (
+        bool(sep) and 1 <= len(kind) <= 32 and kind[0] in string.ascii_lowercase
+        and set(kind) <= set(string.ascii_lowercase + string.digits + "_-")
+        and 1 <= len(ident) <= 128 and ident[0] in string.ascii_letters + string.digits
+        and set(ident) <= safe
+    )
+    if ok:
+        assert check_scope(text, "s") == text
+    else:
+        with pytest.raises(ScopeError):
+            check_scope(text, "s")
+
+
+# --- the journal -------------------------------------------------------------------------------------
+
+REF = CounterRef("user:alice", "month", "2026-11", "USD", 0, 1)
+HOLD = Hold(REF, 5, 100, 2)
+LINE = Line(0, 5, "0.000000005", "USD", "ex", "offer", "https://x.test/a")
+
+
+async def test_journal_survives_a_restart_and_a_torn_line(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    j = Journal(path)
+    e1 = await j.append("acme", "k1", (HOLD,), (LINE,), 10)
+    e2 = await j.append("acme", "k2", (HOLD,), (LINE,), 11)
+    await j.ack(e1.id)
+    with path.open("a") as f:
+        f.write('{"id": "torn", "acc')  # a crash mid-write
+    again = Journal(path)
+    assert [e.id for e in again.pending()] == [e2.id]
+    assert again.pending()[0].holds == (HOLD,)
+    assert again.pending()[0].lines == (LINE,)
+    await again.ack(e2.id)
+    assert path.read_text() == ""  # everything acknowledged: truncated
+    assert Journal(path).pending() == []
+
+
+# --- reconcile -------------------------------------------------------------------------------------
+
+
+async def test_reconcile_finds_a_tampered_counter_and_repairs_it(tmp_path: Path) -> None:
+    db = tmp_path / "b.sqlite3"
+    store = await SqliteStore.open(db)
+    try:
+        out = await store.reserve("acme", [HOLD], ttl_ms=1000, idempotency_key="k", now_ms=0,
+                                  limits_version=0)
+        assert isinstance(out, Reserved)
+        await store.commit("acme", out.reservation_id, [HOLD], [LINE], idempotency_key="k",
+                           result=b"", now_ms=1)
+        assert (await reconcile(store, ["acme"])).ok
+        await store.overwrite_spent("acme", REF, 7, 1)  # written outside the ledger
+        report = await reconcile(store, ["acme"])
+        assert not report.ok
+        (d,) = report.differences
+        assert (d.counter_spent, d.ledger_spent) == (7, 5)
+    finally:
+        await store.close()
+    config = tmp_path / "broker.yaml"
+    config.write_text(
+        "period_budgets:\n"
+        f"  store: {{kind: embedded, path: '{db}'}}\n"
+        "  accounts: {acme: {scopes: {'user:alice':\n"
+        "    {limits: [{period: month, amount: '1', currency: USD}]}}}}\n"
+    )
+    assert await asyncio.to_thread(main, ["reconcile", "--config", str(config)]) == 1
+    assert await asyncio.to_thread(main, ["reconcile", "--config", str(config), "--repair"]) == 1
+    assert await asyncio.to_thread(main, ["reconcile", "--config", str(config)]) == 0
