@@ -83,7 +83,8 @@ async def open_store(setting: StoreSetting) -> Store:
     if setting.kind == "redis":
         from budget.redis_store import RedisStore
 
-        return await RedisStore.open(setting.url, timeout_ms=setting.timeout_ms, prefix=setting.key_prefix)
+        return await RedisStore.open(
+            setting.url, timeout_ms=setting.timeout_ms, prefix=setting.key_prefix, lazy=True)
     from budget.sqlite_store import SqliteStore
 
     return await SqliteStore.open(_file(setting.path, "budget.sqlite3"), timeout_ms=setting.timeout_ms)

@@ -40,7 +40,16 @@ from broker.validation import (
     check_uris,
 )
 from budget.clock import Clock
-from budget.layers import BudgetExhausted, Headroom, Layer, Reservation, Snapshot, headroom_of, next_action
+from budget.layers import (
+    BudgetExhausted,
+    Headroom,
+    Layer,
+    Reservation,
+    Snapshot,
+    exhausted_reason,
+    headroom_of,
+    next_action,
+)
 from budget.period import AlreadySettled, Charge, ItemSpend, PeriodHold, PeriodLayer, Plan, StoreDown
 from budget.session import SessionAccount, SessionBudgets
 from currency.convert import Converter, convert
@@ -384,7 +393,7 @@ class Purchaser:
                 # In the tightest budget's own currency, rounded up like a reservation.
                 cost = convert(ch.cheapest, room.tightest.limit.currency, self._converter)
                 return BudgetExhausted.from_snapshot(
-                    room.tightest, cost, reason=f"{room.tightest.layer}_budget_exhausted",
+                    room.tightest, cost, reason=exhausted_reason(room.tightest),
                     next_action=next_action(room.tightest),
                 )
             if ch.over_cap is not None and c.max_price is not None:

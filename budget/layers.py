@@ -90,8 +90,22 @@ class BudgetExhausted(Exception):
         )
 
 
+# Snapshot.period of a fail-open scope's local allowance, used while the store is unreachable.
+OPEN_ALLOWANCE = "open-allowance"
+
+
+def exhausted_reason(snap: Snapshot) -> str:
+    """BudgetExhausted.reason for a denial by this budget."""
+    if snap.period == OPEN_ALLOWANCE:
+        return "open_allowance_exhausted"
+    return f"{snap.layer}_budget_exhausted"
+
+
 def next_action(snap: Snapshot) -> str:
     """What an agent denied by this budget can do about it."""
+    if snap.period == OPEN_ALLOWANCE:
+        return ("the budget store is unreachable and this broker's fail-open allowance is used up: "
+                "retry when the store is back")
     if snap.layer == Layer.SESSION:
         return "raise the session budget with DeclareSessionBudget, or buy fewer or cheaper resources"
     if snap.period_end is not None:

@@ -21,13 +21,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 from budget.clock import Clock
 from budget.journal import Journal
-from budget.layers import BudgetExhausted, Layer, Snapshot, next_action
+from budget.layers import (
+    OPEN_ALLOWANCE,
+    BudgetExhausted,
+    Layer,
+    Snapshot,
+    exhausted_reason,
+    next_action,
+)
 from budget.periods import Period, PeriodError, Window, to_ms
 from budget.store import (
     CounterRef,
@@ -49,6 +57,13 @@ from currency.money import Money, MoneyError
 log = logging.getLogger(__name__)
 
 _STALE_RETRIES = 3
+_SKIP_AFTER_FAILURE_S = 1.0
+T = TypeVar("T")
+
+
+def close_awaitable(call: Awaitable[object]) -> None:
+    if isinstance(call, Coroutine):
+        call.close()  # never awaited: no "coroutine was never awaited" warning
 
 
 class StoreDown(Exception):
@@ -150,6 +165,19 @@ class PeriodLayer:
         self._limits: dict[str, Limits] = {}
         # Fail-open spends not yet in the store, plus open local holds, per scope.
         self._local_holds: list[PeriodHold] = []
+        # After a store failure, purchases skip the store for a moment instead of each
+        # waiting out its own timeout; upkeep keeps probing.
+        self._skip_until = 0.0
+
+    async def _guarded(self, call: Awaitable[T]) -> T:
+        if self._clock.monotonic() < self._skip_until:
+            close_awaitable(call)
+            raise StoreUnavailable("the budget store failed moments ago")
+        try:
+            return await call
+        except StoreUnavailable:
+            self._skip_until = self._clock.monotonic() + _SKIP_AFTER_FAILURE_S
+            raise
 
     # --- limits ----------------------------------------------------------------
 
@@ -184,8 +212,10 @@ class PeriodLayer:
         try:
             return await self._load_limits(account)
         except StoreUnavailable:
-            # Config limits only; a reservation will fail anyway if the store is still down.
-            return Limits(version=-1)
+            # Config limits until upkeep reloads them; the store refuses a reservation made
+            # with this version (StaleLimits) once it is back, so nothing runs on them for long.
+            self._limits[account] = Limits(version=-1)
+            return self._limits[account]
 
     def scope_limits(self, account: str, scope: str, limits: Limits) -> dict[str, tuple[Period, Money]]:
         """The operator's limits of one scope: the config file's, overridden through the admin API."""
@@ -245,7 +275,7 @@ class PeriodLayer:
         if not plan.counters:
             return []
         try:
-            states = await self.store.read(plan.account, [c.ref for c in plan.counters])
+            states = await self._guarded(self.store.read(plan.account, [c.ref for c in plan.counters]))
         except StoreUnavailable:
             if plan.fails_open():
                 return self._local_snapshots(plan)
@@ -271,7 +301,7 @@ class PeriodLayer:
             zero = Money.zero(allowance.currency)
             snaps.append(Snapshot(
                 layer=Layer.PERIOD, scope=scope, limit=allowance, spent=used, reserved=zero,
-                transaction_count=0, as_of=self._clock.now(), period="open-allowance",
+                transaction_count=0, as_of=self._clock.now(), period=OPEN_ALLOWANCE,
                 failure_policy="open",
             ))
         return snaps
@@ -307,10 +337,10 @@ class PeriodLayer:
                 for c in plan.counters
             )
             try:
-                outcome = await self.store.reserve(
+                outcome = await self._guarded(self.store.reserve(
                     plan.account, holds, ttl_ms=self._ttl_ms, idempotency_key=key, now_ms=now_ms,
                     limits_version=plan.version,
-                )
+                ))
             except StoreUnavailable:
                 if plan.fails_open():
                     return self._reserve_locally(plan, holds, cost, key, now_ms)
@@ -340,9 +370,7 @@ class PeriodLayer:
             need = convert(cost, snap.limit.currency, self._converter)
             if snap.spent + need > snap.limit:
                 raise OpenAllowanceExhausted.from_snapshot(
-                    snap, need, reason="open_allowance_exhausted",
-                    next_action="the budget store is unreachable and this broker's fail-open "
-                    "allowance is used up: retry when the store is back",
+                    snap, need, reason=exhausted_reason(snap), next_action=next_action(snap),
                 )
         hold = PeriodHold(plan, holds, key, None, now_ms)
         self._local_holds.append(hold)
@@ -435,6 +463,7 @@ class PeriodLayer:
             refunded = await self.store.sweep(account, now_ms=now_ms)
             if refunded:
                 log.info("refunded %d expired reservation(s) in account %s", refunded, account)
+        self._skip_until = 0.0  # the store answered the sweep: purchases may use it again
         replayed = await self.replay_journal()
         if replayed:
             log.info("replayed %d fail-open spend(s) into the store", replayed)

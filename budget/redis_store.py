@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import functools
 import importlib.resources
+import logging
 import time
 import uuid
 from collections import deque
@@ -103,6 +104,8 @@ _SCRIPTS: Final = ("reserve", "commit", "release", "sweep", "record_spend", "set
 T = TypeVar("T")
 Req = TypeVar("Req")
 Out = TypeVar("Out")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -240,9 +243,14 @@ class RedisStore:
 
     @classmethod
     async def open(
-        cls, url: str, *, timeout_ms: int = 250, prefix: str = "ramp", max_connections: int = 64
+        cls, url: str, *, timeout_ms: int = 250, prefix: str = "ramp", max_connections: int = 64,
+        lazy: bool = False,
     ) -> RedisStore:
-        """Connect and load the scripts; StoreUnavailable if Redis does not answer in time."""
+        """Connect and load the scripts; StoreUnavailable if Redis does not answer in time.
+
+        With `lazy`, an unreachable Redis is only logged: a broker must start during an outage
+        (closed scopes deny, open ones spend their allowance) and scripts load on first use.
+        """
         timeout_s = timeout_ms / 1000
         pool = BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=timeout_s, socket_timeout=timeout_s,
@@ -251,6 +259,11 @@ class RedisStore:
         store = cls(Redis.from_pool(pool), timeout_ms=timeout_ms, prefix=prefix)
         try:
             await store.load_scripts()
+        except StoreUnavailable as exc:
+            if not lazy:
+                await store.close()
+                raise
+            log.warning("redis store not reachable at start (%s); carrying on", exc)
         except BaseException:
             await store.close()
             raise

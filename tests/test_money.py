@@ -412,8 +412,9 @@ def test_convert_rounds_against_the_spender(amount: Decimal, rate: Decimal) -> N
         assert out.currency == "USD"
         assert isinstance(out.amount, Decimal)
         assert out.amount == out.amount.quantize(NANO)
-    assert exact <= up.amount < exact + NANO
-    assert exact - NANO < down.amount <= exact
+    # The bounds in the exact context too: the default 28 digits would round them.
+    assert exact <= up.amount < EXACT.add(exact, NANO)
+    assert EXACT.subtract(exact, NANO) < down.amount <= exact
     assert down.amount <= up.amount
 
 

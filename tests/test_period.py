@@ -11,6 +11,7 @@ import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -428,3 +429,23 @@ async def test_missing_rates_deny_clearly(
         assert "JPY" in body["message"]
     assert (await exchange.state())["execute_calls"] == 0
 
+
+
+async def test_daily_ecb_rates_convert_until_stale_then_deny_clearly(
+    exchange: Exchange, tmp_path: Path, clock: ManualClock, store: dict[str, Any]
+) -> None:
+    ecb = Path(__file__).parent / "data" / "eurofxref-daily.xml"  # rates of 2026-11-20
+    scopes = {"user:alice": {"limits": [limit("month", "1000", "JPY")]}}
+    async with period_broker(exchange, tmp_path, clock, store=store, scopes=scopes, rates={},
+                             ecb_rates={"source": str(ecb), "max_age_hours": 96}) as b:
+        code, body = await buy(b, "k1", [A])
+        assert code == 200, body
+        spent = states(body)[("user:alice", "month")]["spent"]
+        assert spent["currency"] == "JPY"
+        assert Decimal(spent["amount"]) > 0
+        clock.advance(86400)  # 24 Nov 12:00: the 20 Nov rates are older than 4 days
+        code, body = await buy(b, "k2", [A])
+        assert (code, body["code"]) == (400, "failed_precondition"), body
+        assert "2026-11-20" in body["message"]
+        assert "older than" in body["message"]
+    assert (await exchange.state())["execute_calls"] == 1

@@ -1,0 +1,841 @@
+"""What the per-period budget layer costs: the Redis store alone, and purchases through the broker.
+
+    python -m bench.budget [--ops N] [--seconds T] [--rb-requests N] [--purchases N] [--rate R] ...
+
+Everything runs on 127.0.0.1: a private redis-server (free port, temporary directory,
+no persistence), the reference Exchange and two brokers as separate processes.
+
+1. The store. 64 asyncio tasks share one RedisStore (as a broker's purchases would); each
+   operation reserves on 3 counters (user / team / org, limits far above anything spent) and
+   commits 1 ledger line per counter. Bounded by --ops operations or --seconds, whichever comes
+   first, after a warm-up. A second phase only reserves.
+2. redis-benchmark (the C client) on the same server runs the same reserve script, by EVALSHA
+   of the SHA the store loaded, with the same 8 keys and the arguments RedisStore builds for one
+   reservation (under another account; the idempotency key and reservation id are
+   `__rand_int__`, redrawn per call). Then the commit script the same way. Its reservations are
+   checked afterwards on the counters, so error replies cannot pass for throughput.
+   The ratio store ops/s / redis-benchmark calls/s is the figure of merit (target >= 0.5).
+3. Purchases: one broker whose agent has no period scopes, one whose agent is charged to 3
+   period scopes on this Redis; both behind the same Exchange, both requiring the same bearer
+   key. Closed loop (--purchase-concurrency workers, --purchases requests each) and open loop
+   (--rate purchases/s for --rate-seconds). The added p50 / p99 is the period layer's cost.
+
+Redis-side numbers come from INFO commandstats, reset before each phase: EVALSHA calls per
+operation (so the mean coalesced batch) and the server's microseconds per call.
+Nothing here asserts on timings: it measures and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import hashlib
+import importlib.resources
+import io
+import os
+import platform
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pyqwest import Client, HTTPTransport
+from redis.asyncio import Redis
+
+from bench.purchases import (
+    EXCHANGE_NAME,
+    HUGE,
+    ITEM_PRICE,
+    ITEM_URI,
+    MACHINE,
+    PHASE_GRACE_S,
+    REQUEST_TIMEOUT_S,
+    Call,
+    Child,
+    PhaseResult,
+    Settings,
+    _check,
+    _request,
+    _start,
+    _stop,
+    _table,
+    _wait_healthy,
+    cpu_seconds,
+    free_port,
+    measure,
+    run_phase,
+)
+from broker.config import StoreSetting
+from budget.periods import Period, time_zone
+from budget.redis_store import RedisStore
+from budget.store import Committed, CounterRef, Hold, Line, Reserved
+from ramp.broker.v1.broker_connect import BrokerServiceClient
+
+REDIS_BENCHMARK = "/usr/bin/redis-benchmark"
+STORE_ACCOUNT = "bench-store"  # section 1
+RB_ACCOUNT = "bench-rb"  # section 2: its own keys, never the store's
+BROKER_ACCOUNT = "bench-broker"  # section 3
+STORE_PREFIX = "ramp"
+SCOPES = ("user:bench", "team:bench", "org:bench")
+PERIODS = ("month", "day", "month")  # one limit per scope, as a deployment might set them
+AMOUNT = 10_000_000  # 0.01 USD in nano-units: the bench item's price
+LIMIT = 10**18  # nano-units (1e9 USD): nothing is ever denied
+RESERVATION_TTL_MS = 120_000  # the broker's default reservation_ttl_seconds
+GRACE_MS = 7 * 86_400_000  # the broker's default grace_seconds
+RESULT = b"x" * 256  # a stored answer of about the size the broker stores
+RAND = "__rand_int__"  # redis-benchmark replaces it with a random 12-digit number (-r)
+RB_KEYSPACE = 1_000_000_000
+RB_TIMEOUT_S = 120.0
+AGENT_KEY = "bench-agent-key"
+# The RedisStore constants the script arguments depend on (budget/redis_store.py).
+MIN_COUNTER_TTL_MS = 3_600_000
+MIN_IDEMPOTENCY_TTL_MS = 86_400_000
+RESERVATION_SLACK_MS = 86_400_000
+
+
+class BenchFailed(Exception):
+    """An operation did not have the outcome the bench needs (the run would measure the wrong path)."""
+
+
+# --- redis-server ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RedisProc:
+    proc: subprocess.Popen[bytes]
+    port: int
+    dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[RedisProc]:
+    """A private redis-server as in tests/redis_server.py: no persistence, loopback, temporary dir."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed")
+    with tempfile.TemporaryDirectory(prefix="ramp-bench-redis-") as d:
+        port = free_port()
+        proc = subprocess.Popen(
+            [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", d, "--save", "",
+             "--appendonly", "no", "--daemonize", "no", "--logfile", str(Path(d) / "redis.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        server = RedisProc(proc, port, Path(d))
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with {proc.returncode}")
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not answer PING within 10 s")
+                time.sleep(0.02)
+            yield server
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+
+
+@dataclass
+class CommandStats:
+    """INFO commandstats since the last reset: calls and server-side microseconds per command."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    usec: dict[str, int] = field(default_factory=dict)
+    failed: int = 0
+
+    def usec_per_call(self, command: str) -> float | None:
+        calls = self.calls.get(command, 0)
+        return self.usec.get(command, 0) / calls if calls else None
+
+
+async def reset_stats(admin: Redis) -> None:
+    await admin.config_resetstat()
+
+
+async def command_stats(admin: Redis) -> CommandStats:
+    raw: dict[str, Any] = await admin.info("commandstats")
+    out = CommandStats()
+    for name, row in raw.items():
+        command = name.removeprefix("cmdstat_")
+        if command in ("info", "config|resetstat"):
+            continue
+        out.calls[command] = int(row.get("calls", 0))
+        out.usec[command] = int(row.get("usec", 0))
+        out.failed += int(row.get("failed_calls", 0)) + int(row.get("rejected_calls", 0))
+    return out
+
+
+# --- 1. the store ---------------------------------------------------------------------------------
+
+
+def counters(now: datetime) -> tuple[Hold, ...]:
+    """The 3 holds of one purchase, with the windows the period layer would compute now."""
+    tz = time_zone("UTC", "time_zone")
+    holds = []
+    for scope, spec in zip(SCOPES, PERIODS, strict=True):
+        window = Period.parse(spec, "period").window(now, tz)
+        ref = CounterRef(scope, spec, window.id, "USD", window.start_ms, window.end_ms)
+        holds.append(Hold(ref, AMOUNT, LIMIT, window.end_ms + GRACE_MS))
+    return tuple(holds)
+
+
+def lines_for(holds: Sequence[Hold]) -> tuple[Line, ...]:
+    return tuple(Line(i, AMOUNT, ITEM_PRICE, "USD", EXCHANGE_NAME, "bench-item", ITEM_URI)
+                 for i in range(len(holds)))
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class StorePhase:
+    result: PhaseResult
+    reserve_latencies: list[float]
+    stats: CommandStats
+    script: str  # the EVALSHA batches carried this many operations each, on average
+
+    @property
+    def evalsha_per_op(self) -> float | None:
+        calls = self.stats.calls.get("evalsha", 0)
+        return calls / self.result.ok if self.result.ok else None
+
+
+async def store_phase(
+    store: RedisStore, admin: Redis, name: str, *, commit: bool, concurrency: int, ops: int,
+    seconds: float, pids: dict[str, int | None], warm: bool = False,
+) -> StorePhase:
+    holds = counters(datetime.now(UTC))
+    lines = lines_for(holds)
+    run = uuid.uuid4().hex[:10]
+    reserve_latencies: list[float] = []
+
+    async def call(w: int, seq: int) -> None:
+        key = f"{run}-{seq}"
+        t0 = time.perf_counter()
+        out = await store.reserve(STORE_ACCOUNT, holds, ttl_ms=RESERVATION_TTL_MS, idempotency_key=key,
+                                  now_ms=wall_ms(), limits_version=0)
+        if not isinstance(out, Reserved):
+            raise BenchFailed(f"reserve: {out!r}"[:160])
+        reserve_latencies.append(time.perf_counter() - t0)
+        if commit:
+            done = await store.commit(STORE_ACCOUNT, out.reservation_id, holds, lines, idempotency_key=key,
+                                      result=RESULT, now_ms=wall_ms())
+            if done != Committed(overage=(0, 0, 0)):
+                raise BenchFailed(f"commit: {done!r}"[:160])
+
+    if not warm:
+        await reset_stats(admin)
+    result = await run_phase(name, call, concurrency, seconds, ops, pids)
+    stats = await command_stats(admin) if not warm else CommandStats()
+    return StorePhase(result, reserve_latencies, stats, "reserve+commit" if commit else "reserve")
+
+
+# --- 2. redis-benchmark ---------------------------------------------------------------------------
+
+
+def script_text(name: str) -> bytes:
+    """A store script as RedisStore loads it: _lib.lua, a newline, the script."""
+    folder = importlib.resources.files("budget").joinpath("lua")
+    return folder.joinpath("_lib.lua").read_bytes() + b"\n" + folder.joinpath(f"{name}.lua").read_bytes()
+
+
+def _counter_args(ref: CounterRef, expire_at_ms: int, now_ms: int) -> list[str]:
+    ttl = max(expire_at_ms - now_ms, MIN_COUNTER_TTL_MS)
+    return [ref.key, str(ttl), str(expire_at_ms), ref.scope, ref.period, ref.window, ref.currency,
+            str(ref.start_ms), str(ref.end_ms)]
+
+
+def reserve_call(
+    prefix: str, holds: Sequence[Hold], rid: str, ik: str, now_ms: int
+) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV of the reserve script for one reservation, as RedisStore builds them."""
+    keys = [f"{prefix}limits:v", f"{prefix}exp", f"{prefix}counters", f"{prefix}i:{ik}", f"{prefix}r:{rid}"]
+    keys += [f"{prefix}c:{h.counter.key}" for h in holds]
+    rttl = max([h.expire_at_ms - now_ms for h in holds] + [RESERVATION_TTL_MS]) + RESERVATION_SLACK_MS
+    args = [prefix, "1", rid, ik, "0", str(now_ms), str(now_ms + RESERVATION_TTL_MS), str(rttl),
+            str(len(holds))]
+    for h in holds:
+        args += [*_counter_args(h.counter, h.expire_at_ms, now_ms), str(h.amount), str(h.limit)]
+    return keys, args
+
+
+def commit_call(
+    prefix: str, holds: Sequence[Hold], lines: Sequence[Line], rid: str, ik: str, now_ms: int
+) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV of the commit script for one request, as RedisStore builds them."""
+    keys = [f"{prefix}exp", f"{prefix}ledger", f"{prefix}counters", f"{prefix}i:{ik}", f"{prefix}r:{rid}"]
+    keys += [f"{prefix}c:{h.counter.key}" for h in holds]
+    ittl = max([h.expire_at_ms - now_ms for h in holds] + [MIN_IDEMPOTENCY_TTL_MS])
+    args = [prefix, "1", rid, ik, RESULT.decode(), str(now_ms), str(ittl), str(len(holds)), str(len(lines))]
+    for i, h in enumerate(holds):
+        spend = sum(ln.amount for ln in lines if ln.hold_index == i)
+        args += [*_counter_args(h.counter, h.expire_at_ms, now_ms), str(spend)]
+    for ln in lines:
+        c = holds[ln.hold_index].counter
+        args += [c.scope, c.period, c.window, c.currency, str(ln.amount), ln.original_amount,
+                 ln.original_currency, ln.exchange, ln.offer_id, ln.uri]
+    return keys, args
+
+
+@dataclass
+class RbResult:
+    name: str
+    requests: int
+    rps: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    elapsed: float = 0.0
+    stats: CommandStats = field(default_factory=CommandStats)
+    cpu: dict[str, float | None] = field(default_factory=dict)
+    landed: int | None = None  # operations whose effect was found on the counters afterwards
+    error: str = ""
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
+def run_redis_benchmark(
+    name: str, port: int, command: list[str], clients: int, requests: int, redis_pid: int
+) -> RbResult:
+    out = RbResult(name, requests)
+    argv = [REDIS_BENCHMARK, "-h", "127.0.0.1", "-p", str(port), "-c", str(clients), "-n", str(requests),
+            "-r", str(RB_KEYSPACE), "-q", "--csv", *command]
+    server_before = cpu_seconds(redis_pid)
+    machine_before = cpu_seconds(MACHINE)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=RB_TIMEOUT_S, check=False,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        out.error = f"redis-benchmark did not finish in {RB_TIMEOUT_S:g} s (killed)"
+        return out
+    out.elapsed = time.perf_counter() - start
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_after, machine_after = cpu_seconds(redis_pid), cpu_seconds(MACHINE)
+    client_cpu = (children.ru_utime + children.ru_stime
+                  - children_before.ru_utime - children_before.ru_stime)
+    out.cpu = {
+        "redis": None if server_before is None or server_after is None
+        else 100 * (server_after - server_before) / out.elapsed,
+        "client": 100 * client_cpu / out.elapsed,
+        "machine": None if machine_before is None or machine_after is None
+        else 100 * (machine_after - machine_before) / out.elapsed,
+    }
+    if done.returncode != 0:
+        out.error = f"redis-benchmark exited {done.returncode}: {done.stderr.decode(errors='replace')[:300]}"
+        return out
+    rows = list(csv.DictReader(io.StringIO(done.stdout.decode(errors="replace"))))
+    if not rows:
+        out.error = f"no CSV from redis-benchmark: {done.stdout[:200]!r} {done.stderr[:200]!r}"
+        return out
+    row = rows[-1]
+    out.rps = _float(row.get("rps"))
+    out.p50_ms = _float(row.get("p50_latency_ms"))
+    out.p99_ms = _float(row.get("p99_latency_ms"))
+    return out
+
+
+async def redis_benchmark_phases(
+    store: RedisStore, admin: Redis, redis: RedisProc, clients: int, requests: int,
+) -> tuple[list[RbResult], list[str]]:
+    """redis-benchmark EVALSHA of the store's own reserve and commit scripts."""
+    notes: list[str] = []
+    holds = counters(datetime.now(UTC))
+    lines = lines_for(holds)
+    prefix = store.account_prefix(RB_ACCOUNT)
+    now_ms = wall_ms()  # fixed for the whole run, as a caller's clock within one request
+    results: list[RbResult] = []
+    for name in ("reserve", "commit"):
+        text = script_text(name)
+        sha = hashlib.sha1(text).hexdigest()
+        # The store loaded its scripts at open: the same SHA must already be there.
+        loaded = (await admin.script_exists(sha))[0]
+        state = "already loaded by RedisStore" if loaded else "NOT loaded by RedisStore (text differs?)"
+        notes.append(f"{name}.lua (_lib.lua prepended) sha {sha[:12]}: {state}")
+        if not loaded:
+            await admin.script_load(text)
+        # One call by hand first: the argument layout must give the ordinary answer.
+        if name == "reserve":
+            keys, args = reserve_call(prefix, holds, "probe-rid", "probe-ik", now_ms)
+            reply = await admin.evalsha(sha, len(keys), *keys, *args)
+            if not reply or reply[0][0] != b"ok":
+                raise BenchFailed(f"reserve script probe replied {reply!r}")
+            keys, args = reserve_call(prefix, holds, f"rb-{RAND}", f"rb-{RAND}", now_ms)
+        else:
+            keys, args = commit_call(prefix, holds, lines, "probe-rid", "probe-ik", now_ms)
+            reply = await admin.evalsha(sha, len(keys), *keys, *args)
+            if not reply or reply[0][:2] != [b"ok", b"0"]:
+                raise BenchFailed(f"commit script probe replied {reply!r}")
+            keys, args = commit_call(prefix, holds, lines, f"rb-{RAND}", f"rb-{RAND}", now_ms)
+        command = ["EVALSHA", sha, str(len(keys)), *keys, *args]
+        before = await admin.hmget(f"{prefix}c:{holds[0].counter.key}", ["reserved", "count"])
+        await reset_stats(admin)
+        print(f"  redis-benchmark: EVALSHA {name} x {requests}, -c {clients} ...", file=sys.stderr,
+              flush=True)
+        rb = await asyncio.to_thread(run_redis_benchmark, f"redis-benchmark EVALSHA {name}", redis.port,
+                                     command, clients, requests, redis.proc.pid)
+        rb.stats = await command_stats(admin)
+        after = await admin.hmget(f"{prefix}c:{holds[0].counter.key}", ["reserved", "count"])
+        # Reserve: each landed call adds AMOUNT to `reserved`; commit: each adds 1 to `count`.
+        if name == "reserve":
+            rb.landed = (int(after[0] or 0) - int(before[0] or 0)) // AMOUNT
+        else:
+            rb.landed = int(after[1] or 0) - int(before[1] or 0)
+        results.append(rb)
+    notes.append("redis-benchmark's commit finds no reservation under its random id, so it takes the "
+                 "late-commit path (no refund of a hold); the store's commits settle real reservations.")
+    return results, notes
+
+
+# --- 3. purchases through the broker ------------------------------------------------------------
+
+
+def _limit(period: str) -> dict[str, str]:
+    return {"period": period, "amount": HUGE, "currency": "USD"}
+
+
+@contextlib.contextmanager
+def purchase_servers(workdir: Path, redis_url: str) -> Iterator[tuple[Child, Child, Child]]:
+    """The reference Exchange and two brokers on it: (exchange, without period layer, with it)."""
+    xport, plain_port, period_port = free_port(), free_port(), free_port()
+    catalog = {
+        "exchange": EXCHANGE_NAME,
+        "listen": f"127.0.0.1:{xport}",
+        "accounts": {"ramp-broker": {"USD": HUGE}},
+        "offers": [{"uri": ITEM_URI, "offer_id": "bench-item", "title": "Bench item",
+                    "model": "flat", "rate": ITEM_PRICE, "currency": "USD"}],
+    }
+    digest = hashlib.sha256(AGENT_KEY.encode()).hexdigest()
+    agent: dict[str, Any] = {"id": "bench-agent", "key_sha256": digest, "account": BROKER_ACCOUNT}
+
+    def broker_config(port: int, period: bool) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "listen": f"127.0.0.1:{port}",
+            "default_currency": "USD",
+            "exchanges": [{"name": EXCHANGE_NAME, "endpoint": f"http://127.0.0.1:{xport}",
+                           "trust": 80, "priority": 10}],
+            "session": {"default_limit": {"amount": HUGE, "currency": "USD"}},
+            "shutdown_grace_seconds": 2,
+            # Same key, same authentication work; only the second agent is charged to scopes.
+            "agents": [{**agent, "charged_to": list(SCOPES)} if period else agent],
+        }
+        if period:
+            config["period_budgets"] = {
+                "store": {"kind": "redis", "url": redis_url},
+                "journal_path": str(workdir / "journal.jsonl"),
+                "accounts": {BROKER_ACCOUNT: {"scopes": {
+                    scope: {"limits": [_limit(spec)]} for scope, spec in zip(SCOPES, PERIODS, strict=True)
+                }}},
+            }
+        return config
+
+    (workdir / "catalog.yaml").write_text(yaml.safe_dump(catalog), encoding="utf-8")
+    (workdir / "plain.yaml").write_text(yaml.safe_dump(broker_config(plain_port, False)), encoding="utf-8")
+    (workdir / "period.yaml").write_text(yaml.safe_dump(broker_config(period_port, True)), encoding="utf-8")
+    children: list[Child] = []
+    try:
+        exchange = _start("exchange", ["exchange", "--catalog", str(workdir / "catalog.yaml")], workdir,
+                          xport)
+        children.append(exchange)
+        _wait_healthy(exchange)
+        plain = _start("broker-plain", ["serve", "--config", str(workdir / "plain.yaml")], workdir,
+                       plain_port)
+        children.append(plain)
+        period = _start("broker-period", ["serve", "--config", str(workdir / "period.yaml")], workdir,
+                        period_port)
+        children.append(period)
+        _wait_healthy(plain)
+        _wait_healthy(period)
+        yield exchange, plain, period
+    finally:
+        for child in reversed(children):
+            _stop(child)
+
+
+async def run_open_loop(
+    name: str, call: Call, rate: float, seconds: float, pids: dict[str, int | None], concurrency: int,
+    max_outstanding: int,
+) -> tuple[PhaseResult, list[float]]:
+    """`rate` calls a second for `seconds` (rate * seconds calls at most), each started on schedule
+    whatever the earlier ones are doing; returns the result and how late each call started (s)."""
+    result = PhaseResult(name, concurrency, 0.0)
+    total = int(rate * seconds)
+    lags: list[float] = []
+    tasks: set[asyncio.Task[None]] = set()
+    cpu_before = {who: cpu_seconds(pid) for who, pid in pids.items()}
+
+    async def one(seq: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            await call(seq % concurrency, seq)
+        except Exception as exc:
+            result.errors[f"{type(exc).__name__}: {str(exc)[:160]}"] += 1
+        else:
+            result.latencies.append(time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    async with asyncio.timeout(seconds + PHASE_GRACE_S):
+        for seq in range(total):
+            due = start + seq / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if time.perf_counter() > start + seconds + REQUEST_TIMEOUT_S:
+                result.errors["client: fell too far behind schedule"] += total - seq
+                break
+            if len(tasks) >= max_outstanding:
+                result.errors[f"client: {max_outstanding} calls outstanding, call skipped"] += 1
+                continue
+            lags.append(time.perf_counter() - due)
+            task = asyncio.create_task(one(seq))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+    result.elapsed = time.perf_counter() - start
+    for who, pid in pids.items():
+        before, after = cpu_before[who], cpu_seconds(pid)
+        result.cpu[who] = None if before is None or after is None else 100 * (after - before) / result.elapsed
+    return result, lags
+
+
+@dataclass
+class BrokerRun:
+    result: PhaseResult
+    stats: CommandStats
+    lags: list[float] = field(default_factory=list)
+
+
+async def broker_phases(
+    plain: Child, period: Child, admin: Redis, a: argparse.Namespace, pids: dict[str, int | None]
+) -> list[BrokerRun]:
+    run_id = uuid.uuid4().hex[:10]
+    headers = {"authorization": f"Bearer {AGENT_KEY}"}
+    runs: list[BrokerRun] = []
+    brokers = {"plain": plain, "period": period}
+
+    def settings(who: str) -> Settings:
+        # Each phase samples the CPU of the broker it loads.
+        return Settings(seconds=a.purchase_seconds, concurrency=a.purchase_concurrency,
+                        max_requests=a.purchases, warmup_seconds=2.0, warmup_requests=min(a.purchases, 500),
+                        pids={"broker": brokers[who].proc.pid, **pids})
+    clients: dict[str, tuple[HTTPTransport, BrokerServiceClient]] = {}
+    try:
+        for who, child in brokers.items():
+            transport = HTTPTransport(timeout=REQUEST_TIMEOUT_S)
+            clients[who] = (transport, BrokerServiceClient(
+                child.url, http_client=Client(transport), send_compression=None, accept_compression=(),
+                timeout_ms=int(REQUEST_TIMEOUT_S * 1000)))
+
+        def maker(who: str, mode: str) -> Any:
+            client = clients[who][1]
+
+            def make(tag: str) -> Call:
+                prefix = f"{who}-{mode}-{tag}"
+
+                async def call(w: int, seq: int) -> None:
+                    _check(await client.transact(_request(run_id, prefix, w, seq), headers=headers))
+                return call
+            return make
+
+        labels = {"plain": "no period layer", "period": "period layer (3 scopes, redis)"}
+        for who in ("plain", "period"):
+            await reset_stats(admin)
+            result = await measure(f"closed loop: {labels[who]}", maker(who, "closed"), settings(who))
+            runs.append(BrokerRun(result, await command_stats(admin)))
+        for who in ("plain", "period"):
+            name = f"open loop {a.rate:g}/s: {labels[who]}"
+            print(f"  {name}: {a.rate_seconds:g} s ...", file=sys.stderr, flush=True)
+            await reset_stats(admin)
+            result, lags = await run_open_loop(name, maker(who, "open")("run"), a.rate, a.rate_seconds,
+                                               settings(who).pids, a.purchase_concurrency,
+                                               max_outstanding=4 * a.purchase_concurrency)
+            runs.append(BrokerRun(result, await command_stats(admin), lags))
+    finally:
+        for transport, client in clients.values():
+            await client.close()
+            await transport.aclose()
+    return runs
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _quantile_ms(values: list[float], p: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0] * 1000
+    return statistics.quantiles(values, n=100, method="inclusive")[p - 1] * 1000
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+
+def _per(count: float, ops: int, digits: int = 2) -> str:
+    return "-" if not ops else f"{count / ops:.{digits}f}"
+
+
+def _other(cpu: dict[str, float | None], ours: Sequence[str]) -> float | None:
+    machine = cpu.get("machine")
+    mine = [cpu.get(who) for who in ours]
+    if machine is None or any(v is None for v in mine):
+        return None
+    return max(0.0, machine - sum(v for v in mine if v is not None))
+
+
+def _delta(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None else f"{b - a:+.2f}"
+
+
+def report_store(
+    phases: list[StorePhase], rbs: list[RbResult], notes: list[str], a: argparse.Namespace
+) -> list[str]:
+    header = ("operation", "ops/s", "p50 ms", "p99 ms", "ops", "errors", "EVALSHA/op", "redis us/EVALSHA",
+              "redis CPU", "client CPU", "other CPU")
+    rows: list[tuple[str, ...]] = []
+    for ph in phases:
+        r = ph.result
+        per = ph.evalsha_per_op
+        rows.append((f"RedisStore {ph.script}", _rate(r.rate), _ms(r.percentile_ms(50)),
+                     _ms(r.percentile_ms(99)), str(r.requests), str(r.error_count),
+                     "-" if per is None else f"{per:.3f}", _rate(ph.stats.usec_per_call("evalsha")),
+                     _pct(r.cpu.get("redis")), _pct(r.cpu.get("bench")),
+                     _pct(_other(r.cpu, ["redis", "bench"]))))
+        if ph.script == "reserve+commit":
+            rows.append(("  of which the reserve", "", _ms(_quantile_ms(ph.reserve_latencies, 50)),
+                         _ms(_quantile_ms(ph.reserve_latencies, 99)), "", "", "", "", "", "", ""))
+    for rb in rbs:
+        rows.append((rb.name, _rate(rb.rps), _ms(rb.p50_ms), _ms(rb.p99_ms), str(rb.requests),
+                     str(rb.stats.failed) if not rb.error else "run failed",
+                     _ratio(rb.stats.calls.get("evalsha", 0), rb.requests),
+                     _rate(rb.stats.usec_per_call("evalsha")), _pct(rb.cpu.get("redis")),
+                     _pct(rb.cpu.get("client")), _pct(_other(rb.cpu, ["redis", "client"]))))
+    out = [
+        f"1-2. Redis store: {a.concurrency} concurrent tasks, {len(SCOPES)} holds per reservation, "
+        f"1 line per hold; at most {a.ops} ops or {a.seconds:g} s per RedisStore phase; "
+        f"redis-benchmark -c {a.concurrency} -n {a.rb_requests}",
+        "",
+        *_table(header, rows),
+        "",
+        "ops/s: RedisStore operations (reserve+commit pairs, or reserves) per second, or redis-benchmark",
+        "calls per second; latencies of successful ones (redis-benchmark: its own percentiles).",
+        "errors: failed operations (redis-benchmark: failed script calls by INFO commandstats).",
+        "EVALSHA/op: script calls the server saw per operation (< 1: coalesced into batches).",
+        "CPU: % of one core; client = this process (RedisStore rows) or redis-benchmark; other = the rest",
+        "of the machine (anything else running skews every number here).",
+    ]
+    out += [f"note: {n}" for n in notes]
+    for rb in rbs:
+        if rb.error:
+            out.append(f"{rb.name}: {rb.error}")
+        elif rb.landed is not None:
+            out.append(f"{rb.name}: {rb.landed} of {rb.requests} calls found on the counters afterwards "
+                       "(a few random ids may collide)")
+    pair = next((ph.result.rate for ph in phases if ph.script == "reserve+commit"), None)
+    only = next((ph.result.rate for ph in phases if ph.script == "reserve"), None)
+    rb_reserve = next((rb.rps for rb in rbs if rb.name.endswith("reserve")), None)
+    rb_commit = next((rb.rps for rb in rbs if rb.name.endswith("commit")), None)
+    unbatched = 1 / (1 / rb_reserve + 1 / rb_commit) if rb_reserve and rb_commit else None
+    ratio_rows: list[tuple[str, ...]] = [
+        ("RedisStore reserve+commit ops/s / redis-benchmark reserve calls/s (target >= 0.5)",
+         _ratio(pair, rb_reserve)),
+        ("RedisStore reserve-only ops/s / redis-benchmark reserve calls/s", _ratio(only, rb_reserve)),
+        ("RedisStore reserve+commit ops/s / redis-benchmark reserve-then-commit pairs/s "
+         f"({_rate(unbatched)}/s)", _ratio(pair, unbatched)),
+    ]
+    out += ["", *_table(("ratio", "value"), ratio_rows)]
+    for ph in phases:
+        errs = ph.result.errors.most_common(3)
+        out += [f"{ph.script} errors: {n} x {kind}" for kind, n in errs]
+    return out
+
+
+def report_broker(runs: list[BrokerRun], a: argparse.Namespace) -> list[str]:
+    cpu_of = ["broker", "exchange", "redis", "bench"]
+    header = ("purchases", "purchases/s", "p50 ms", "p99 ms", "requests", "errors", "EVALSHA/p", "MULTI/p",
+              "redis us/p", *(f"{who} CPU" for who in cpu_of), "other CPU")
+    rows = []
+    for run in runs:
+        r = run.result
+        st = run.stats
+        # EXEC's time includes the commands it runs; EVALSHA's the commands its script calls.
+        usec = sum(st.usec.get(c, 0) for c in ("evalsha", "exec", "multi"))
+        rows.append((r.name, _rate(r.rate), _ms(r.percentile_ms(50)), _ms(r.percentile_ms(99)),
+                     str(r.requests), str(r.error_count), _per(st.calls.get("evalsha", 0), r.ok),
+                     _per(st.calls.get("multi", 0), r.ok), _per(usec, r.ok, 0),
+                     *(_pct(r.cpu.get(who)) for who in cpu_of), _pct(_other(r.cpu, cpu_of))))
+    out = [
+        f"3. Purchases through the broker (Connect protobuf over pyqwest, bearer key): closed loop "
+        f"{a.purchase_concurrency} workers, at most {a.purchases} requests or {a.purchase_seconds:g} s "
+        f"(after a warm-up); open loop {a.rate:g}/s for {a.rate_seconds:g} s",
+        "",
+        *_table(header, rows),
+        "",
+        "EVALSHA/p, MULTI/p: script calls and MULTI/EXEC reads Redis saw per purchase; redis us/p: its time",
+        "in them. CPU: % of one core; broker = the broker under load in that row; other = the rest of",
+        "the machine (anything else running skews every number here).",
+    ]
+    added: list[tuple[str, ...]] = []
+    for i in (0, 2):
+        if i + 1 < len(runs):
+            base, layered = runs[i].result, runs[i + 1].result
+            label = "closed loop" if i == 0 else f"open loop {a.rate:g}/s"
+            added.append((label, _delta(base.percentile_ms(50), layered.percentile_ms(50)),
+                          _delta(base.percentile_ms(99), layered.percentile_ms(99)),
+                          _ratio(layered.rate, base.rate)))
+    out += ["", *_table(("period layer adds", "p50 ms", "p99 ms", "purchases/s ratio"), added)]
+    for run in runs:
+        if run.lags:
+            out.append(f"{run.result.name}: start lag p50 {_ms(_quantile_ms(run.lags, 50))} ms, "
+                       f"p99 {_ms(_quantile_ms(run.lags, 99))} ms behind schedule")
+        for kind, n in run.result.errors.most_common(3):
+            out.append(f"{run.result.name}: {n} x {kind}")
+    return out
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+async def store_sections(redis: RedisProc, a: argparse.Namespace) -> list[str]:
+    store = await RedisStore.open(redis.url, timeout_ms=a.store_timeout_ms, prefix=STORE_PREFIX)
+    admin = Redis.from_url(redis.url)
+    try:
+        pids: dict[str, int | None] = {"redis": redis.proc.pid, "bench": None, "machine": MACHINE}
+        print("  RedisStore: warm-up ...", file=sys.stderr, flush=True)
+        warm = await store_phase(store, admin, "warm", commit=True, concurrency=a.concurrency,
+                                 ops=min(2000, a.ops), seconds=2.0, pids={}, warm=True)
+        if warm.result.errors:
+            print(f"  warm-up errors: {dict(warm.result.errors.most_common(3))}", file=sys.stderr)
+        phases = []
+        for commit in (True, False):
+            print(f"  RedisStore: {'reserve+commit' if commit else 'reserve only'} ...", file=sys.stderr,
+                  flush=True)
+            phases.append(await store_phase(store, admin, "store", commit=commit, concurrency=a.concurrency,
+                                            ops=a.ops, seconds=a.seconds, pids=pids))
+        rbs, notes = await redis_benchmark_phases(store, admin, redis, a.concurrency, a.rb_requests)
+        return report_store(phases, rbs, notes, a)
+    finally:
+        await store.close()
+        await admin.aclose()
+
+
+async def broker_section(redis: RedisProc, plain: Child, period: Child, exchange: Child,
+                         a: argparse.Namespace) -> list[str]:
+    admin = Redis.from_url(redis.url)
+    try:
+        pids: dict[str, int | None] = {"exchange": exchange.proc.pid, "redis": redis.proc.pid, "bench": None,
+                                       "machine": MACHINE}
+        return report_broker(await broker_phases(plain, period, admin, a, pids), a)
+    finally:
+        await admin.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.budget", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=64, help="store tasks and redis-benchmark -c (64)")
+    parser.add_argument("--ops", type=int, default=20000, help="operations per RedisStore phase (20000)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="time limit per RedisStore phase (15)")
+    parser.add_argument("--rb-requests", type=int, default=100000, help="redis-benchmark -n (100000)")
+    parser.add_argument("--store-timeout-ms", type=int, default=StoreSetting().timeout_ms,
+                        help="RedisStore timeout (the broker's default)")
+    parser.add_argument("--purchase-concurrency", type=int, default=16, help="closed-loop workers (16)")
+    parser.add_argument("--purchases", type=int, default=4000, help="closed-loop requests per broker (4000)")
+    parser.add_argument("--purchase-seconds", type=float, default=15.0,
+                        help="closed-loop time limit per broker (15)")
+    parser.add_argument("--rate", type=float, default=200.0, help="open-loop purchases per second (200)")
+    parser.add_argument("--rate-seconds", type=float, default=10.0, help="open-loop duration per broker (10)")
+    parser.add_argument("--skip-store", action="store_true", help="only section 3")
+    parser.add_argument("--skip-broker", action="store_true", help="only sections 1-2")
+    a = parser.parse_args(argv)
+    if min(a.concurrency, a.ops, a.rb_requests, a.purchase_concurrency, a.purchases) < 1 or min(
+            a.seconds, a.purchase_seconds, a.rate, a.rate_seconds) <= 0:
+        parser.error("counts must be at least 1 and times and rates positive")
+    if not Path(REDIS_BENCHMARK).exists():
+        parser.error(f"{REDIS_BENCHMARK} is not installed")
+    for var in ("NO_PROXY", "no_proxy"):
+        os.environ[var] = ",".join(filter(None, ["127.0.0.1,localhost", os.environ.get(var)]))
+    out = [
+        f"ramp-broker period budgets: python {platform.python_version()}, redis-server + "
+        f"redis-benchmark {_redis_version()}, {os.cpu_count()} CPUs shared by everything below",
+        "",
+    ]
+    try:
+        with redis_server() as redis:
+            if not a.skip_store:
+                print("sections 1-2: RedisStore and redis-benchmark ...", file=sys.stderr, flush=True)
+                out += asyncio.run(store_sections(redis, a))
+                out.append("")
+            if not a.skip_broker:
+                print("section 3: starting the Exchange and two brokers ...", file=sys.stderr, flush=True)
+                with tempfile.TemporaryDirectory(prefix="ramp-bench-") as tmp, \
+                        purchase_servers(Path(tmp), redis.url) as (exchange, plain, period):
+                    out += asyncio.run(broker_section(redis, plain, period, exchange, a))
+    except TimeoutError:
+        print(f"bench: a phase ran {PHASE_GRACE_S:g} s past its time limit and was abandoned",
+              file=sys.stderr)
+        return 1
+    except (RuntimeError, BenchFailed) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(out).rstrip())
+    return 0
+
+
+def _redis_version() -> str:
+    try:
+        text = subprocess.run([REDIS_BENCHMARK, "--version"], capture_output=True, timeout=10,
+                              check=False).stdout.decode()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return text.split()[1] if len(text.split()) > 1 else text.strip() or "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,515 @@
+"""Fault injection for per-period budgets: real broker processes on one real redis-server.
+
+Every process (redis-server, the reference Exchange, each broker) runs on its own
+127.0.0.1 port, and every fault is a real signal: SIGKILL a broker holding
+reservations, SIGKILL redis-server mid-load, SIGKILL it right after commits. The
+store is checked through a broker's admin API and by reading Redis directly with
+RedisStore. Every state, journal and Redis file lives under the test's tmp_path;
+every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import re
+import shutil
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from budget.redis_store import RedisStore
+from budget.store import CounterState, LedgerEntry
+from currency.money import Money
+from tests.harness import exhausted
+from tests.processes import (
+    Child,
+    broker_tree,
+    catalog_tree,
+    connect_call,
+    exchange_state,
+    run_cli,
+    set_knobs,
+    start_broker,
+    start_exchange,
+)
+from tests.redis_server import RedisServer
+
+A = "https://x.test/a"  # 1.00 USD flat in catalog_tree()
+ACCOUNT = "acme"
+ADMIN_ENV, ADMIN = "RAMP_FAULT_TEST_ADMIN_TOKEN", "fault-admin-token"
+ALICE, CLOSER, OPENER = "alice-key", "closer-key", "opener-key"
+START_BALANCE = Decimal("1000.00")
+REFUNDED = re.compile(rf"refunded (\d+) expired reservation\(s\) in account {ACCOUNT}")
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def limit(period: str, amount: str) -> dict[str, str]:
+    return {"period": period, "amount": amount, "currency": "USD"}
+
+
+def usd(units: int) -> Decimal:
+    return Money.from_units(units, "USD").amount
+
+
+def period_config(
+    exchange: Child, redis: RedisServer, journal: Path, *, scopes: dict[str, Any],
+    agents: list[dict[str, Any]], ttl_s: int = 30, sweep_s: float = 0.2, timeout_ms: int = 1000,
+) -> dict[str, Any]:
+    """A broker on `redis` with its own fail-open journal file, and the admin API on."""
+    return broker_tree(
+        exchange,
+        session={"default_limit": {"amount": "1000.00", "currency": "USD"}},
+        period_budgets={
+            "store": {"kind": "redis", "url": redis.url, "timeout_ms": timeout_ms},
+            "reservation_ttl_seconds": ttl_s,
+            "sweep_interval_seconds": sweep_s,
+            "journal_path": str(journal),
+            "accounts": {ACCOUNT: {"scopes": scopes}},
+        },
+        agents=agents,
+        admin={"token_env": ADMIN_ENV},
+    )
+
+
+ADMIN_ENVIRON = {ADMIN_ENV: ADMIN}
+
+
+@pytest.fixture
+async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A redis-server of this test's own, AOF on (appendfsync always), its files in tmp_path."""
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory, appendonly=True)
+    await asyncio.to_thread(server.start)
+    try:
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+@contextlib.asynccontextmanager
+async def redis_store(redis: RedisServer) -> AsyncIterator[RedisStore]:
+    store = await RedisStore.open(redis.url, timeout_ms=2000)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def journal_empty(path: Path) -> bool:
+    return not path.exists() or path.stat().st_size == 0
+
+
+@dataclass
+class StoreView:
+    counters: dict[str, tuple[str, CounterState]]  # counter key -> (scope, state)
+    ledger: list[LedgerEntry]
+
+    def spent(self, scope: str) -> Decimal:
+        return sum((usd(s.spent) for sc, s in self.counters.values() if sc == scope), Decimal(0))
+
+    def reserved(self) -> Decimal:
+        return sum((usd(s.reserved) for _, s in self.counters.values()), Decimal(0))
+
+
+async def read_store(redis: RedisServer) -> StoreView:
+    """Every counter and ledger entry of the account, read straight from Redis."""
+    async with redis_store(redis) as store:
+        counters = {ref.key: (ref.scope, state) async for ref, state in store.counters(ACCOUNT)}
+        ledger = [e async for e in store.ledger(ACCOUNT)]
+    return StoreView(counters, ledger)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float, what: str) -> float:
+    """Poll `check` every 50 ms until it holds; the seconds it took. Fails after `within` s."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for _ in range(int(within / 0.05) + 2):
+        if await check():
+            return loop.time() - start
+        if loop.time() - start > within:
+            break
+        await asyncio.sleep(0.05)
+    pytest.fail(f"not within {within}s: {what}")
+
+
+def amount(state: dict[str, Any], name: str) -> Decimal:
+    """A Money field of a Connect JSON BudgetState (absent means zero)."""
+    return Decimal(state.get(name, {}).get("amount", "0") or "0")
+
+
+async def scope_status(client: httpx.AsyncClient, broker: Child, scope: str) -> dict[str, Any]:
+    """The scope's one period BudgetState, from the broker's admin API."""
+    r = await connect_call(client, broker, "BudgetAdminService/GetScopeStatus", {"scope": scope},
+                           token=ADMIN)
+    assert r.status_code == 200, r.text
+    (state,) = r.json()["budgets"]
+    result: dict[str, Any] = state
+    return result
+
+
+def transact(key: str, uris: list[str] | None = None) -> dict[str, Any]:
+    return {"sessionId": f"s-{key}", "idempotencyKey": key, "uris": uris or [A]}
+
+
+def charged(body: dict[str, Any]) -> Decimal:
+    """What the Exchange said it charged for a Transact answer's purchased items."""
+    return sum((Decimal(i["result"]["cost"]["amount"]) for i in body.get("items", [])
+                if i["status"] == "ITEM_STATUS_PURCHASED"), Decimal(0))
+
+
+async def spent_at_exchange(client: httpx.AsyncClient, exchange: Child) -> Decimal:
+    state = await exchange_state(client, exchange)
+    return START_BALANCE - Decimal(state["balances"]["ramp-broker"]["USD"])
+
+
+# --- a: a dead broker's reservations are refunded by another broker -----------------------------
+
+
+async def test_killed_brokers_reservations_are_refunded_by_another_broker(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    ttl_s, sweep_s, n = 2, 0.2, 3
+    scopes = {"user:alice": {"limits": [limit("month", "100.00")]}}
+    agents = [{"id": "alice", "key_sha256": sha(ALICE), "account": ACCOUNT,
+               "charged_to": ["user:alice"]}]
+    async with start_exchange(tmp_path, catalog_tree()) as exchange:
+        configs = [period_config(exchange, redis, tmp_path / f"journal-{i}.jsonl", scopes=scopes,
+                                 agents=agents, ttl_s=ttl_s, sweep_s=sweep_s) for i in (1, 2)]
+        async with start_broker(tmp_path, configs[0], name="broker-1", env=ADMIN_ENVIRON) as b1, \
+                start_broker(tmp_path, configs[1], name="broker-2", env=ADMIN_ENVIRON) as b2, \
+                httpx.AsyncClient(timeout=15.0) as client:
+            # Slow enough that broker 1 is still waiting on the Exchange when it dies.
+            await set_knobs(client, exchange, execute_latency_ms=(ttl_s + 1) * 1000)
+            buys = [asyncio.create_task(connect_call(client, b1, "BrokerService/Transact",
+                                                     transact(f"k{i}"), key=ALICE))
+                    for i in range(n)]
+            try:
+                async def all_at_exchange() -> bool:
+                    return int((await exchange_state(client, exchange))["execute_calls"]) >= n
+                await eventually(all_at_exchange, 10.0, "broker 1's purchases reach the Exchange")
+                # Reservations are taken before the Exchange is asked: n x 1.00 held.
+                before = await scope_status(client, b2, "user:alice")
+                assert amount(before, "reserved") == n, before
+                assert amount(before, "spent") == 0, before
+
+                assert await b1.kill() == -9
+                loop = asyncio.get_running_loop()
+                killed_at = loop.time()
+                answers = await asyncio.gather(*buys, return_exceptions=True)
+            finally:
+                for task in buys:
+                    task.cancel()
+            assert all(isinstance(a, httpx.TransportError) for a in answers), answers
+
+            # The dead broker cannot release: the hold stays until its TTL.
+            right_after = await scope_status(client, b2, "user:alice")
+            assert amount(right_after, "reserved") == n, right_after
+
+            async def refunded() -> bool:
+                return amount(await scope_status(client, b2, "user:alice"), "reserved") == 0
+            await eventually(refunded, ttl_s + 10 * sweep_s + 2.0, "the dead broker's reservations "
+                             "are refunded by broker 2's sweeper")
+            took = loop.time() - killed_at
+            assert took <= ttl_s + 10 * sweep_s + 2.0, took
+
+            after = await scope_status(client, b2, "user:alice")
+            assert amount(after, "spent") == 0, after
+            assert after.get("transactionCount", 0) == 0, after
+            refunds = sum(int(m) for m in REFUNDED.findall(b2.stderr))
+            assert refunds == n, b2.stderr[-3000:]
+            view = await read_store(redis)
+            assert view.reserved() == 0, view
+            assert view.spent("user:alice") == 0, view
+            assert view.ledger == []
+
+            # The budget is whole again: broker 2 can use all of it.
+            await set_knobs(client, exchange, execute_latency_ms=0)
+            r = await connect_call(client, b2, "BrokerService/Transact", transact("k-after"), key=ALICE)
+            assert r.status_code == 200, r.text
+            after = await scope_status(client, b2, "user:alice")
+            assert amount(after, "spent") == 1, after
+            assert amount(after, "reserved") == 0, after
+
+
+# --- b: redis-server killed mid-load; closed and open scopes --------------------------------------
+
+
+ALLOWANCE = "5.00"
+
+
+def closed_and_open() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Scopes team:closed (fails closed) and team:open (fails open, ALLOWANCE USD), one agent each."""
+    scopes = {
+        "team:closed": {"limits": [limit("month", "1000.00")], "failure": "closed"},
+        "team:open": {"limits": [limit("month", "1000.00")], "failure": "open",
+                      "open_allowance": {"amount": ALLOWANCE, "currency": "USD"}},
+    }
+    agents = [
+        {"id": "closer", "key_sha256": sha(CLOSER), "account": ACCOUNT, "charged_to": ["team:closed"]},
+        {"id": "opener", "key_sha256": sha(OPENER), "account": ACCOUNT, "charged_to": ["team:open"]},
+    ]
+    return scopes, agents
+
+
+@dataclass
+class Attempt:
+    key: str
+    started: float
+    seconds: float
+    status: int
+    body: dict[str, Any]
+
+
+@dataclass
+class Agent:
+    key: str
+    attempts: list[Attempt] = field(default_factory=list)
+
+    def after(self, t: float) -> list[Attempt]:
+        return [a for a in self.attempts if a.started > t]
+
+    def successes(self) -> int:
+        return sum(a.status == 200 for a in self.attempts)
+
+    def charged(self) -> Decimal:
+        return sum((charged(a.body) for a in self.attempts if a.status == 200), Decimal(0))
+
+
+async def load(client: httpx.AsyncClient, broker: Child, agent: Agent, name: str,
+               stop: Callable[[Agent], bool], *, max_attempts: int = 200, max_seconds: float = 25.0,
+               ) -> None:
+    """One agent buying A over and over, one purchase at a time, until `stop` says so."""
+    loop = asyncio.get_running_loop()
+    begin = loop.time()
+    for i in range(max_attempts):
+        if stop(agent) or loop.time() - begin > max_seconds:
+            return
+        key = f"{name}-{i}"
+        started = loop.time()
+        r = await connect_call(client, broker, "BrokerService/Transact", transact(key), key=agent.key)
+        agent.attempts.append(Attempt(key, started, loop.time() - started, r.status_code, r.json()))
+        await asyncio.sleep(0.01)
+
+
+async def test_redis_killed_mid_load_closed_denies_open_spends_allowance_then_replays_once(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    timeout_ms, ttl_s, sweep_s = 200, 2, 0.2
+    allowance = Decimal(ALLOWANCE)
+    scopes, agents = closed_and_open()
+    journal = tmp_path / "journal.jsonl"
+    closer, opener = Agent(CLOSER), Agent(OPENER)
+    killed_at: float | None = None
+
+    def down_for(agent: Agent, code: int, times: int) -> bool:
+        """`times` answers with `code` in a row since redis-server died."""
+        if killed_at is None:
+            return False
+        tail = agent.after(killed_at)[-times:]
+        return len(tail) == times and all(a.status == code for a in tail)
+
+    async with start_exchange(tmp_path, catalog_tree()) as exchange:
+        config = period_config(exchange, redis, journal, scopes=scopes, agents=agents, ttl_s=ttl_s,
+                               sweep_s=sweep_s, timeout_ms=timeout_ms)
+        async with start_broker(tmp_path, config, env=ADMIN_ENVIRON) as broker, \
+                httpx.AsyncClient(timeout=15.0) as client:
+            loop = asyncio.get_running_loop()
+            workers = [
+                asyncio.create_task(load(client, broker, closer, "closed",
+                                         lambda a: down_for(a, 503, 5))),
+                asyncio.create_task(load(client, broker, opener, "open",
+                                         lambda a: down_for(a, 429, 3))),
+            ]
+            try:
+                async def loaded() -> bool:
+                    assert not any(w.done() for w in workers), [w.result() for w in workers if w.done()]
+                    return closer.successes() >= 3 and opener.successes() >= 3
+                await eventually(loaded, 15.0, "both agents buy while the store is up")
+                await asyncio.to_thread(redis.kill)
+                killed_at = loop.time()
+                await asyncio.wait_for(asyncio.gather(*workers), 30.0)
+            finally:
+                for w in workers:
+                    w.cancel()
+
+            # Closed: every purchase begun after the kill is UNAVAILABLE, promptly, and never bought.
+            denied = closer.after(killed_at)
+            assert len(denied) >= 5
+            for a in denied:
+                assert (a.status, a.body.get("code")) == (503, "unavailable"), a
+                assert a.seconds < 2.0, a
+            # Open: purchases go on up to the allowance, then RESOURCE_EXHAUSTED naming why.
+            tail = opener.after(killed_at)
+            statuses = [a.status for a in tail]
+            assert set(statuses) <= {200, 429}, tail
+            first_429 = statuses.index(429)
+            assert all(s == 429 for s in statuses[first_429:]), statuses
+            for a in tail[first_429:]:
+                assert a.body["code"] == "resource_exhausted", a
+                assert exhausted(a.body).reason == "open_allowance_exhausted", exhausted(a.body)
+            assert "Traceback" not in broker.stderr, broker.stderr[-3000:]
+
+            # Everything spent while the store was down is in the journal (plus any commit that
+            # was in flight at the kill): the open scope's share is exactly the allowance.
+            entries = [json.loads(line) for line in journal.read_text().splitlines()]
+            spends = {e["id"]: e for e in entries if "ack" not in e}
+            assert not any("ack" in e for e in entries)
+            open_journaled = sum(
+                (Decimal(ln["original_amount"]) for e in spends.values() for ln in e["lines"]
+                 if e["holds"][ln["hold_index"]]["counter"]["scope"] == "team:open"), Decimal(0))
+            assert open_journaled == allowance, spends
+            saved = shutil.copy(journal, tmp_path / "journal-before-replay.jsonl")
+
+            await asyncio.to_thread(redis.start)
+
+            async def replayed() -> bool:
+                return journal.stat().st_size == 0
+            await eventually(replayed, 10.0, "the broker replays its journal once the store is back")
+
+            async def swept() -> bool:
+                return (await read_store(redis)).reserved() == 0
+            await eventually(swept, ttl_s + 5.0, "holds of purchases cut off by the kill expire")
+
+            view = await read_store(redis)
+            journal_lines = [e for e in view.ledger if e.kind == "journal"]
+            # Each journaled spend exactly once, under its journal key.
+            assert sorted(e.idempotency_key for e in journal_lines) == sorted(
+                f"journal:{i}" for i, e in spends.items() for _ in e["lines"]), journal_lines
+            # The counters hold exactly what the Exchange charged, per agent and in total.
+            assert view.spent("team:closed") == closer.charged()
+            assert view.spent("team:open") == opener.charged()
+            assert view.spent("team:closed") + view.spent("team:open") == \
+                await spent_at_exchange(client, exchange)
+            assert sum(e.amount for e in view.ledger) == sum(s.spent for _, s in view.counters.values())
+            await broker.kill()
+
+        # A broker restart re-reads its (now empty) journal: nothing is replayed again.
+        async with start_broker(tmp_path, config, env=ADMIN_ENVIRON) as broker:
+            await asyncio.sleep(5 * sweep_s)
+            again = await read_store(redis)
+            assert (again.counters, again.ledger) == (view.counters, view.ledger)
+            await broker.kill()
+
+        # A crash before the acks were written: the whole journal is offered again, and the
+        # store records none of it twice.
+        shutil.copy(saved, journal)
+        async with start_broker(tmp_path, config, env=ADMIN_ENVIRON) as broker:
+            await eventually(replayed, 10.0, "the restored journal is replayed")
+            again = await read_store(redis)
+            assert (again.counters, again.ledger) == (view.counters, view.ledger)
+
+
+# --- c: with AOF (appendfsync always) no commit is lost to a redis-server SIGKILL -------------------
+
+
+async def test_commits_survive_redis_sigkill_with_aof(tmp_path: Path, redis: RedisServer) -> None:
+    n = 20
+    scopes = {"user:alice": {"limits": [limit("month", "100.00")]},
+              "org:acme": {"limits": [limit("month", "1000.00")]}}
+    agents = [{"id": "alice", "key_sha256": sha(ALICE), "account": ACCOUNT,
+               "charged_to": ["user:alice", "org:acme"]}]
+    async with start_exchange(tmp_path, catalog_tree()) as exchange:
+        config = period_config(exchange, redis, tmp_path / "journal.jsonl", scopes=scopes,
+                               agents=agents)
+        async with start_broker(tmp_path, config, env=ADMIN_ENVIRON) as broker, \
+                httpx.AsyncClient(timeout=15.0) as client:
+            for batch in range(n // 4):
+                answers = await asyncio.gather(*(
+                    connect_call(client, broker, "BrokerService/Transact",
+                                 transact(f"k{batch}-{i}"), key=ALICE) for i in range(4)))
+                for r in answers:
+                    assert r.status_code == 200, r.text
+            before = await read_store(redis)
+            # Killed at once after the last answer: no clean shutdown, no save.
+            await asyncio.to_thread(redis.kill)
+            await asyncio.to_thread(redis.start)
+            after = await read_store(redis)
+
+            assert after.counters == before.counters
+            assert after.ledger == before.ledger
+            assert len(after.ledger) == 2 * n
+            for scope in ("user:alice", "org:acme"):
+                assert after.spent(scope) == n, after
+            assert {s.count for _, s in after.counters.values()} == {n}
+            assert after.reserved() == 0
+            assert await spent_at_exchange(client, exchange) == n
+            assert journal_empty(tmp_path / "journal.jsonl")
+
+            # The broker carries on against the restarted server.
+            r = await connect_call(client, broker, "BrokerService/Transact", transact("k-after"),
+                                   key=ALICE)
+            assert r.status_code == 200, r.text
+            assert broker.config_path is not None
+            result = await asyncio.to_thread(
+                run_cli, ["reconcile", "--config", str(broker.config_path)], tmp_path)
+            assert result.returncode == 0, (result.stdout, result.stderr)
+            assert "counters match the ledger" in result.stdout
+            assert f"against {2 * (n + 1)} ledger" in result.stdout, result.stdout
+
+
+# --- d: a frozen redis-server (SIGSTOP): the store timeout itself bounds a denial ----------------
+
+
+async def test_frozen_redis_denies_closed_within_the_store_timeout(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """SIGKILL refuses connections at once; a frozen server accepts and never answers."""
+    timeout_ms = 200
+    scopes, agents = closed_and_open()
+    journal = tmp_path / "journal.jsonl"
+    assert redis.proc is not None
+    async with start_exchange(tmp_path, catalog_tree()) as exchange:
+        config = period_config(exchange, redis, journal, scopes=scopes, agents=agents,
+                               timeout_ms=timeout_ms)
+        async with start_broker(tmp_path, config, env=ADMIN_ENVIRON) as broker, \
+                httpx.AsyncClient(timeout=15.0) as client:
+            loop = asyncio.get_running_loop()
+
+            async def buy(agent_key: str, key: str) -> tuple[int, dict[str, Any], float]:
+                started = loop.time()
+                r = await connect_call(client, broker, "BrokerService/Transact", transact(key),
+                                       key=agent_key)
+                return r.status_code, r.json(), loop.time() - started
+
+            for agent_key, name in ((CLOSER, "closed"), (OPENER, "open")):
+                status, body, _ = await buy(agent_key, f"{name}-warm")
+                assert status == 200, body
+            redis.proc.send_signal(signal.SIGSTOP)
+            try:
+                for i in range(3):
+                    status, body, seconds = await buy(CLOSER, f"closed-frozen-{i}")
+                    assert (status, body.get("code")) == (503, "unavailable"), body
+                    assert seconds < 2.0, seconds
+                status, body, seconds = await buy(OPENER, "open-frozen")
+                assert status == 200, body
+                assert seconds < 2.0, seconds
+                assert journal.read_text().count('"idempotency_key":"open-frozen"') == 1
+            finally:
+                redis.proc.send_signal(signal.SIGCONT)
+            await eventually(lambda: _true(journal_empty(journal)), 10.0,
+                             "the journal is replayed once the server thaws")
+            status, body, _ = await buy(CLOSER, "closed-thawed")
+            assert status == 200, body
+            view = await read_store(redis)
+            assert view.spent("team:closed") == 2
+            assert view.spent("team:open") == 2
+            assert [e.kind for e in view.ledger].count("journal") == 1
+            assert view.spent("team:closed") + view.spent("team:open") == \
+                await spent_at_exchange(client, exchange)
+
+
+async def _true(value: bool) -> bool:
+    return value
