@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run gen check-gen lint redis test bench clean
+.PHONY: setup run gen check-gen lint redis test bench bench-purchases bench-budget clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -43,9 +43,16 @@ redis:
 test: check-gen lint redis
 	$(BIN)/python -m pytest -q
 
-## bench: purchases/s and latency through the broker, per protocol
-bench: setup
+## bench: both benchmarks below
+bench: bench-purchases bench-budget
+
+## bench-purchases: purchases/s and latency through the broker, per protocol
+bench-purchases: setup
 	$(BIN)/python -m bench.purchases
+
+## bench-budget: the Redis store against redis-benchmark, and what the period layer adds per purchase
+bench-budget: setup redis
+	$(BIN)/python -m bench.budget
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -84,7 +84,7 @@ from budget.redis_store import RedisStore
 from budget.store import Committed, CounterRef, Hold, Line, Reserved
 from ramp.broker.v1.broker_connect import BrokerServiceClient
 
-REDIS_BENCHMARK = "/usr/bin/redis-benchmark"
+REDIS_BENCHMARK = shutil.which("redis-benchmark") or "/usr/bin/redis-benchmark"
 STORE_ACCOUNT = "bench-store"  # section 1
 RB_ACCOUNT = "bench-rb"  # section 2: its own keys, never the store's
 BROKER_ACCOUNT = "bench-broker"  # section 3

@@ -73,7 +73,8 @@ class Broker:
 def scope_owners(config: BrokerConfig) -> dict[str, str]:
     """Every scope the config knows, and the account it belongs to."""
     owners = {s: name for name, acct in config.period_budgets.accounts.items() for s in acct.scopes}
-    for a in config.agents:
+    callers = [*config.agents, *([config.anonymous] if config.anonymous else [])]
+    for a in callers:
         for scope in [*a.charged_to, *a.may_name, *([billing_scope(a.billing_ref)] if a.billing_ref else [])]:
             owners.setdefault(scope, a.account)
     return owners
@@ -130,7 +131,7 @@ def build_period_layer(
 
 async def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Broker:
     clock = clock or SystemClock()
-    auth = Authenticator(config.agents)
+    auth = Authenticator(config.agents, config.anonymous)
     admin_token = AdminToken(config)
     store = await open_store(config.period_budgets.store) if scope_owners(config) else None
     converter, ecb = build_converter(config, clock, store)

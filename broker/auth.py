@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from broker.config import AgentSetting, BrokerConfig
+from broker.config import AgentSetting, BrokerConfig, ChargeSetting
 from broker.configfile import ConfigError
 from broker.errors import InvalidField, PermissionDenied, Unauthenticated
 from broker.validation import Constraints
@@ -52,8 +52,17 @@ def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def _agent(agent_id: str, a: ChargeSetting) -> Agent:
+    return Agent(
+        id=agent_id, account=a.account,
+        billing_scope=billing_scope(a.billing_ref) if a.billing_ref else None,
+        charged_to=tuple(a.charged_to), may_name=frozenset(a.may_name),
+    )
+
+
 class Authenticator:
-    def __init__(self, agents: Sequence[AgentSetting]) -> None:
+    def __init__(self, agents: Sequence[AgentSetting], anonymous: ChargeSetting | None = None) -> None:
+        self._anonymous = _agent("anonymous", anonymous) if anonymous else ANONYMOUS
         self._by_digest: dict[str, Agent] = {}
         for i, a in enumerate(agents):
             if a.key_env is not None:
@@ -64,22 +73,14 @@ class Authenticator:
             else:
                 assert a.key_sha256 is not None
                 digest = a.key_sha256
-            self._by_digest[digest] = Agent(
-                id=a.id, account=a.account,
-                billing_scope=billing_scope(a.billing_ref) if a.billing_ref else None,
-                charged_to=tuple(a.charged_to), may_name=frozenset(a.may_name),
-            )
-
-    @property
-    def required(self) -> bool:
-        return bool(self._by_digest)
+            self._by_digest[digest] = _agent(a.id, a)
 
     def identify(self, headers: Mapping[str, str]) -> Agent:
-        if not self._by_digest:
-            return ANONYMOUS
         key = _bearer(headers)
         if key is None:
-            raise Unauthenticated("an API key is required: send 'authorization: Bearer <key>'")
+            if self._by_digest and self._anonymous is ANONYMOUS:
+                raise Unauthenticated("an API key is required: send 'authorization: Bearer <key>'")
+            return self._anonymous
         agent = self._by_digest.get(_digest(key))
         if agent is None:
             raise Unauthenticated("unknown API key")

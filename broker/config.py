@@ -168,14 +168,9 @@ class PeriodBudgetsSetting(_Strict):
         return accounts
 
 
-class AgentSetting(_Strict):
-    """One agent credential and what it is charged to."""
+class ChargeSetting(_Strict):
+    """Where a caller's purchases are charged."""
 
-    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@/+=-]+$")
-    # The credential: the SHA-256 (hex) of the API key, or the name of an
-    # environment variable holding the key. Never the key itself in the file.
-    key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-    key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     account: str
     # Charged when the request names no scope: billing:<billing_ref>.
     billing_ref: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
@@ -184,11 +179,25 @@ class AgentSetting(_Strict):
     # Scopes the agent may name in constraints.budget_scope.
     may_name: list[Scope] = Field(default_factory=list)
 
+    @field_validator("account")
+    @classmethod
+    def _account(cls, name: str) -> str:
+        return check_account(name, "account")
+
+
+class AgentSetting(ChargeSetting):
+    """One agent credential and what it is charged to."""
+
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@/+=-]+$")
+    # The credential: the SHA-256 (hex) of the API key, or the name of an
+    # environment variable holding the key. Never the key itself in the file.
+    key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
     @model_validator(mode="after")
     def _check(self) -> AgentSetting:
         if (self.key_sha256 is None) == (self.key_env is None):
             raise ValueError("give exactly one of key_sha256 and key_env")
-        check_account(self.account, "account")
         return self
 
 
@@ -214,8 +223,10 @@ class BrokerConfig(_Strict):
     # Daily ECB reference rates (instead of, or beside, fixed rates: fixed ones win).
     ecb_rates: EcbSetting | None = None
     period_budgets: PeriodBudgetsSetting = PeriodBudgetsSetting()
-    # Agent credentials; with none, requests need no credential and have no period scopes.
+    # Agent credentials. A request without one is refused when agents are listed,
+    # unless `anonymous` says where such requests are charged (e.g. a local sidecar).
     agents: list[AgentSetting] = Field(default_factory=list)
+    anonymous: ChargeSetting | None = None
     admin: AdminSetting = AdminSetting()
 
     _check_listen = field_validator("listen")(check_address)
@@ -252,10 +263,12 @@ class BrokerConfig(_Strict):
         if dupes:
             raise ValueError(f"agent ids must be unique; repeated: {', '.join(dupes)}")
         owner = {s: name for name, acct in self.period_budgets.accounts.items() for s in acct.scopes}
-        for i, agent in enumerate(self.agents):
+        callers: list[tuple[str, ChargeSetting]] = [(f"agents[{i}]", a) for i, a in enumerate(self.agents)]
+        callers += [("anonymous", self.anonymous)] if self.anonymous else []
+        for name, agent in callers:
             for scope in [*agent.charged_to, *agent.may_name]:
                 if owner.get(scope, agent.account) != agent.account:
-                    raise ValueError(f"agents[{i}]: scope {scope} belongs to account "
+                    raise ValueError(f"{name}: scope {scope} belongs to account "
                                      f"{owner[scope]}, not {agent.account}")
         return self
 

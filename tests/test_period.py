@@ -449,3 +449,16 @@ async def test_daily_ecb_rates_convert_until_stale_then_deny_clearly(
         assert "2026-11-20" in body["message"]
         assert "older than" in body["message"]
     assert (await exchange.state())["execute_calls"] == 1
+
+
+async def test_an_anonymous_sidecar_caller_is_charged_where_the_operator_says(
+    exchange: Exchange, tmp_path: Path, clock: ManualClock, store: dict[str, Any]
+) -> None:
+    anonymous = {"account": "acme", "billing_ref": "alice", "charged_to": ["team:eng"]}
+    async with period_broker(exchange, tmp_path, clock, store=store, anonymous=anonymous) as b:
+        code, body = await buy(b, "k1", [A], api_key="")
+        assert code == 200, body
+        assert set(states(body)) == {("team:eng", "day"), ("billing:alice", "month")}
+        # A wrong key is still refused, not treated as anonymous.
+        code, body = await buy(b, "k2", [A], api_key="wrong")
+        assert body["code"] == "unauthenticated"

@@ -493,14 +493,18 @@ async def test_frozen_redis_denies_closed_within_the_store_timeout(
                     status, body, seconds = await buy(CLOSER, f"closed-frozen-{i}")
                     assert (status, body.get("code")) == (503, "unavailable"), body
                     assert seconds < 2.0, seconds
+                    print("DBG closed frozen", seconds, body)
                 status, body, seconds = await buy(OPENER, "open-frozen")
                 assert status == 200, body
                 assert seconds < 2.0, seconds
                 assert journal.read_text().count('"idempotency_key":"open-frozen"') == 1
             finally:
                 redis.proc.send_signal(signal.SIGCONT)
-            await eventually(lambda: _true(journal_empty(journal)), 10.0,
-                             "the journal is replayed once the server thaws")
+
+            async def replayed() -> bool:
+                return journal_empty(journal)
+            await eventually(replayed, 10.0, "the journal is replayed once the server thaws")
+            print("DBG", "\n".join(l for l in broker.stderr.splitlines() if "POST" not in l))
             status, body, _ = await buy(CLOSER, "closed-thawed")
             assert status == 200, body
             view = await read_store(redis)
@@ -509,7 +513,3 @@ async def test_frozen_redis_denies_closed_within_the_store_timeout(
             assert [e.kind for e in view.ledger].count("journal") == 1
             assert view.spent("team:closed") + view.spent("team:open") == \
                 await spent_at_exchange(client, exchange)
-
-
-async def _true(value: bool) -> bool:
-    return value
