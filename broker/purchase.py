@@ -184,8 +184,15 @@ class Purchaser:
         choices = [self._choose(uri, offers[uri], c, currency) for uri in unique]
 
         try:
-            held, kept = await self._reserve(
-                account, charge, plan, key, choices, c, discovery, response)
+            try:
+                held, kept = await self._reserve(
+                    account, charge, plan, key, choices, c, discovery, response)
+            except (BudgetExhausted, NothingToBuy):
+                # A retry of a key bought earlier (on another broker, or before a restart) is
+                # replayed even when nothing fits any more; only then is the denial final.
+                if plan is not None and self._period is not None:
+                    await self._period.replay_if_settled(plan, key)
+                raise
         except AlreadySettled as done:
             # Another broker (or this one before a restart) finished this key: replay its answer.
             return _replay(done.result, fingerprint)
@@ -268,7 +275,7 @@ class Purchaser:
             await held.session.commit(held.session.amount)
             if held.period is not None and self._period is not None:
                 await self._period.commit(held.period, [
-                    ItemSpend(c.exchange.name, c.offer.offer_id, c.uri, c.price) for c in kept
+                    ItemSpend(c.exchange.name, c.offer.offer_id, c.uri, c.price, c.price) for c in kept
                 ], fingerprint.encode() + b"\n")
             raise
         outcomes = [o for group in groups for o in group]
@@ -283,7 +290,8 @@ class Purchaser:
         if held.period is not None and self._period is not None:
             # The answer is stored with the commit, so any broker can replay this key.
             await self._period.commit(held.period, [
-                ItemSpend(o.cand.exchange.name, o.cand.offer.offer_id, o.cand.uri, o.original or o.charged)
+                ItemSpend(o.cand.exchange.name, o.cand.offer.offer_id, o.cand.uri,
+                          o.original or o.charged, o.charged)
                 for o in outcomes if o.cand is not None and not o.charged.is_zero()
             ], fingerprint.encode() + b"\n" + response.SerializeToString())
         try:

@@ -2,9 +2,14 @@
 
 An append-only file of JSON lines, fsynced before the purchase's answer is
 sent. Each spend has an id; once the store has recorded it (idempotently, under
-`journal:<id>`), an ack line follows. A crash between the two only means the
-spend is offered to the store again, which records it once. When everything is
-acknowledged the file is truncated.
+the purchase's own idempotency key), an ack line follows. A crash between the two
+only means the spend is offered to the store again, which records it once. When
+everything is acknowledged the file is truncated.
+
+The purchase's key, not the entry's id: the Exchange charges a key once, so the
+store must count it once too, whether this broker's commit landed after all
+(its answer lost to a timeout), another broker journaled a retry of the same key
+during the outage, or committed one after it.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ class JournalEntry:
 
     @property
     def store_key(self) -> str:
-        return f"journal:{self.id}"
+        """The key the store records this spend under, once: the purchase's idempotency key."""
+        return self.idempotency_key
 
 
 def _hold(d: dict[str, Any]) -> Hold:

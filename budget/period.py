@@ -52,7 +52,7 @@ from budget.store import (
     StoreUnavailable,
 )
 from currency.convert import Converter, convert
-from currency.money import Money, MoneyError
+from currency.money import Money, MoneyError, total
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +127,13 @@ class Plan:
 
 @dataclass(frozen=True, slots=True)
 class ItemSpend:
-    """One bought item, as the Exchange charged it."""
+    """One bought item: as the Exchange charged it, and in the purchase's currency."""
 
     exchange: str
     offer_id: str
     uri: str
-    cost: Money
+    original: Money
+    charged: Money  # in the currency the reservation was made in (rounded up)
 
 
 @dataclass
@@ -363,6 +364,17 @@ class PeriodLayer:
             plan = self._plan(charge, await self._load_limits(plan.account))
         raise StoreDown("operator limits kept changing during the reservation; retry")
 
+    async def replay_if_settled(self, plan: Plan, key: str) -> None:
+        """Raise AlreadySettled when `key` was committed before: a retry is answered, not denied."""
+        if not plan.counters:
+            return
+        try:
+            stored = await self._guarded(self.store.settled(plan.account, key))
+        except StoreUnavailable:
+            return  # the denial stands; the agent retries later
+        if stored is not None:
+            raise AlreadySettled(stored)
+
     def _reserve_locally(
         self, plan: Plan, holds: tuple[Hold, ...], cost: Money, key: str, now_ms: int
     ) -> PeriodHold:
@@ -393,9 +405,10 @@ class PeriodLayer:
             return
         hold.settled = True
         lines = tuple(
-            Line(i, convert(item.cost, h.counter.currency, self._converter).units(),
-                 item.cost.text(), item.cost.currency, item.exchange, item.offer_id, item.uri)
-            for i, h in enumerate(hold.holds) for item in items
+            Line(i, amount, item.original.text(), item.original.currency, item.exchange,
+                 item.offer_id, item.uri)
+            for i, h in enumerate(hold.holds)
+            for item, amount in zip(items, self._split(items, h.counter.currency), strict=True)
         )
         now_ms = to_ms(self._clock.now())
         if hold.local:
@@ -423,6 +436,19 @@ class PeriodLayer:
         if done.late:
             log.warning("reservation %s expired before its commit; spend recorded late",
                         hold.reservation_id)
+
+    def _split(self, items: Sequence[ItemSpend], currency: str) -> list[int]:
+        """Each item's share of the batch total in `currency`, rounded once, like the hold.
+
+        Rounding every item up on its own could commit a few nano-units more than was held
+        for the same charges; instead the items are rounded down and the last one takes the
+        difference to the total rounded up.
+        """
+        exact_total = convert(total((i.charged for i in items), items[0].charged.currency),
+                              currency, self._converter).units()
+        shares = [convert(i.charged, currency, self._converter, round_up=False).units() for i in items]
+        shares[-1] += exact_total - sum(shares)
+        return shares
 
     async def release(self, hold: PeriodHold) -> None:
         if hold.settled:

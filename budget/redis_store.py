@@ -625,6 +625,13 @@ class RedisStore:
 
         await self._call(run, retry=False)
 
+    async def settled(self, account: str, idempotency_key: str) -> bytes | None:
+        key = f"{self.account_prefix(account)}i:{idempotency_key}"
+        state, result = await self._call(lambda: self._client.hmget(key, ["state", "result"]), retry=True)
+        if state is None or _text(state) != "committed":
+            return None
+        return b"" if result is None else (bytes(result) if isinstance(result, bytes) else result.encode())
+
     async def get_blob(self, name: str, *, now_ms: int) -> bytes | None:
         key = f"{self._prefix}:blob:{name}"
         data, expires = await self._call(lambda: self._client.hmget(key, ["data", "expires_ms"]), retry=True)

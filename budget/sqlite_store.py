@@ -714,6 +714,16 @@ class SqliteStore:
 
         await self._run(run, write=True)
 
+    async def settled(self, account: str, idempotency_key: str) -> bytes | None:
+        def run(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute(
+                "SELECT result FROM idempotency WHERE account = ? AND \"key\" = ? AND state = 'committed'",
+                (account, idempotency_key),
+            ).fetchone()
+            return None if row is None else bytes(row[0] or b"")
+
+        return await self._run(run, write=False)
+
     async def get_blob(self, name: str, *, now_ms: int) -> bytes | None:
         def run(conn: sqlite3.Connection) -> bytes | None:
             row = conn.execute("SELECT data, expires_ms FROM blobs WHERE name = ?", (name,)).fetchone()

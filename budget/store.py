@@ -197,6 +197,10 @@ class Store(Protocol):
         """
         ...
 
+    async def settled(self, account: str, idempotency_key: str) -> bytes | None:
+        """The stored result of a key that was committed, else None (a read; changes nothing)."""
+        ...
+
     async def release(self, account: str, reservation_id: str, *, now_ms: int) -> bool:
         """Return the whole hold and forget the key's reservation. False if it was already gone."""
         ...

@@ -393,6 +393,23 @@ async def test_a_retry_on_another_broker_replays_and_charges_nothing(
     assert await store_rows(store) == (4, 8)  # 4 counters, 2 items on each
 
 
+async def test_a_retry_after_the_budget_ran_out_is_replayed_not_denied(
+    exchange: Exchange, tmp_path: Path, clock: ManualClock, store: dict[str, Any]
+) -> None:
+    scopes = {"user:alice": {"limits": [limit("month", "3.00")]}}
+    async with period_broker(exchange, tmp_path, clock, store=store, scopes=scopes) as first:
+        code, body = await buy(first, "k1", [C])  # the whole 3.00
+        assert code == 200
+    async with period_broker(exchange, tmp_path, clock, store=store, scopes=scopes) as second:
+        code, again = await buy(second, "k1", [C])
+        assert code == 200, again
+        assert again["replayed"] is True
+        assert again["items"] == body["items"]
+        code, other = await buy(second, "k2", [C])
+        assert code == 429
+    assert (await exchange.state())["execute_calls"] == 1
+
+
 async def test_budget_status_reports_every_scope(broker: RunningBroker) -> None:
     await buy(broker, "k1", [A])
     r = await broker.post("BudgetService/GetBudgetStatus", {"budgetScope": "project:q4"}, ALICE)

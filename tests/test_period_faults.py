@@ -384,10 +384,17 @@ async def test_redis_killed_mid_load_closed_denies_open_spends_allowance_then_re
             await eventually(swept, ttl_s + 5.0, "holds of purchases cut off by the kill expire")
 
             view = await read_store(redis)
-            journal_lines = [e for e in view.ledger if e.kind == "journal"]
-            # Each journaled spend exactly once, under its journal key.
-            assert sorted(e.idempotency_key for e in journal_lines) == sorted(
-                f"journal:{i}" for i, e in spends.items() for _ in e["lines"]), journal_lines
+            # Every purchase the Exchange charged is in the ledger exactly once (one item, one
+            # scope each), committed or replayed from the journal; nothing else is.
+            bought = [a.key for agent in (closer, opener) for a in agent.attempts if a.status == 200]
+            assert sorted(e.idempotency_key for e in view.ledger) == sorted(bought)
+            journaled = {e["idempotency_key"] for e in spends.values()}
+            replays = [e.idempotency_key for e in view.ledger if e.kind == "journal"]
+            assert set(replays) <= journaled
+            # Only a journaled commit that had landed after all (its answer lost) is not replayed.
+            assert journaled - set(replays) <= {e.idempotency_key for e in view.ledger
+                                                if e.kind == "commit"}
+            assert {a.key for a in opener.after(killed_at) if a.status == 200} <= set(replays)
             # The counters hold exactly what the Exchange charged, per agent and in total.
             assert view.spent("team:closed") == closer.charged()
             assert view.spent("team:open") == opener.charged()
@@ -493,7 +500,6 @@ async def test_frozen_redis_denies_closed_within_the_store_timeout(
                     status, body, seconds = await buy(CLOSER, f"closed-frozen-{i}")
                     assert (status, body.get("code")) == (503, "unavailable"), body
                     assert seconds < 2.0, seconds
-                    print("DBG closed frozen", seconds, body)
                 status, body, seconds = await buy(OPENER, "open-frozen")
                 assert status == 200, body
                 assert seconds < 2.0, seconds
@@ -504,7 +510,6 @@ async def test_frozen_redis_denies_closed_within_the_store_timeout(
             async def replayed() -> bool:
                 return journal_empty(journal)
             await eventually(replayed, 10.0, "the journal is replayed once the server thaws")
-            print("DBG", "\n".join(l for l in broker.stderr.splitlines() if "POST" not in l))
             status, body, _ = await buy(CLOSER, "closed-thawed")
             assert status == 200, body
             view = await read_store(redis)
@@ -513,3 +518,92 @@ async def test_frozen_redis_denies_closed_within_the_store_timeout(
             assert [e.kind for e in view.ledger].count("journal") == 1
             assert view.spent("team:closed") + view.spent("team:open") == \
                 await spent_at_exchange(client, exchange)
+
+
+# --- e, f: a spend the Exchange charged once is counted once, however it reached the store ------
+
+
+async def test_commit_cut_off_by_the_store_timeout_is_counted_once(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """Redis freezes between reserve and commit: the commit times out and is journaled."""
+    ttl_s = 2
+    scopes, agents = closed_and_open()
+    journal = tmp_path / "journal.jsonl"
+    assert redis.proc is not None
+    async with start_exchange(tmp_path, catalog_tree()) as exchange:
+        config = period_config(exchange, redis, journal, scopes=scopes, agents=agents, ttl_s=ttl_s,
+                               timeout_ms=200)
+        async with start_broker(tmp_path, config, env=ADMIN_ENVIRON) as broker, \
+                httpx.AsyncClient(timeout=15.0) as client:
+            await set_knobs(client, exchange, execute_latency_ms=1000)
+            purchase = asyncio.create_task(connect_call(
+                client, broker, "BrokerService/Transact", transact("k1"), key=CLOSER))
+            try:
+                async def at_exchange() -> bool:
+                    return int((await exchange_state(client, exchange))["execute_calls"]) >= 1
+                await eventually(at_exchange, 10.0, "the purchase reaches the Exchange")
+                # Reserved, now buying: the store stops answering before the commit.
+                redis.proc.send_signal(signal.SIGSTOP)
+                try:
+                    r = await asyncio.wait_for(purchase, 10.0)
+                    (entry,) = [json.loads(line) for line in journal.read_text().splitlines()]
+                finally:
+                    redis.proc.send_signal(signal.SIGCONT)
+            finally:
+                purchase.cancel()
+            # Bought and journaled: the agent is told so.
+            assert r.status_code == 200, r.text
+            assert charged(r.json()) == 1
+            assert entry["idempotency_key"] == "k1"
+
+            async def replayed() -> bool:
+                return journal_empty(journal)
+            await eventually(replayed, 10.0, "the journal is replayed once the server thaws")
+
+            async def swept() -> bool:
+                return (await read_store(redis)).reserved() == 0
+            await eventually(swept, ttl_s + 5.0, "the cut-off purchase's hold is refunded")
+            view = await read_store(redis)
+            assert view.spent("team:closed") == await spent_at_exchange(client, exchange) == 1
+            assert [(e.idempotency_key, e.kind) for e in view.ledger] == [("k1", "journal")]
+
+
+async def test_retry_on_another_broker_during_an_outage_is_counted_once(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """Both brokers journal the same key; the Exchange charged it once; so must the store."""
+    scopes, agents = closed_and_open()
+    journals = [tmp_path / f"journal-{i}.jsonl" for i in (1, 2)]
+    async with start_exchange(tmp_path, catalog_tree()) as exchange:
+        configs = [period_config(exchange, redis, j, scopes=scopes, agents=agents, timeout_ms=200)
+                   for j in journals]
+        async with start_broker(tmp_path, configs[0], name="broker-1", env=ADMIN_ENVIRON) as b1, \
+                start_broker(tmp_path, configs[1], name="broker-2", env=ADMIN_ENVIRON) as b2, \
+                httpx.AsyncClient(timeout=15.0) as client:
+            await asyncio.to_thread(redis.kill)
+            first = await connect_call(client, b1, "BrokerService/Transact", transact("k1"), key=OPENER)
+            assert first.status_code == 200, first.text
+            # The agent did not hear back (say), and retries the same key on the other broker.
+            retry = await connect_call(client, b2, "BrokerService/Transact", transact("k1"), key=OPENER)
+            assert retry.status_code == 200, retry.text
+            assert charged(first.json()) == charged(retry.json()) == 1
+            assert (await exchange_state(client, exchange))["charges"] == 1
+            await asyncio.to_thread(redis.start)
+
+            async def replayed() -> bool:
+                return all(journal_empty(j) for j in journals)
+            await eventually(replayed, 10.0, "both brokers replay their journals")
+            view = await read_store(redis)
+            assert view.spent("team:open") == await spent_at_exchange(client, exchange) == 1
+            assert [(e.idempotency_key, e.kind) for e in view.ledger] == [("k1", "journal")]
+
+            # Once replayed the key is settled everywhere: a later retry charges nothing more.
+            async with start_broker(tmp_path, configs[0], name="broker-3",
+                                    env=ADMIN_ENVIRON) as b3:
+                again = await connect_call(client, b3, "BrokerService/Transact", transact("k1"),
+                                           key=OPENER)
+            assert again.status_code == 200, again.text
+            assert again.json().get("replayed") is True, again.json()
+            assert (await read_store(redis)).spent("team:open") == 1
+            assert (await exchange_state(client, exchange))["charges"] == 1

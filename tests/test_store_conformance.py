@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from budget.store import (
     Committed,
@@ -636,6 +637,11 @@ class OpAdvance:
 
 
 @dataclass(frozen=True)
+class OpDrain:
+    """An hour later everything still open has expired: one sweep must end it all."""
+
+
+@dataclass(frozen=True)
 class OpCredit:
     counter: int
     amount: int
@@ -647,7 +653,7 @@ class OpRecord:
     amounts: tuple[int, int, int]
 
 
-Op = OpReserve | OpCommit | OpRecommit | OpRelease | OpSweep | OpAdvance | OpCredit | OpRecord
+Op = OpReserve | OpCommit | OpRecommit | OpRelease | OpSweep | OpAdvance | OpDrain | OpCredit | OpRecord
 
 _amounts = st.tuples(st.integers(1, 5), st.integers(1, 5), st.integers(1, 5))
 _reserve = st.builds(OpReserve, st.integers(0, len(COMBOS) - 1), _amounts, st.sampled_from(TTLS),
@@ -663,8 +669,9 @@ _BRANCHES: list[st.SearchStrategy[Op]] = [
     st.builds(OpRecommit, st.integers(0, 1000)),
     st.builds(OpCredit, st.integers(0, 2), st.integers(1, 4)),
     st.builds(OpRecord, st.integers(0, len(COMBOS) - 1), st.tuples(*[st.just(1)] * 3)),
+    st.builds(OpDrain),
 ]
-OPS = st.lists(st.sampled_from(_BRANCHES).flatmap(lambda s: s), min_size=20, max_size=60)
+OP = st.sampled_from(_BRANCHES).flatmap(lambda s: s)
 
 
 @dataclass
@@ -794,6 +801,10 @@ async def _step(store: Store, m: Model, op: Op, v: int) -> None:
         assert ok == (r.status == "open"), (r.status, ok)
         if ok:
             m.end(r, "released")
+    elif isinstance(op, OpDrain):
+        m.now += 3_600_000
+        await _step(store, m, OpSweep(), v)
+        assert m.reserved == [0, 0, 0]
     elif isinstance(op, OpSweep):
         due = [r for r in m.keys.values() if r is not None and r.status == "open" and r.expires_at <= m.now]
         assert await store.sweep(ACCT, now_ms=m.now, batch=1000) == len(due)
@@ -829,28 +840,46 @@ async def _check(store: Store, m: Model) -> None:
     assert [sums.get(ref.key, 0) for ref in WORK_COUNTERS] == [s.spent for s in got]
 
 
-async def _workload(store: Store, ops: Sequence[Op]) -> None:
-    m = Model()
-    v = await version(store)
-    for op in ops:
-        await _step(store, m, op, v)
-        await _check(store, m)
-    # Whatever is still open ends in one final sweep; nothing may stay held.
-    m.now += DAY
-    await _step(store, m, OpSweep(), v)
-    await _check(store, m)
-    assert m.reserved == [0, 0, 0]
+class _Workload(RuleBasedStateMachine):
+    """One fresh store per example, driven from a private event loop (stateful tests are sync)."""
+
+    kind = "sqlite"
+    redis_url = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.Runner()
+        self.dir = tempfile.TemporaryDirectory(prefix="store-conf-")
+        self.exits = contextlib.AsyncExitStack()
+        self.store = self.loop.run(self.exits.enter_async_context(
+            open_store(self.kind, redis_url=self.redis_url, directory=Path(self.dir.name))))
+        self.model = Model()
+        self.version = self.loop.run(version(self.store))
+
+    @rule(op=OP)
+    def step(self, op: Op) -> None:
+        self.loop.run(_step(self.store, self.model, op, self.version))
+
+    @invariant()
+    def books_balance(self) -> None:
+        self.loop.run(_check(self.store, self.model))
+
+    def teardown(self) -> None:
+        try:
+            self.loop.run(self.exits.aclose())
+        finally:
+            self.loop.close()
+            self.dir.cleanup()
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@settings(max_examples=25, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(ops=OPS)
-async def test_random_workload_keeps_the_books(
-    kind: str, request: pytest.FixtureRequest, ops: list[Op]
-) -> None:
-    # A fresh store per example: the fixture would be shared across hypothesis examples.
+def test_random_workload_keeps_the_books(kind: str, request: pytest.FixtureRequest) -> None:
     url: str = request.getfixturevalue("redis_url") if kind == "redis" else ""
-    with tempfile.TemporaryDirectory(prefix="store-conf-") as d:
-        async with open_store(kind, redis_url=url, directory=Path(d)) as store:
-            await _workload(store, ops)
+
+    class Workload(_Workload):
+        pass
+
+    Workload.kind, Workload.redis_url = kind, url
+    run_state_machine_as_test(Workload, settings=settings(
+        max_examples=25, stateful_step_count=50, deadline=None, derandomize=True, database=None,
+        suppress_health_check=[HealthCheck.too_slow]))
