@@ -456,9 +456,18 @@ async def _run_and_check(
             f"{k}: counter spent {money(st.spent, ref.currency)}, ledger "
             f"{money(sum(e.amount for e in entries), ref.currency)}\n{summary}")
         assert st.count == len({e.idempotency_key for e in entries}), (k, st, summary)
+        # One purchase's lines on a counter add up to its cost in the purchase currency (USD,
+        # each item rounded up), converted into the counter's currency and rounded up once:
+        # exactly what was held for it.
+        by_key: dict[str, list[LedgerEntry]] = defaultdict(list)
         for e in entries:
             assert e.currency == ref.currency, e
-            assert e.amount == convert_up(Decimal(e.original_amount), e.original_currency, e.currency), e
+            by_key[e.idempotency_key].append(e)
+        for key, lines in by_key.items():
+            usd_nanos = sum(convert_up(Decimal(e.original_amount), e.original_currency, "USD")
+                            for e in lines)
+            expected = convert_up(Decimal(usd_nanos) / 10**9, "USD", ref.currency)
+            assert sum(e.amount for e in lines) == expected, (k, key, lines)
     assert reconcile.returncode == 0, f"reconcile: {reconcile.stdout}{reconcile.stderr}\n{summary}"
     assert "counters match the ledger" in reconcile.stdout, reconcile.stdout
 

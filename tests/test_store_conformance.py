@@ -478,6 +478,30 @@ async def test_ledger_is_oldest_first_and_filters_by_scope(store: Store) -> None
     assert await ledger(store, scope="org:nobody") == []
 
 
+async def test_long_ledger_is_listed_whole_and_once(store: Store) -> None:
+    # Stores read the ledger in pages: cross page boundaries, including an exactly full last page.
+    holds = [hold(ALICE, 0, 10**6 * USD), hold(ENG, 0, 10**6 * USD)]
+    r1 = await reserved(store, holds, key="k1")
+    await commit(store, r1, holds, [line(i % 2, 1, uri=f"a{i}") for i in range(1000)], key="k1", now=T0 + 1)
+    assert [e.uri for e in await ledger(store)] == [f"a{i}" for i in range(1000)]
+    r2 = await reserved(store, holds, key="k2", now=T0 + 2)
+    await commit(store, r2, holds, [line(0, 1, uri=f"b{i}") for i in range(201)], key="k2", now=T0 + 3)
+    everything = await ledger(store)
+    assert [e.uri for e in everything] == [f"a{i}" for i in range(1000)] + [f"b{i}" for i in range(201)]
+    assert len({e.id for e in everything}) == 1201
+    alice = await ledger(store, scope="user:alice")
+    assert [e.uri for e in alice] == [f"a{i}" for i in range(0, 1000, 2)] + [f"b{i}" for i in range(201)]
+    assert await read(store, [ALICE, ENG]) == [state(spent=701, count=2), state(spent=500, count=2)]
+
+
+async def test_many_counters_are_listed_once_each(store: Store) -> None:
+    refs = [counter(f"user:u{i}") for i in range(450)]
+    await reserved(store, [hold(c, i, 10 * USD) for i, c in enumerate(refs)], key="k")
+    listed = [(ref, st_) async for ref, st_ in store.counters(ACCT)]
+    assert sorted(listed, key=lambda x: x[0].scope) == sorted(
+        ((c, state(reserved=i)) for i, c in enumerate(refs)), key=lambda x: x[0].scope)
+
+
 async def test_counters_lists_live_counters_with_their_metadata(store: Store) -> None:
     holds = [hold(ALICE, 5 * USD, 10 * USD), hold(ENG, 5 * USD, 10 * USD), hold(ORG_DAY, USD, 10 * USD)]
     r = await reserved(store, holds, key="k")
