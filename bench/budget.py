@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,7 +75,6 @@ from bench.purchases import (
     _wait_healthy,
     cpu_seconds,
     free_port,
-    measure,
     run_phase,
 )
 from broker.config import StoreSetting
@@ -538,6 +537,19 @@ class BrokerRun:
     lags: list[float] = field(default_factory=list)
 
 
+async def closed_loop(name: str, make_call: Callable[[str], Call], s: Settings, admin: Redis) -> BrokerRun:
+    """bench.purchases.measure, with Redis's counters reset between the warm-up and the measured phase."""
+    print(f"  {name}: warm-up ...", file=sys.stderr, flush=True)
+    warm = await run_phase(name, make_call("warm"), s.concurrency, s.warmup_seconds, s.warmup_requests)
+    print(f"  {name}: measuring (warm-up: {warm.ok} ok, {warm.error_count} errors) ...", file=sys.stderr,
+          flush=True)
+    await reset_stats(admin)
+    result = await run_phase(name, make_call("run"), s.concurrency, s.seconds, s.max_requests, s.pids)
+    stats = await command_stats(admin)
+    result.warmup_ok, result.warmup_errors = warm.ok, warm.errors
+    return BrokerRun(result, stats)
+
+
 async def broker_phases(
     plain: Child, period: Child, admin: Redis, a: argparse.Namespace, pids: dict[str, int | None]
 ) -> list[BrokerRun]:
@@ -559,7 +571,7 @@ async def broker_phases(
                 child.url, http_client=Client(transport), send_compression=None, accept_compression=(),
                 timeout_ms=int(REQUEST_TIMEOUT_S * 1000)))
 
-        def maker(who: str, mode: str) -> Any:
+        def maker(who: str, mode: str) -> Callable[[str], Call]:
             client = clients[who][1]
 
             def make(tag: str) -> Call:
@@ -572,9 +584,8 @@ async def broker_phases(
 
         labels = {"plain": "no period layer", "period": "period layer (3 scopes, redis)"}
         for who in ("plain", "period"):
-            await reset_stats(admin)
-            result = await measure(f"closed loop: {labels[who]}", maker(who, "closed"), settings(who))
-            runs.append(BrokerRun(result, await command_stats(admin)))
+            runs.append(await closed_loop(f"closed loop: {labels[who]}", maker(who, "closed"), settings(who),
+                                          admin))
         for who in ("plain", "period"):
             name = f"open loop {a.rate:g}/s: {labels[who]}"
             print(f"  {name}: {a.rate_seconds:g} s ...", file=sys.stderr, flush=True)

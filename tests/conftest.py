@@ -20,6 +20,13 @@ async def broker(exchange: Exchange) -> AsyncIterator[RunningBroker]:
         yield b
 
 
+@pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker's default files (embedded store, journal) go to a fresh temp dir per test
+    (inherited by the processes a test starts), never to $HOME."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """One redis-server for the session's tests; each test uses its own account names or flushes."""

@@ -407,6 +407,7 @@ async def test_a_retry_after_the_budget_ran_out_is_replayed_not_denied(
         assert again["items"] == body["items"]
         code, other = await buy(second, "k2", [C])
         assert code == 429
+        assert exhausted(other).scope == "user:alice"
     assert (await exchange.state())["execute_calls"] == 1
 
 

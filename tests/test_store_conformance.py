@@ -897,6 +897,7 @@ class _Workload(RuleBasedStateMachine):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(900)  # passes in seconds; on a failure, shrinking to a short example takes minutes
 def test_random_workload_keeps_the_books(kind: str, request: pytest.FixtureRequest) -> None:
     url: str = request.getfixturevalue("redis_url") if kind == "redis" else ""
 
