@@ -113,13 +113,15 @@ class AdminToken:
     def __init__(self, config: BrokerConfig) -> None:
         name = config.admin.token_env
         self._token = os.environ.get(name) if name else None
+        self._off = (f"the admin API is disabled: environment variable {name} (admin.token_env) is not set"
+                     if name else "the admin API is disabled: no admin.token_env is configured")
         if name and not self._token:
             # Off is the safe side: nobody can change limits until the operator sets it.
             log.warning("admin API disabled: environment variable %s (admin.token_env) is not set", name)
 
     def check(self, headers: Mapping[str, str]) -> None:
         if self._token is None:
-            raise PermissionDenied("authorization", "the admin API is disabled (set admin.token_env)")
+            raise PermissionDenied("authorization", self._off)
         given = _bearer(headers)
         if given is None or not hmac.compare_digest(given.encode(), self._token.encode()):
             raise Unauthenticated("the admin API needs 'authorization: Bearer <admin token>'")

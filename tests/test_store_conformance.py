@@ -273,6 +273,19 @@ async def test_settled_after_commit_returns_the_result_and_charges_nothing(store
     assert (await read(store, [ALICE, ENG]), await ledger(store)) == before
 
 
+async def test_settled_looks_up_a_committed_key_only(store: Store) -> None:
+    holds = [hold(ALICE, 2 * USD, 10 * USD)]
+    assert await store.settled(ACCT, "k") is None
+    r = await reserved(store, holds, key="k")
+    assert await store.settled(ACCT, "k") is None  # open, not committed
+    await commit(store, r, holds, [line(0, USD)], key="k", result=b"answer")
+    assert await store.settled(ACCT, "k") == b"answer"
+    assert await store.settled("other", "k") is None
+    assert await store.record_spend(ACCT, holds, [line(0, USD)], idempotency_key="j", now_ms=T0,
+                                    kind="journal")
+    assert await store.settled(ACCT, "j") == b""
+
+
 async def test_in_flight_while_the_reservation_is_open(store: Store) -> None:
     holds = [hold(ALICE, 2 * USD, 10 * USD)]
     r = await reserved(store, holds, key="k", ttl=SECOND)
