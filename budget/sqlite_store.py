@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import os
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from budget.statedir import state_dir
 from budget.store import (
     Committed,
     CounterRef,
@@ -151,11 +151,8 @@ _UNAVAILABLE_CODES = frozenset({
 
 
 def default_path() -> Path:
-    """`$XDG_STATE_HOME/ramp-broker/budget.sqlite3`, else `~/.local/state/ramp-broker/budget.sqlite3`."""
-    state = os.environ.get("XDG_STATE_HOME", "")
-    # The XDG spec says a relative value is invalid and must be ignored.
-    base = Path(state) if state and Path(state).is_absolute() else Path.home() / ".local" / "state"
-    return base / "ramp-broker" / "budget.sqlite3"
+    """`budget.sqlite3` in the user's state directory (budget.statedir)."""
+    return state_dir() / "budget.sqlite3"
 
 
 def _unavailable(error: sqlite3.Error) -> bool:

@@ -7,5 +7,8 @@ from pathlib import Path
 
 
 def state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "ramp-broker"
+    """`$XDG_STATE_HOME/ramp-broker`, else `~/.local/state/ramp-broker`."""
+    state = os.environ.get("XDG_STATE_HOME", "")
+    # The XDG spec says a relative value is invalid and must be ignored.
+    base = Path(state) if state and Path(state).is_absolute() else Path.home() / ".local" / "state"
+    return base / "ramp-broker"
