@@ -8,7 +8,8 @@ no persistence), the reference Exchange and two brokers as separate processes.
 1. The store. 64 asyncio tasks share one RedisStore (as a broker's purchases would); each
    operation reserves on 3 counters (user / team / org, limits far above anything spent) and
    commits 1 ledger line per counter. Bounded by --ops operations or --seconds, whichever comes
-   first, after a warm-up. A second phase only reserves.
+   first, after a warm-up. A second phase only reserves; a third splits the same tasks over 2
+   accounts (RedisStore coalesces concurrent calls per account, one batch in flight at a time).
 2. redis-benchmark (the C client) on the same server runs the same reserve script, by EVALSHA
    of the SHA the store loaded, with the same 8 keys and the arguments RedisStore builds for one
    reservation (under another account; the idempotency key and reservation id are
@@ -17,8 +18,9 @@ no persistence), the reference Exchange and two brokers as separate processes.
    The ratio store ops/s / redis-benchmark calls/s is the figure of merit (target >= 0.5).
 3. Purchases: one broker whose agent has no period scopes, one whose agent is charged to 3
    period scopes on this Redis; both behind the same Exchange, both requiring the same bearer
-   key. Closed loop (--purchase-concurrency workers, --purchases requests each) and open loop
-   (--rate purchases/s for --rate-seconds). The added p50 / p99 is the period layer's cost.
+   key. Closed loop (--purchase-concurrency workers, at most --purchases requests or
+   --purchase-seconds per broker) and open loop (each --rate purchases/s for --rate-seconds,
+   started on schedule whatever is outstanding). The added p50 / p99 is the period layer's cost.
 
 Redis-side numbers come from INFO commandstats, reset before each phase: EVALSHA calls per
 operation (so the mean coalesced batch) and the server's microseconds per call.
@@ -218,7 +220,8 @@ class StorePhase:
     result: PhaseResult
     reserve_latencies: list[float]
     stats: CommandStats
-    script: str  # the EVALSHA batches carried this many operations each, on average
+    script: str  # "reserve+commit" or "reserve"
+    accounts: int = 1
 
     @property
     def evalsha_per_op(self) -> float | None:
@@ -228,8 +231,9 @@ class StorePhase:
 
 async def store_phase(
     store: RedisStore, admin: Redis, name: str, *, commit: bool, concurrency: int, ops: int,
-    seconds: float, pids: dict[str, int | None], warm: bool = False,
+    seconds: float, pids: dict[str, int | None], warm: bool = False, accounts: int = 1,
 ) -> StorePhase:
+    """Worker w uses account w % accounts (each account has its own coalescing batchers)."""
     holds = counters(datetime.now(UTC))
     lines = lines_for(holds)
     run = uuid.uuid4().hex[:10]
@@ -237,14 +241,15 @@ async def store_phase(
 
     async def call(w: int, seq: int) -> None:
         key = f"{run}-{seq}"
+        account = STORE_ACCOUNT if accounts == 1 else f"{STORE_ACCOUNT}-{w % accounts}"
         t0 = time.perf_counter()
-        out = await store.reserve(STORE_ACCOUNT, holds, ttl_ms=RESERVATION_TTL_MS, idempotency_key=key,
+        out = await store.reserve(account, holds, ttl_ms=RESERVATION_TTL_MS, idempotency_key=key,
                                   now_ms=wall_ms(), limits_version=0)
         if not isinstance(out, Reserved):
             raise BenchFailed(f"reserve: {out!r}"[:160])
         reserve_latencies.append(time.perf_counter() - t0)
         if commit:
-            done = await store.commit(STORE_ACCOUNT, out.reservation_id, holds, lines, idempotency_key=key,
+            done = await store.commit(account, out.reservation_id, holds, lines, idempotency_key=key,
                                       result=RESULT, now_ms=wall_ms())
             if done != Committed(overage=(0, 0, 0)):
                 raise BenchFailed(f"commit: {done!r}"[:160])
@@ -253,7 +258,7 @@ async def store_phase(
         await reset_stats(admin)
     result = await run_phase(name, call, concurrency, seconds, ops, pids)
     stats = await command_stats(admin) if not warm else CommandStats()
-    return StorePhase(result, reserve_latencies, stats, "reserve+commit" if commit else "reserve")
+    return StorePhase(result, reserve_latencies, stats, "reserve+commit" if commit else "reserve", accounts)
 
 
 # --- 2. redis-benchmark ---------------------------------------------------------------------------
@@ -535,6 +540,7 @@ class BrokerRun:
     result: PhaseResult
     stats: CommandStats
     lags: list[float] = field(default_factory=list)
+    group: str = ""  # the rows compared with each other: "closed loop", "open loop 200/s"
 
 
 async def closed_loop(name: str, make_call: Callable[[str], Call], s: Settings, admin: Redis) -> BrokerRun:
@@ -584,16 +590,20 @@ async def broker_phases(
 
         labels = {"plain": "no period layer", "period": "period layer (3 scopes, redis)"}
         for who in ("plain", "period"):
-            runs.append(await closed_loop(f"closed loop: {labels[who]}", maker(who, "closed"), settings(who),
-                                          admin))
-        for who in ("plain", "period"):
-            name = f"open loop {a.rate:g}/s: {labels[who]}"
-            print(f"  {name}: {a.rate_seconds:g} s ...", file=sys.stderr, flush=True)
-            await reset_stats(admin)
-            result, lags = await run_open_loop(name, maker(who, "open")("run"), a.rate, a.rate_seconds,
-                                               settings(who).pids, a.purchase_concurrency,
-                                               max_outstanding=4 * a.purchase_concurrency)
-            runs.append(BrokerRun(result, await command_stats(admin), lags))
+            run = await closed_loop(f"closed loop: {labels[who]}", maker(who, "closed"), settings(who), admin)
+            run.group = "closed loop"
+            runs.append(run)
+        for rate in a.rate:
+            for who in ("plain", "period"):
+                group = f"open loop {rate:g}/s"
+                name = f"{group}: {labels[who]}"
+                print(f"  {name}: {a.rate_seconds:g} s ...", file=sys.stderr, flush=True)
+                await reset_stats(admin)
+                call = maker(who, f"open{rate:g}")("run")
+                result, lags = await run_open_loop(name, call, rate, a.rate_seconds, settings(who).pids,
+                                                   a.purchase_concurrency,
+                                                   max_outstanding=4 * a.purchase_concurrency)
+                runs.append(BrokerRun(result, await command_stats(admin), lags, group))
     finally:
         for transport, client in clients.values():
             await client.close()
@@ -628,6 +638,12 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
 
+def _cpu_ms(r: PhaseResult, who: str) -> str:
+    """CPU milliseconds `who` spent per successful call."""
+    pct = r.cpu.get(who)
+    return "-" if pct is None or not r.ok else f"{pct / 100 * r.elapsed * 1000 / r.ok:.2f}"
+
+
 def _per(count: float, ops: int, digits: int = 2) -> str:
     return "-" if not ops else f"{count / ops:.{digits}f}"
 
@@ -653,12 +669,13 @@ def report_store(
     for ph in phases:
         r = ph.result
         per = ph.evalsha_per_op
-        rows.append((f"RedisStore {ph.script}", _rate(r.rate), _ms(r.percentile_ms(50)),
+        label = f"RedisStore {ph.script}" + (f", {ph.accounts} accounts" if ph.accounts > 1 else "")
+        rows.append((label, _rate(r.rate), _ms(r.percentile_ms(50)),
                      _ms(r.percentile_ms(99)), str(r.requests), str(r.error_count),
                      "-" if per is None else f"{per:.3f}", _rate(ph.stats.usec_per_call("evalsha")),
                      _pct(r.cpu.get("redis")), _pct(r.cpu.get("bench")),
                      _pct(_other(r.cpu, ["redis", "bench"]))))
-        if ph.script == "reserve+commit":
+        if ph.script == "reserve+commit" and ph.accounts == 1:
             rows.append(("  of which the reserve", "", _ms(_quantile_ms(ph.reserve_latencies, 50)),
                          _ms(_quantile_ms(ph.reserve_latencies, 99)), "", "", "", "", "", "", ""))
     for rb in rbs:
@@ -678,6 +695,9 @@ def report_store(
         "calls per second; latencies of successful ones (redis-benchmark: its own percentiles).",
         "errors: failed operations (redis-benchmark: failed script calls by INFO commandstats).",
         "EVALSHA/op: script calls the server saw per operation (< 1: coalesced into batches).",
+        f"2 accounts: the same {a.concurrency} tasks, half on each of 2 accounts (RedisStore coalesces per "
+        "account,",
+        "one batch in flight per account and operation): how far one account's batching limits throughput.",
         "CPU: % of one core; client = this process (RedisStore rows) or redis-benchmark; other = the rest",
         "of the machine (anything else running skews every number here).",
     ]
@@ -688,8 +708,9 @@ def report_store(
         elif rb.landed is not None:
             out.append(f"{rb.name}: {rb.landed} of {rb.requests} calls found on the counters afterwards "
                        "(a few random ids may collide)")
-    pair = next((ph.result.rate for ph in phases if ph.script == "reserve+commit"), None)
-    only = next((ph.result.rate for ph in phases if ph.script == "reserve"), None)
+    pair = next((ph.result.rate for ph in phases if ph.script == "reserve+commit" and ph.accounts == 1), None)
+    only = next((ph.result.rate for ph in phases if ph.script == "reserve" and ph.accounts == 1), None)
+    split = next((ph for ph in phases if ph.accounts > 1), None)
     rb_reserve = next((rb.rps for rb in rbs if rb.name.endswith("reserve")), None)
     rb_commit = next((rb.rps for rb in rbs if rb.name.endswith("commit")), None)
     unbatched = 1 / (1 / rb_reserve + 1 / rb_commit) if rb_reserve and rb_commit else None
@@ -697,6 +718,8 @@ def report_store(
         ("RedisStore reserve+commit ops/s / redis-benchmark reserve calls/s (target >= 0.5)",
          _ratio(pair, rb_reserve)),
         ("RedisStore reserve-only ops/s / redis-benchmark reserve calls/s", _ratio(only, rb_reserve)),
+        *([(f"RedisStore reserve+commit ops/s, {split.accounts} accounts / redis-benchmark reserve calls/s",
+            _ratio(split.result.rate, rb_reserve))] if split else []),
         ("RedisStore reserve+commit ops/s / redis-benchmark reserve-then-commit pairs/s "
          f"({_rate(unbatched)}/s)", _ratio(pair, unbatched)),
     ]
@@ -710,7 +733,7 @@ def report_store(
 def report_broker(runs: list[BrokerRun], a: argparse.Namespace) -> list[str]:
     cpu_of = ["broker", "exchange", "redis", "bench"]
     header = ("purchases", "purchases/s", "p50 ms", "p99 ms", "requests", "errors", "EVALSHA/p", "MULTI/p",
-              "redis us/p", *(f"{who} CPU" for who in cpu_of), "other CPU")
+              "redis us/p", "broker CPU ms/p", *(f"{who} CPU" for who in cpu_of), "other CPU")
     rows = []
     for run in runs:
         r = run.result
@@ -719,25 +742,25 @@ def report_broker(runs: list[BrokerRun], a: argparse.Namespace) -> list[str]:
         usec = sum(st.usec.get(c, 0) for c in ("evalsha", "exec", "multi"))
         rows.append((r.name, _rate(r.rate), _ms(r.percentile_ms(50)), _ms(r.percentile_ms(99)),
                      str(r.requests), str(r.error_count), _per(st.calls.get("evalsha", 0), r.ok),
-                     _per(st.calls.get("multi", 0), r.ok), _per(usec, r.ok, 0),
+                     _per(st.calls.get("multi", 0), r.ok), _per(usec, r.ok, 0), _cpu_ms(r, "broker"),
                      *(_pct(r.cpu.get(who)) for who in cpu_of), _pct(_other(r.cpu, cpu_of))))
     out = [
         f"3. Purchases through the broker (Connect protobuf over pyqwest, bearer key): closed loop "
         f"{a.purchase_concurrency} workers, at most {a.purchases} requests or {a.purchase_seconds:g} s "
-        f"(after a warm-up); open loop {a.rate:g}/s for {a.rate_seconds:g} s",
+        f"(after a warm-up); open loop {' and '.join(f'{r:g}/s' for r in a.rate)}, {a.rate_seconds:g} s each",
         "",
         *_table(header, rows),
         "",
         "EVALSHA/p, MULTI/p: script calls and MULTI/EXEC reads Redis saw per purchase; redis us/p: its time",
-        "in them. CPU: % of one core; broker = the broker under load in that row; other = the rest of",
+        "in them. broker CPU ms/p: the broker's CPU time per purchase.",
+        "CPU: % of one core; broker = the broker under load in that row; other = the rest of",
         "the machine (anything else running skews every number here).",
     ]
     added: list[tuple[str, ...]] = []
-    for i in (0, 2):
-        if i + 1 < len(runs):
+    for i in range(0, len(runs) - 1, 2):
+        if runs[i].group == runs[i + 1].group:
             base, layered = runs[i].result, runs[i + 1].result
-            label = "closed loop" if i == 0 else f"open loop {a.rate:g}/s"
-            added.append((label, _delta(base.percentile_ms(50), layered.percentile_ms(50)),
+            added.append((runs[i].group, _delta(base.percentile_ms(50), layered.percentile_ms(50)),
                           _delta(base.percentile_ms(99), layered.percentile_ms(99)),
                           _ratio(layered.rate, base.rate)))
     out += ["", *_table(("period layer adds", "p50 ms", "p99 ms", "purchases/s ratio"), added)]
@@ -745,6 +768,11 @@ def report_broker(runs: list[BrokerRun], a: argparse.Namespace) -> list[str]:
         if run.lags:
             out.append(f"{run.result.name}: start lag p50 {_ms(_quantile_ms(run.lags, 50))} ms, "
                        f"p99 {_ms(_quantile_ms(run.lags, 99))} ms behind schedule")
+        if run.result.ok and run.stats.calls:
+            ok, st = run.result.ok, run.stats
+            parts = [f"{cmd} {st.usec.get(cmd, 0) / ok:.0f} us ({st.calls.get(cmd, 0) / ok:.2f} calls)"
+                     for cmd in ("evalsha", "exec")]
+            out.append(f"{run.result.name}: redis time per purchase: {', '.join(parts)}")
         for kind, n in run.result.errors.most_common(3):
             out.append(f"{run.result.name}: {n} x {kind}")
     return out
@@ -764,11 +792,12 @@ async def store_sections(redis: RedisProc, a: argparse.Namespace) -> list[str]:
         if warm.result.errors:
             print(f"  warm-up errors: {dict(warm.result.errors.most_common(3))}", file=sys.stderr)
         phases = []
-        for commit in (True, False):
-            print(f"  RedisStore: {'reserve+commit' if commit else 'reserve only'} ...", file=sys.stderr,
-                  flush=True)
+        # The same load split over 2 accounts: 2 independent batchers per operation instead of 1.
+        for commit, accounts in ((True, 1), (False, 1), (True, 2)):
+            what = "reserve+commit" if commit else "reserve only"
+            print(f"  RedisStore: {what}, {accounts} account(s) ...", file=sys.stderr, flush=True)
             phases.append(await store_phase(store, admin, "store", commit=commit, concurrency=a.concurrency,
-                                            ops=a.ops, seconds=a.seconds, pids=pids))
+                                            ops=a.ops, seconds=a.seconds, pids=pids, accounts=accounts))
         rbs, notes = await redis_benchmark_phases(store, admin, redis, a.concurrency, a.rb_requests)
         return report_store(phases, rbs, notes, a)
     finally:
@@ -800,13 +829,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--purchases", type=int, default=4000, help="closed-loop requests per broker (4000)")
     parser.add_argument("--purchase-seconds", type=float, default=15.0,
                         help="closed-loop time limit per broker (15)")
-    parser.add_argument("--rate", type=float, default=200.0, help="open-loop purchases per second (200)")
+    parser.add_argument("--rate", type=float, nargs="+", default=[100.0, 200.0],
+                        help="open-loop purchases per second, one phase pair per rate (100 200)")
     parser.add_argument("--rate-seconds", type=float, default=10.0, help="open-loop duration per broker (10)")
     parser.add_argument("--skip-store", action="store_true", help="only section 3")
     parser.add_argument("--skip-broker", action="store_true", help="only sections 1-2")
     a = parser.parse_args(argv)
     if min(a.concurrency, a.ops, a.rb_requests, a.purchase_concurrency, a.purchases) < 1 or min(
-            a.seconds, a.purchase_seconds, a.rate, a.rate_seconds) <= 0:
+            a.seconds, a.purchase_seconds, *a.rate, a.rate_seconds) <= 0:
         parser.error("counts must be at least 1 and times and rates positive")
     if not Path(REDIS_BENCHMARK).exists():
         parser.error(f"{REDIS_BENCHMARK} is not installed")

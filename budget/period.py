@@ -308,21 +308,24 @@ class PeriodLayer:
         return snaps
 
     def _local_used(self, account: str, scope: str, currency: str) -> Money:
+        """What this broker spent or holds on `scope` without the store: journaled spends not
+        yet replayed, and open local holds (each counted once, on the scope's first counter)."""
         used = Money.zero(currency)
         pending = self._journal.pending() if self._journal else []
         for entry in pending:
-            if entry.account == account and any(h.counter.scope == scope for h in entry.holds):
-                for ln in entry.lines:
-                    if entry.holds[ln.hold_index].counter.scope == scope:
-                        original = Money.parse(ln.original_amount, ln.original_currency, "journal")
-                        used = used + convert(original, currency, self._converter)
-                        break
+            first = _first_hold(entry.holds, scope) if entry.account == account else None
+            if first is not None:
+                units = sum(ln.amount for ln in entry.lines if ln.hold_index == first)
+                used = used + self._in(units, entry.holds[first].counter.currency, currency)
         for hold in self._local_holds:
-            if hold.plan.account == account and any(h.counter.scope == scope for h in hold.holds):
-                amount = next(h for h in hold.holds if h.counter.scope == scope)
-                used = used + convert(
-                    Money.from_units(amount.amount, amount.counter.currency), currency, self._converter)
+            first = _first_hold(hold.holds, scope) if hold.plan.account == account else None
+            if first is not None:
+                h = hold.holds[first]
+                used = used + self._in(h.amount, h.counter.currency, currency)
         return used
+
+    def _in(self, units: int, source: str, currency: str) -> Money:
+        return convert(Money.from_units(units, source), currency, self._converter)
 
     # --- reserving ---------------------------------------------------------------
 
@@ -506,3 +509,7 @@ class PeriodLayer:
                 log.exception("budget upkeep failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval_s)
+
+
+def _first_hold(holds: Sequence[Hold], scope: str) -> int | None:
+    return next((i for i, h in enumerate(holds) if h.counter.scope == scope), None)

@@ -167,3 +167,42 @@ async def test_reconcile_finds_a_tampered_counter_and_repairs_it(tmp_path: Path)
     assert await asyncio.to_thread(main, ["reconcile", "--config", str(config)]) == 1
     assert await asyncio.to_thread(main, ["reconcile", "--config", str(config), "--repair"]) == 1
     assert await asyncio.to_thread(main, ["reconcile", "--config", str(config)]) == 0
+
+
+# --- fail-open allowance -------------------------------------------------------------------------
+
+
+async def test_fail_open_allowance_counts_every_item_of_a_journaled_purchase(tmp_path: Path) -> None:
+    from budget.clock import ManualClock
+    from budget.layers import BudgetExhausted
+    from budget.period import Charge, ItemSpend, PeriodLayer, ScopeRule
+    from budget.redis_store import RedisStore
+    from currency.convert import NoConverter
+    from currency.money import Money
+    from tests.harness import free_port
+
+    def usd(text: str) -> Money:
+        return Money.parse(text, "USD", "amount")
+
+    # A real store that cannot be reached: nothing listens on this loopback port.
+    store = await RedisStore.open(f"redis://127.0.0.1:{free_port()}/0", timeout_ms=100, lazy=True)
+    rule = ScopeRule(limits={"month": (Period.parse("month", "p"), usd("100"))}, failure="open",
+                     open_allowance=usd("5.00"))
+    layer = PeriodLayer(store, {"acme": {"user:alice": rule}}, clock=ManualClock(), tz=UTC_TZ,
+                        converter=NoConverter(), ttl_s=60, grace_s=0, journal=Journal(tmp_path / "j"))
+    charge = Charge("acme", ("user:alice",))
+    try:
+        plan = await layer.plan(charge)
+        hold = await layer.reserve(charge, plan, usd("3.00"), "k1")
+        assert hold is not None
+        assert hold.local
+        await layer.commit(hold, [ItemSpend("ex", "o1", "u:1", usd("1.50"), usd("1.50")),
+                                  ItemSpend("ex", "o2", "u:2", usd("1.50"), usd("1.50"))], b"")
+        (snap,) = await layer.snapshots(plan)
+        assert (snap.limit, snap.spent) == (usd("5.00"), usd("3.00"))
+        with pytest.raises(BudgetExhausted) as denied:
+            await layer.reserve(charge, plan, usd("2.50"), "k2")
+        assert denied.value.reason == "open_allowance_exhausted"
+        assert await layer.reserve(charge, plan, usd("2.00"), "k3") is not None
+    finally:
+        await store.close()
