@@ -82,7 +82,7 @@ from bench.purchases import (
 from broker.config import StoreSetting
 from budget.periods import Period, time_zone
 from budget.redis_store import RedisStore
-from budget.store import Committed, CounterRef, Hold, Line, Reserved
+from budget.store import Committed, CounterRef, Hold, Line, Reserved, StoreUnavailable
 from ramp.broker.v1.broker_connect import BrokerServiceClient
 
 REDIS_BENCHMARK = shutil.which("redis-benchmark") or "/usr/bin/redis-benchmark"
@@ -862,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: a phase ran {PHASE_GRACE_S:g} s past its time limit and was abandoned",
               file=sys.stderr)
         return 1
-    except (RuntimeError, BenchFailed) as exc:
+    except (RuntimeError, BenchFailed, StoreUnavailable) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     print("\n".join(out).rstrip())
