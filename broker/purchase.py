@@ -60,8 +60,8 @@ from ramp.v1 import ramp_pb2 as rpb
 
 log = logging.getLogger(__name__)
 
-# Re-reading headroom after a lost race for the last of a budget.
-_RESERVE_ATTEMPTS = 3
+# An optimistic reservation, then re-reading headroom after a lost race for the last of a budget.
+_RESERVE_ATTEMPTS = 4
 
 
 class AfterWire(Exception):
@@ -219,11 +219,18 @@ class Purchaser:
         """Prune to the tightest budget and hold the batch total on the session and period budgets."""
         currency = account.currency
         for attempt in range(_RESERVE_ATTEMPTS):
-            room = headroom_of(await self.snapshots(account, plan), currency, self._converter)
+            # First try optimistically, pruned to the session only (in memory): the store
+            # checks every period limit in the reservation itself, so a batch that fits costs
+            # one store call. Only when it does not fit are the period budgets read to prune.
+            optimistic = attempt == 0 and plan is not None and bool(plan.counters)
+            snaps = [account.snap()] if optimistic else await self.snapshots(account, plan)
+            room = headroom_of(snaps, currency, self._converter)
             fitted = [affordable(ch, room.room) for ch in choices]
             best = [ch.ranked[0] for ch in fitted if ch.ranked]
             kept, pruned = prune(best, room.room)
             if not kept:
+                if optimistic:
+                    continue  # explain the denial with every budget's numbers
                 raise self._nothing_to_buy(fitted, room, c, discovery)
             cost = total((cand.price for cand in kept), currency)
             try:
@@ -287,17 +294,21 @@ class Purchaser:
         response.items.extend(o.item for o in outcomes)
         charged = total((o.actual for o in outcomes if o.actual is not None), currency)
         response.total_cost.CopyFrom(wire.cost(charged))
+        after: list[Snapshot] | None = None
         if held.period is not None and self._period is not None:
             # The answer is stored with the commit, so any broker can replay this key.
-            await self._period.commit(held.period, [
+            after = await self._period.commit(held.period, [
                 ItemSpend(o.cand.exchange.name, o.cand.offer.offer_id, o.cand.uri,
                           o.original or o.charged, o.charged)
                 for o in outcomes if o.cand is not None and not o.charged.is_zero()
             ], fingerprint.encode() + b"\n" + response.SerializeToString())
-        try:
-            snaps = await self.snapshots(account, plan)
-        except StoreDown:
-            snaps = [account.snap()]  # bought and recorded; only the report is partial
+        if after is not None or plan is None or not plan.counters:
+            snaps = [account.snap(), *(after or [])]  # as the commit left them: no second read
+        else:
+            try:
+                snaps = await self.snapshots(account, plan)
+            except StoreDown:
+                snaps = [account.snap()]  # bought and recorded; only the report is partial
         response.budgets.extend(wire.budget_state(s) for s in snaps)
         return response
 

@@ -400,12 +400,15 @@ class PeriodLayer:
 
     # --- settling ------------------------------------------------------------------
 
-    async def commit(self, hold: PeriodHold, items: Sequence[ItemSpend], result: bytes) -> None:
+    async def commit(
+        self, hold: PeriodHold, items: Sequence[ItemSpend], result: bytes
+    ) -> list[Snapshot] | None:
+        """Record what was bought; returns every counter's numbers after the commit, when known."""
         if hold.settled:
             raise RuntimeError("period reservation settled twice")
         if not items:
             await self.release(hold)
-            return
+            return None
         hold.settled = True
         lines = tuple(
             Line(i, amount, item.original.text(), item.original.currency, item.exchange,
@@ -418,7 +421,7 @@ class PeriodLayer:
             assert self._journal is not None
             await self._journal.append(hold.plan.account, hold.key, hold.holds, lines, now_ms)
             self._local_holds.remove(hold)
-            return
+            return None
         assert hold.reservation_id is not None
         try:
             done = await self.store.commit(
@@ -431,7 +434,7 @@ class PeriodLayer:
                 raise
             await self._journal.append(hold.plan.account, hold.key, hold.holds, lines, now_ms)
             log.warning("budget store unreachable at commit; spend of %r journaled", hold.key)
-            return
+            return None
         for h, over in zip(hold.holds, done.overage, strict=True):
             if over:
                 log.warning("overage on %s: %s above the reservation", h.counter.key,
@@ -439,6 +442,9 @@ class PeriodLayer:
         if done.late:
             log.warning("reservation %s expired before its commit; spend recorded late",
                         hold.reservation_id)
+        if len(done.states) != len(hold.plan.counters):
+            return None
+        return [self._snapshot(c, s) for c, s in zip(hold.plan.counters, done.states, strict=True)]
 
     def _split(self, items: Sequence[ItemSpend], currency: str) -> list[int]:
         """Each item's share of the batch total in `currency`, rounded once, like the hold.

@@ -523,9 +523,12 @@ class SqliteStore:
                            kind="commit")
             counters.save()
             _settle_key(conn, account, idempotency_key, reservation_id, bytes(result))
+            after = [counters.find(h.counter.key) for h in holds]
             return Committed(
                 overage=tuple(max(0, s - h) for s, h in zip(spent, held, strict=True)),
                 late=res is None,
+                states=tuple(CounterState(c.spent, c.reserved, c.credit, c.count) if c else CounterState()
+                             for c in after),
             )
 
         return await self._run(run, write=True)

@@ -128,6 +128,9 @@ class Committed:
     late: bool = False
     # True when this idempotency key had already been committed: nothing was changed.
     duplicate: bool = False
+    # Per hold, the counter's numbers right after this commit (empty for a duplicate), so the
+    # caller can report them without another read. A report, not part of the outcome's identity.
+    states: tuple[CounterState, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +196,8 @@ class Store(Protocol):
         Per hold i: spent += sum(lines for i); reserved -= what the reservation held on it;
         count += 1. The ledger gets one entry per line. The key's result is stored for replay.
         If the reservation is gone (expired and swept), the spend is still recorded (late=True);
-        if the key was already committed, nothing changes (duplicate=True).
+        if the key was already committed, nothing changes (duplicate=True). `states` holds every
+        hold's counter as the commit left it.
         """
         ...
 

@@ -273,6 +273,16 @@ async def test_settled_after_commit_returns_the_result_and_charges_nothing(store
     assert (await read(store, [ALICE, ENG]), await ledger(store)) == before
 
 
+async def test_commit_reports_the_counters_as_it_left_them(store: Store) -> None:
+    holds = [hold(ALICE, 3 * USD, 10 * USD), hold(ENG, 3 * USD, 10 * USD)]
+    r = await reserved(store, holds, key="k")
+    await reserved(store, [hold(ALICE, USD, 10 * USD)], key="other")  # still held afterwards
+    done = await commit(store, r, holds, [line(0, 2 * USD), line(1, 2 * USD)], key="k")
+    assert list(done.states) == await read(store, [ALICE, ENG])
+    assert done.states[0] == state(spent=2 * USD, reserved=USD, count=1)
+    assert (await commit(store, r, holds, [line(0, USD)], key="k")).states == ()  # a duplicate
+
+
 async def test_settled_looks_up_a_committed_key_only(store: Store) -> None:
     holds = [hold(ALICE, 2 * USD, 10 * USD)]
     assert await store.settled(ACCT, "k") is None

@@ -5,7 +5,8 @@
 --       now_ms, idempotency record ttl ms, number of holds, number of lines, then per hold the
 --       9 counter arguments (see _lib) followed by the spend to add, then per line the 10 line
 --       arguments (see _lib).
--- Returns per request {'dup'} or {'ok', late ('1'/'0'), the reservation's holds ("key amount ...")}.
+-- Returns per request {'dup'} or {'ok', late ('1'/'0'), the reservation's holds ("key amount ..."),
+-- then per hold the counter after the commit: spent, reserved, credit, count}.
 local prefix = ARGV[1]
 local exp_key, ledger_key, index_key = KEYS[1], KEYS[2], KEYS[3]
 local HOLD_ARGS = COUNTER_ARGS + 1
@@ -36,8 +37,12 @@ local function commit_one(k, a)
   redis.call('DEL', ikey)
   redis.call('HSET', ikey, 'state', 'committed', 'rid', rid, 'result', result)
   redis.call('PEXPIRE', ikey, ittl)
-  if r then return {'ok', '0', held} end
-  return {'ok', '1', held}
+  local out = {'ok', r and '0' or '1', held}
+  for i = 0, n - 1 do
+    local v = redis.call('HMGET', KEYS[first_key + i], 'spent', 'reserved', 'credit', 'count')
+    for f = 1, 4 do out[#out + 1] = v[f] or '0' end
+  end
+  return out
 end
 
 local out = {}
