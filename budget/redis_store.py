@@ -36,8 +36,8 @@ generated here, so if the first attempt did land, the second finds the key open 
 id and reports it as Reserved. Other writes are never retried.
 
 Coalescing. Concurrent `reserve` (and `commit`) calls for one account are sent as one EVALSHA
-that processes them in arrival order, each exactly as if alone: the first caller's batch goes
-out at once, callers arriving while it is in flight form the next one (at most 64 each).
+that processes them in arrival order, each exactly as if alone: up to MAX_IN_FLIGHT batches of
+at most MAX_BATCH go out at once, and callers arriving meanwhile form the next ones.
 """
 
 from __future__ import annotations
