@@ -20,7 +20,7 @@ from protobuf.wkt import Any as AnyDetail
 
 from broker import wire
 from budget.layers import BudgetExhausted
-from budget.period import KeyInFlight, StoreDown
+from budget.period import KeyInFlight, LimitChangeRefused, StoreDown
 from budget.periods import PeriodError
 from budget.scopes import ScopeError
 from budget.session import SessionError
@@ -100,6 +100,8 @@ def to_connect_error(exc: BaseException) -> ConnectError:
         return ConnectError(Code.UNAVAILABLE, str(exc))
     if isinstance(exc, KeyInFlight):
         return ConnectError(Code.ABORTED, str(exc))
+    if isinstance(exc, LimitChangeRefused):
+        return ConnectError(Code.FAILED_PRECONDITION, str(exc))
     ref = uuid.uuid4().hex[:12]
     log.error("internal error ref=%s", ref, exc_info=exc)
     return ConnectError(Code.INTERNAL, f"internal error (ref {ref})")

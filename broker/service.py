@@ -99,17 +99,13 @@ class AdminHandlers:
     ) -> bpb.ScopeStatusResponse:
         account = self._account(request.scope, ctx)
         period = Period.parse(request.period, "period")
-        if request.clear:
-            value = None
-        else:
+        limit = None
+        if not request.clear:
             if not request.HasField("limit"):
                 raise InvalidField("limit", "is required (amount and currency), or set clear")
             limit = Money.parse(request.limit.amount, request.limit.currency, "limit")
-            value = (limit.currency, limit.units())
-        await self._period.store.set_limit(account, request.scope, period.spec, value)
-        await self._period.refresh_limits(account)
-        log.info("admin: %s %s limit set to %s", request.scope, period.spec,
-                 "none" if value is None else f"{request.limit.amount} {request.limit.currency}")
+        await self._period.set_limit(account, request.scope, period, limit)
+        log.info("admin: %s %s limit set to %s", request.scope, period.spec, limit or "none")
         return await self._status(account, request.scope)
 
     async def add_credit(self, request: bpb.AddCreditRequest, ctx: Ctx) -> bpb.ScopeStatusResponse:

@@ -82,6 +82,10 @@ class AlreadySettled(Exception):
         self.result = result
 
 
+class LimitChangeRefused(Exception):
+    """An operator's limit change that would lose track of money (FAILED_PRECONDITION)."""
+
+
 class OpenAllowanceExhausted(BudgetExhausted):
     """A fail-open scope's local allowance is used up while the store is unreachable."""
 
@@ -190,7 +194,26 @@ class PeriodLayer:
         self._limits[account] = limits
         return limits
 
-    async def refresh_limits(self, account: str) -> None:
+    async def set_limit(self, account: str, scope: str, period: Period, limit: Money | None) -> None:
+        """An operator's new limit (None removes it), effective on the next reservation.
+
+        Changing a limit's currency starts a new counter, so it is refused while the current
+        window of the old one has money spent or held: that money would stop counting.
+        """
+        own = self.scope_limits(account, scope, await self._load_limits(account))
+        old = own.get(period.spec)
+        if old is not None and limit is not None and old[1].currency != limit.currency:
+            window = period.window(self._clock.now(), self._tz)
+            ref = CounterRef(scope, period.spec, window.id, old[1].currency, window.start_ms, window.end_ms)
+            (state,) = await self.store.read(account, [ref])
+            if state.spent or state.reserved:
+                raise LimitChangeRefused(
+                    f"the {period.spec} limit of {scope} is in {old[1].currency} and its current window "
+                    f"has {Money.from_units(state.spent, old[1].currency)} spent and "
+                    f"{Money.from_units(state.reserved, old[1].currency)} reserved; keep "
+                    f"{old[1].currency} until the window ends at {window.end.isoformat()}")
+        value = None if limit is None else (limit.currency, limit.units())
+        await self.store.set_limit(account, scope, period.spec, value)
         await self._load_limits(account)
 
     async def add_credit(self, account: str, scope: str, period: Period, amount: Money) -> None:

@@ -43,7 +43,7 @@ async def reconcile(store: Store, accounts: Iterable[str], *, repair: bool = Fal
         sums: dict[str, int] = defaultdict(int)
         counts: dict[str, int] = defaultdict(int)
         async for entry in store.ledger(account):
-            key = f"{entry.scope}|{entry.period}|{entry.window}"
+            key = entry.counter_key
             sums[key] += entry.amount
             counts[key] += 1
             report.entries += 1

@@ -37,8 +37,16 @@ class CounterRef:
 
     @property
     def key(self) -> str:
-        """The counter's name inside its account (no braces, no spaces: see budget.scopes)."""
-        return f"{self.scope}|{self.period}|{self.window}"
+        """The counter's name inside its account (no braces, no spaces: see budget.scopes).
+
+        The currency is part of it, so amounts in two currencies can never add up in one
+        counter (an operator who changes a limit's currency starts a new counter).
+        """
+        return counter_key(self.scope, self.period, self.window, self.currency)
+
+
+def counter_key(scope: str, period: str, window: str, currency: str) -> str:
+    return f"{scope}|{period}|{window}|{currency}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +160,11 @@ class LedgerEntry:
     reserved_at_ms: int
     committed_at_ms: int
     kind: str = "commit"  # "commit", or "journal" for a fail-open spend replayed after an outage
+
+    @property
+    def counter_key(self) -> str:
+        """The key of the counter this entry was added to."""
+        return counter_key(self.scope, self.period, self.window, self.currency)
 
 
 @dataclass(frozen=True, slots=True)

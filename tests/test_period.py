@@ -361,6 +361,23 @@ async def test_admin_api_needs_the_token(broker: RunningBroker) -> None:
     assert "period" in r.json()["message"]
 
 
+async def test_a_limit_changes_currency_only_between_windows(
+    broker: RunningBroker, clock: ManualClock
+) -> None:
+    assert (await buy(broker, "k1", [A]))[0] == 200  # user:alice spent 1.00 USD this month
+    eur = {"scope": "user:alice", "period": "month", "limit": {"amount": "6.00", "currency": "EUR"}}
+    r = await admin(broker, "SetPeriodLimit", eur)
+    assert r.json()["code"] == "failed_precondition", r.text
+    assert "1.00 USD spent" in r.json()["message"]
+    clock.advance(8 * 86400)  # 1 December: a new window, nothing spent in it yet
+    r = await admin(broker, "SetPeriodLimit", eur)
+    assert r.status_code == 200, r.text
+    code, body = await buy(broker, "k2", [A])
+    assert code == 200, body
+    # 1.00 USD at EUR/USD 1.10, rounded up: in a counter of its own currency.
+    assert states(body)[("user:alice", "month")]["spent"] == {"amount": "0.90909091", "currency": "EUR"}
+
+
 async def test_clearing_a_limit_stops_enforcing_it(broker: RunningBroker) -> None:
     assert (await buy(broker, "k1", [C, B]))[0] == 200
     r = await admin(broker, "SetPeriodLimit", {"scope": "user:alice", "period": "month", "clear": True})

@@ -448,7 +448,7 @@ async def _run_and_check(
     # 5. The counters are exactly their ledgers; `ramp-broker reconcile` agrees.
     by_counter: dict[str, list[LedgerEntry]] = defaultdict(list)
     for e in ledger:
-        by_counter[f"{e.scope}|{e.period}|{e.window}"].append(e)
+        by_counter[e.counter_key].append(e)
     assert set(by_counter) == set(counters), (sorted(by_counter), sorted(counters))
     for k, (ref, st) in counters.items():
         entries = by_counter[k]

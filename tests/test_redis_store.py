@@ -120,14 +120,14 @@ async def test_every_key_of_an_account_shares_its_hash_tag(store: RedisStore) ->
     keys = sorted(k.decode() if isinstance(k, bytes) else k for k in raw_keys)
     p = f"ramp:{{{acct}}}:"
     assert keys == sorted([
-        f"{p}c:user:alice|month|2026-11", f"{p}c:team:eng|month|2026-11", f"{p}counters", f"{p}exp",
+        f"{p}c:user:alice|month|2026-11|USD", f"{p}c:team:eng|month|2026-11|USD", f"{p}counters", f"{p}exp",
         f"{p}i:k-open", f"{p}i:k-done", f"{p}r:{r.reservation_id}", f"{p}ledger", f"{p}limits",
         f"{p}limits:v",
     ])
     assert {keyslot(k.encode()) for k in keys} == {keyslot(acct.encode())}
     assert await store.client.type(f"{p}ledger") == b"stream"
     assert await store.client.zscore(f"{p}exp", r.reservation_id) == r.expires_at_ms
-    assert await store.client.hgetall(f"{p}c:team:eng|month|2026-11") == {
+    assert await store.client.hgetall(f"{p}c:team:eng|month|2026-11|USD") == {
         b"scope": b"team:eng", b"period": b"month", b"window": b"2026-11", b"currency": b"USD",
         b"start_ms": b"0", b"end_ms": b"1", b"spent": b"0", b"reserved": b"50", b"credit": b"0",
         b"count": b"1",  # commit counts a transaction on every hold, with or without lines
@@ -142,7 +142,7 @@ async def test_prefix_and_blob_keys(redis_url: str) -> None:
     try:
         acct = account()
         assert isinstance(await reserve(store, acct, [hold(1, 10)], "k"), Reserved)
-        assert await store.client.exists(f"other:{{{acct}}}:c:user:alice|month|2026-11") == 1
+        assert await store.client.exists(f"other:{{{acct}}}:c:user:alice|month|2026-11|USD") == 1
         await store.put_blob("ecb", b"\x00rates", ttl_ms=60_000, now_ms=now_ms())
         assert await store.client.hget("other:blob:ecb", "data") == b"\x00rates"
     finally:
@@ -167,7 +167,7 @@ async def test_counter_ttl_is_the_holds_expire_at(store: RedisStore) -> None:
     r = await reserve(store, acct, [hold(1, 10, expire_at_ms=expire_at)], "k", at=now, ttl_ms=30_000)
     assert isinstance(r, Reserved)
     p = f"ramp:{{{acct}}}:"
-    assert abs(await store.client.pexpiretime(f"{p}c:user:alice|month|2026-11") - expire_at) < 2_000
+    assert abs(await store.client.pexpiretime(f"{p}c:user:alice|month|2026-11|USD") - expire_at) < 2_000
     # The reservation (and its open record) outlive any sweep; the record settles with the counters.
     for key in (f"{p}r:{r.reservation_id}", f"{p}i:k"):
         assert await store.client.pexpiretime(key) >= expire_at
@@ -190,7 +190,7 @@ async def test_an_injected_clock_behind_redis_does_not_drop_live_keys(store: Red
     await store.overwrite_spent(acct, ref("team:y"), 7, 1)
     assert await store.read(acct, [ref(), ref("team:x"), ref("team:y")]) == [
         CounterState(reserved=10), CounterState(credit=5), CounterState(spent=7, count=1)]
-    ttl = await store.client.pttl(f"ramp:{{{acct}}}:c:user:alice|month|2026-11")
+    ttl = await store.client.pttl(f"ramp:{{{acct}}}:c:user:alice|month|2026-11|USD")
     assert 39 * DAY_MS < ttl <= 40 * DAY_MS
 
 
@@ -198,7 +198,7 @@ async def test_ttls_only_grow(store: RedisStore) -> None:
     acct, now = account(), now_ms()
     await reserve(store, acct, [hold(1, 10, expire_at_ms=now + 10 * DAY_MS)], "a", at=now)
     await reserve(store, acct, [hold(1, 10, expire_at_ms=now + 2 * DAY_MS)], "b", at=now)
-    assert await store.client.pttl(f"ramp:{{{acct}}}:c:user:alice|month|2026-11") > 9 * DAY_MS
+    assert await store.client.pttl(f"ramp:{{{acct}}}:c:user:alice|month|2026-11|USD") > 9 * DAY_MS
 
 
 async def test_blob_expiry_follows_the_callers_clock(store: RedisStore) -> None:
@@ -265,14 +265,14 @@ async def test_amounts_beyond_64_bits_are_refused_before_sending(store: RedisSto
         await reserve(store, acct, [hold(2**63, 2**63)], "a")
     with pytest.raises(ValueError, match="64 bits"):
         await store.add_credit(acct, ref(), 2**64, expire_at_ms=now_ms() + DAY_MS)
-    assert await store.client.exists(f"ramp:{{{acct}}}:c:user:alice|month|2026-11") == 0
+    assert await store.client.exists(f"ramp:{{{acct}}}:c:user:alice|month|2026-11|USD") == 0
 
 
 async def test_a_refund_does_not_resurrect_an_expired_counter(store: RedisStore) -> None:
     acct = account()
     r = await reserve(store, acct, [hold(5, 10)], "k")
     assert isinstance(r, Reserved)
-    counter_key = f"ramp:{{{acct}}}:c:user:alice|month|2026-11"
+    counter_key = f"ramp:{{{acct}}}:c:user:alice|month|2026-11|USD"
     await store.client.delete(counter_key)  # as if its TTL ran out
     assert await store.release(acct, r.reservation_id, now_ms=now_ms()) is True
     assert await store.client.exists(counter_key) == 0
@@ -281,10 +281,10 @@ async def test_a_refund_does_not_resurrect_an_expired_counter(store: RedisStore)
 async def test_counters_prunes_expired_entries(store: RedisStore) -> None:
     acct = account()
     await reserve(store, acct, [hold(1, 10), hold(1, 10, scope="team:gone")], "k")
-    await store.client.delete(f"ramp:{{{acct}}}:c:team:gone|month|2026-11")
+    await store.client.delete(f"ramp:{{{acct}}}:c:team:gone|month|2026-11|USD")
     listed = [(c.scope, s) async for c, s in store.counters(acct)]
     assert listed == [("user:alice", CounterState(reserved=1))]
-    assert await store.client.zrange(f"ramp:{{{acct}}}:counters", 0, -1) == [b"user:alice|month|2026-11"]
+    assert await store.client.zrange(f"ramp:{{{acct}}}:counters", 0, -1) == [b"user:alice|month|2026-11|USD"]
 
 
 async def test_ledger_pages(store: RedisStore) -> None:

@@ -153,7 +153,7 @@ async def live_counters(store: Store, account: str = ACCT) -> dict[str, tuple[Co
 def ledger_sums(entries: Sequence[LedgerEntry]) -> dict[str, int]:
     sums: dict[str, int] = defaultdict(int)
     for e in entries:
-        sums[f"{e.scope}|{e.period}|{e.window}"] += e.amount
+        sums[e.counter_key] += e.amount
     return dict(sums)
 
 
