@@ -197,7 +197,9 @@ class Purchaser:
             # Another broker (or this one before a restart) finished this key: replay its answer.
             return _replay(done.result, fingerprint)
         try:
-            return await self._buy(key, fingerprint, account, plan, held, kept, response)
+            # The hold's plan: the one the store accepted (limits may have been reloaded).
+            bought_plan = held.period.plan if held.period is not None else plan
+            return await self._buy(key, fingerprint, account, bought_plan, held, kept, response)
         except Exception as exc:
             raise AfterWire(str(exc)) from exc
 
@@ -236,9 +238,12 @@ class Purchaser:
             try:
                 held = await self._hold(account, charge, plan, cost, key)
             except BudgetExhausted:
-                # Another purchase took budget since headroom was read: look again.
+                # Another purchase took budget since headroom was read (or an operator changed
+                # a limit, which the store made the period layer reload): look again.
                 if attempt == _RESERVE_ATTEMPTS - 1:
                     raise
+                if charge is not None and self._period is not None:
+                    plan = await self._period.plan(charge)
                 continue
             for ch in fitted:
                 if not ch.ranked:
