@@ -79,6 +79,7 @@ from bench.purchases import (
     _stop,
     _table,
     _wait_healthy,
+    bench_catalog,
     cpu_seconds,
     free_port,
     run_phase,
@@ -438,13 +439,7 @@ def _limit(period: str) -> dict[str, str]:
 def purchase_servers(workdir: Path, redis_url: str) -> Iterator[tuple[Child, Child, Child]]:
     """The reference Exchange and two brokers on it: (exchange, without period layer, with it)."""
     xport, plain_port, period_port = free_port(), free_port(), free_port()
-    catalog = {
-        "exchange": EXCHANGE_NAME,
-        "listen": f"127.0.0.1:{xport}",
-        "accounts": {"ramp-broker": {"USD": HUGE}},
-        "offers": [{"uri": ITEM_URI, "offer_id": "bench-item", "title": "Bench item",
-                    "model": "flat", "rate": ITEM_PRICE, "currency": "USD"}],
-    }
+    catalog = bench_catalog(xport)
     digest = hashlib.sha256(AGENT_KEY.encode()).hexdigest()
     agent: dict[str, Any] = {"id": "bench-agent", "key_sha256": digest, "account": BROKER_ACCOUNT}
 

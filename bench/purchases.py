@@ -80,6 +80,17 @@ PHASE_GRACE_S = 2 * REQUEST_TIMEOUT_S + 5.0  # past --seconds, the whole phase i
 Call = Callable[[int, int], Awaitable[None]]
 
 
+def bench_catalog(port: int) -> dict[str, Any]:
+    """The reference Exchange's catalog for benches: one flat-priced item, a bottomless account."""
+    return {
+        "exchange": EXCHANGE_NAME,
+        "listen": f"127.0.0.1:{port}",
+        "accounts": {"ramp-broker": {"USD": HUGE}},
+        "offers": [{"uri": ITEM_URI, "offer_id": "bench-item", "title": "Bench item",
+                    "model": "flat", "rate": ITEM_PRICE, "currency": "USD"}],
+    }
+
+
 class PurchaseFailed(Exception):
     """The RPC answered, but not with one purchased item."""
 
@@ -166,13 +177,7 @@ def running_servers() -> Iterator[tuple[Child, Child]]:
     with tempfile.TemporaryDirectory(prefix="ramp-bench-") as tmp:
         workdir = Path(tmp)
         xport, bport = free_port(), free_port()
-        catalog = {
-            "exchange": EXCHANGE_NAME,
-            "listen": f"127.0.0.1:{xport}",
-            "accounts": {"ramp-broker": {"USD": HUGE}},
-            "offers": [{"uri": ITEM_URI, "offer_id": "bench-item", "title": "Bench item",
-                        "model": "flat", "rate": ITEM_PRICE, "currency": "USD"}],
-        }
+        catalog = bench_catalog(xport)
         config = {
             "listen": f"127.0.0.1:{bport}",
             "default_currency": "USD",
