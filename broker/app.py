@@ -86,13 +86,13 @@ async def open_store(setting: StoreSetting) -> Store:
 
         return await RedisStore.open(
             setting.url, timeout_ms=setting.timeout_ms, prefix=setting.key_prefix, lazy=True)
-    from budget.sqlite_store import SqliteStore
+    from budget.sqlite_store import SqliteStore, default_path
 
-    return await SqliteStore.open(_file(setting.path, "budget.sqlite3"), timeout_ms=setting.timeout_ms)
+    return await SqliteStore.open(_file(setting.path, default_path()), timeout_ms=setting.timeout_ms)
 
 
-def _file(configured: str | None, default_name: str) -> Path:
-    return Path(configured).expanduser() if configured else state_dir() / default_name
+def _file(configured: str | None, default: Path) -> Path:
+    return Path(configured).expanduser() if configured else default
 
 
 def build_converter(
@@ -108,10 +108,9 @@ def build_converter(
 
 
 def build_period_layer(
-    config: BrokerConfig, clock: Clock, converter: Converter, store: Store
+    config: BrokerConfig, owners: dict[str, str], clock: Clock, converter: Converter, store: Store
 ) -> PeriodLayer:
     pb = config.period_budgets
-    owners = scope_owners(config)
     rules: dict[str, dict[str, ScopeRule]] = {account: {} for account in owners.values()}
     for name, account in pb.accounts.items():
         for scope, s in account.scopes.items():
@@ -121,7 +120,7 @@ def build_period_layer(
                 open_allowance=s.open_allowance.money() if s.open_allowance else None,
             )
     # One journal per broker: the default is named after its port.
-    journal_path = _file(pb.journal_path, f"journal-{config.listen.rsplit(':', 1)[1]}.jsonl")
+    journal_path = _file(pb.journal_path, state_dir() / f"journal-{config.listen.rsplit(':', 1)[1]}.jsonl")
     return PeriodLayer(
         store, rules, clock=clock, tz=time_zone(pb.time_zone, "period_budgets.time_zone"),
         converter=converter, ttl_s=pb.reservation_ttl_seconds, grace_s=pb.grace_seconds,
@@ -133,7 +132,8 @@ async def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Brok
     clock = clock or SystemClock()
     auth = Authenticator(config.agents, config.anonymous)
     admin_token = AdminToken(config)
-    store = await open_store(config.period_budgets.store) if scope_owners(config) else None
+    owners = scope_owners(config)
+    store = await open_store(config.period_budgets.store) if owners else None
     converter, ecb = build_converter(config, clock, store)
     if ecb is not None:
         try:
@@ -141,7 +141,7 @@ async def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Brok
         except ConversionError as exc:
             # Conversions are refused until a refresh succeeds; same-currency purchases go on.
             log.error("ECB reference rates not loaded: %s", exc)
-    period = build_period_layer(config, clock, converter, store) if store is not None else None
+    period = build_period_layer(config, owners, clock, converter, store) if store is not None else None
     default = config.session.default_limit.money() if config.session.default_limit else None
     sessions = SessionBudgets(clock, default, idle_seconds=config.session.idle_seconds)
     exchanges = {
@@ -159,7 +159,7 @@ async def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Brok
     apps: dict[str, ASGIApp] = {broker_app.path: broker_app, budget_app.path: budget_app}
     if period is not None:
         admin_app = BudgetAdminServiceASGIApplication(
-            AdminHandlers(period, scope_owners(config), admin_token, clock),
+            AdminHandlers(period, owners, admin_token),
             interceptors=interceptors, codecs=codecs)
         apps[admin_app.path] = admin_app
 

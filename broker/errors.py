@@ -78,6 +78,17 @@ def exhausted_detail(exc: BudgetExhausted) -> bpb.BudgetExhausted:
     return msg
 
 
+# Domain errors whose own message is what the client should read.
+_PLAIN: dict[type[Exception], Code] = {
+    SessionError: Code.FAILED_PRECONDITION,
+    LimitChangeRefused: Code.FAILED_PRECONDITION,
+    Unauthenticated: Code.UNAUTHENTICATED,
+    PermissionDenied: Code.PERMISSION_DENIED,
+    StoreDown: Code.UNAVAILABLE,
+    KeyInFlight: Code.ABORTED,
+}
+
+
 def to_connect_error(exc: BaseException) -> ConnectError:
     if isinstance(exc, ConnectError):
         return exc
@@ -88,20 +99,11 @@ def to_connect_error(exc: BaseException) -> ConnectError:
     if isinstance(exc, MoneyError | ScopeError | PeriodError):
         violation = bpb.FieldViolation(field=exc.field, description=exc.problem)
         return ConnectError(Code.INVALID_ARGUMENT, str(exc), [detail(violation)])
-    if isinstance(exc, SessionError):
-        return ConnectError(Code.FAILED_PRECONDITION, str(exc))
     if isinstance(exc, NothingToBuy):
         return ConnectError(exc.code, str(exc))
-    if isinstance(exc, Unauthenticated):
-        return ConnectError(Code.UNAUTHENTICATED, str(exc))
-    if isinstance(exc, PermissionDenied):
-        return ConnectError(Code.PERMISSION_DENIED, str(exc))
-    if isinstance(exc, StoreDown):
-        return ConnectError(Code.UNAVAILABLE, str(exc))
-    if isinstance(exc, KeyInFlight):
-        return ConnectError(Code.ABORTED, str(exc))
-    if isinstance(exc, LimitChangeRefused):
-        return ConnectError(Code.FAILED_PRECONDITION, str(exc))
+    for kind, code in _PLAIN.items():
+        if isinstance(exc, kind):
+            return ConnectError(code, str(exc))
     ref = uuid.uuid4().hex[:12]
     log.error("internal error ref=%s", ref, exc_info=exc)
     return ConnectError(Code.INTERNAL, f"internal error (ref {ref})")

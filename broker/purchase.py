@@ -75,8 +75,8 @@ class _Outcome:
     item: bpb.ItemResult
     charged: Money  # counted as spent (actual, or the hold when unknown)
     actual: Money | None  # what the Exchange said it charged
-    original: Money | None = None  # the same, in the currency the Exchange charged in
-    cand: Candidate | None = None
+    cand: Candidate
+    original: Money | None = None  # `actual` in the currency the Exchange charged in
 
 
 class Purchaser:
@@ -159,8 +159,7 @@ class Purchaser:
         deadline_ms = check_deadline_ms(req.deadline.seconds, req.deadline.nanos, "deadline",
                                         self._config.fanout.overall_timeout_ms)
         account = self._sessions.get(session_id)
-        charge = charge_for(agent, c)
-        plan = await self._period.plan(charge) if charge and self._period else None
+        charge, plan = await self._charge(agent, c)
         currency = account.currency
         response = bpb.TransactResponse(idempotency_key=key)
 
@@ -204,8 +203,14 @@ class Purchaser:
             raise AfterWire(str(exc)) from exc
 
     async def plan(self, agent: Agent, c: Constraints, prefix: str = "constraints.") -> Plan | None:
+        return (await self._charge(agent, c, prefix))[1]
+
+    async def _charge(
+        self, agent: Agent, c: Constraints, prefix: str = "constraints."
+    ) -> tuple[Charge | None, Plan | None]:
+        """The scopes a purchase is charged to, and their counters now (None: no period layer)."""
         charge = charge_for(agent, c, prefix)
-        return await self._period.plan(charge) if charge and self._period else None
+        return charge, (await self._period.plan(charge) if charge and self._period else None)
 
     async def snapshots(self, account: SessionAccount | None, plan: Plan | None) -> list[Snapshot]:
         snaps = [account.snap()] if account else []
@@ -305,7 +310,7 @@ class Purchaser:
             after = await self._period.commit(held.period, [
                 ItemSpend(o.cand.exchange.name, o.cand.offer.offer_id, o.cand.uri,
                           o.original or o.charged, o.charged)
-                for o in outcomes if o.cand is not None and not o.charged.is_zero()
+                for o in outcomes if not o.charged.is_zero()
             ], fingerprint.encode() + b"\n" + response.SerializeToString())
         if after is not None or plan is None or not plan.counters:
             snaps = [account.snap(), *(after or [])]  # as the commit left them: no second read
@@ -346,10 +351,10 @@ class Purchaser:
             # The Exchange may have charged: keep the hold as spent, err toward stopping early.
             item.status = bpb.ITEM_STATUS_UNKNOWN
             item.detail = f"exchange did not answer ({failure.kind}); the reserved amount stays spent"
-            return _Outcome(item, cand.price, None, cand=cand)
+            return _Outcome(item, cand.price, None, cand)
         item.status = bpb.ITEM_STATUS_FAILED
         item.detail = f"exchange refused the request ({failure.kind}): {failure.detail}"
-        return _Outcome(item, Money.zero(cand.price.currency), None)
+        return _Outcome(item, Money.zero(cand.price.currency), None, cand)
 
     def _outcome(
         self, cand: Candidate, res: rpb.TransactionResultItem | None, currency: str
@@ -359,25 +364,25 @@ class Purchaser:
         if res is None:
             item.status = bpb.ITEM_STATUS_UNKNOWN
             item.detail = "exchange answer has no result for this offer; the reserved amount stays spent"
-            return _Outcome(item, cand.price, None, cand=cand)
+            return _Outcome(item, cand.price, None, cand)
         item.result.CopyFrom(res)
         if res.denial_reason != rpb.DENIAL_REASON_UNSPECIFIED:
             item.status = bpb.ITEM_STATUS_DENIED
             item.detail = rpb.DenialReason.Name(res.denial_reason)
-            return _Outcome(item, zero, None)
+            return _Outcome(item, zero, None, cand)
         try:
             original = Money.parse(res.cost.amount, res.cost.currency, "cost")
             actual = convert(original, currency, self._converter)
         except MoneyError as exc:
             item.status = bpb.ITEM_STATUS_UNKNOWN
             item.detail = f"exchange reported an unusable cost ({exc}); the reserved amount stays spent"
-            return _Outcome(item, cand.price, None, cand=cand)
+            return _Outcome(item, cand.price, None, cand)
         item.status = bpb.ITEM_STATUS_PURCHASED
         if actual > cand.price:
             # Recorded in full, never dropped: the Exchange is the authority.
             log.warning("overage: %s/%s charged %s, reserved %s", cand.exchange.name,
                         cand.offer.offer_id, actual, cand.price)
-        return _Outcome(item, actual, actual, original, cand)
+        return _Outcome(item, actual, actual, cand, original)
 
     # --- helpers ---------------------------------------------------------------
 

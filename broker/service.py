@@ -15,7 +15,6 @@ from broker.auth import AdminToken, Authenticator
 from broker.errors import InvalidField
 from broker.purchase import Purchaser
 from broker.validation import Constraints, check_id
-from budget.clock import Clock
 from budget.period import Charge, PeriodLayer
 from budget.periods import Period
 from budget.scopes import check_scope
@@ -78,12 +77,10 @@ class BudgetHandlers:
 class AdminHandlers:
     """Operators' per-period limits, behind the admin token."""
 
-    def __init__(self, period: PeriodLayer, owners: Mapping[str, str], token: AdminToken,
-                 clock: Clock) -> None:
+    def __init__(self, period: PeriodLayer, owners: Mapping[str, str], token: AdminToken) -> None:
         self._period = period
         self._owners = owners
         self._token = token
-        self._clock = clock
 
     def _account(self, scope: str, ctx: Ctx) -> str:
         self._token.check(ctx.request_headers)

@@ -23,6 +23,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TypeVar
 from zoneinfo import ZoneInfo
 
@@ -112,7 +113,6 @@ class Charge:
 @dataclass(frozen=True, slots=True)
 class Counter:
     ref: CounterRef
-    period: Period
     window: Window
     limit: Money  # before the window's credit
     failure: str
@@ -146,7 +146,6 @@ class PeriodHold:
     holds: tuple[Hold, ...]
     key: str
     reservation_id: str | None  # None: held on the local fail-open allowance
-    reserved_at_ms: int
     settled: bool = False
 
     @property
@@ -203,8 +202,7 @@ class PeriodLayer:
         own = self.scope_limits(account, scope, await self._load_limits(account))
         old = own.get(period.spec)
         if old is not None and limit is not None and old[1].currency != limit.currency:
-            window = period.window(self._clock.now(), self._tz)
-            ref = CounterRef(scope, period.spec, window.id, old[1].currency, window.start_ms, window.end_ms)
+            ref, window = self._counter(scope, period, old[1].currency, self._clock.now())
             (state,) = await self.store.read(account, [ref])
             if state.spent or state.reserved:
                 raise LimitChangeRefused(
@@ -225,8 +223,7 @@ class PeriodLayer:
         if amount.currency != limit.currency:
             raise MoneyError("amount.currency", f"the {period.spec} limit of {scope} is in "
                              f"{limit.currency}; credit it in {limit.currency}")
-        window = period.window(self._clock.now(), self._tz)
-        ref = CounterRef(scope, period.spec, window.id, limit.currency, window.start_ms, window.end_ms)
+        ref, window = self._counter(scope, period, limit.currency, self._clock.now())
         await self.store.add_credit(account, ref, amount.units(), expire_at_ms=window.end_ms + self._grace_ms)
 
     async def limits_for(self, account: str) -> Limits:
@@ -269,10 +266,14 @@ class PeriodLayer:
                 own = self._tightened(own, charge.tighten, charge.tighten_period)
             for spec in sorted(own):
                 period, limit = own[spec]
-                window = period.window(at, self._tz)
-                ref = CounterRef(scope, spec, window.id, limit.currency, window.start_ms, window.end_ms)
-                counters.append(Counter(ref, period, window, limit, rule.failure))
+                ref, window = self._counter(scope, period, limit.currency, at)
+                counters.append(Counter(ref, window, limit, rule.failure))
         return Plan(charge.account, tuple(counters), limits.version, charge.scopes)
+
+    def _counter(self, scope: str, period: Period, currency: str, at: datetime) -> tuple[CounterRef, Window]:
+        """The counter of `scope`'s `period` limit that the instant `at` falls in."""
+        window = period.window(at, self._tz)
+        return CounterRef(scope, period.spec, window.id, currency, window.start_ms, window.end_ms), window
 
     def _tightened(
         self, own: dict[str, tuple[Period, Money]], cap: Money, period: Period | None
@@ -370,10 +371,10 @@ class PeriodLayer:
                 ))
             except StoreUnavailable:
                 if plan.fails_open():
-                    return self._reserve_locally(plan, holds, cost, key, now_ms)
+                    return self._reserve_locally(plan, holds, cost, key)
                 raise self._down(plan) from None
             if isinstance(outcome, Reserved):
-                return PeriodHold(plan, holds, key, outcome.reservation_id, now_ms)
+                return PeriodHold(plan, holds, key, outcome.reservation_id)
             if isinstance(outcome, Denied):
                 c = plan.counters[outcome.index]
                 snap = self._snapshot(c, outcome.state)
@@ -401,16 +402,14 @@ class PeriodLayer:
         if stored is not None:
             raise AlreadySettled(stored)
 
-    def _reserve_locally(
-        self, plan: Plan, holds: tuple[Hold, ...], cost: Money, key: str, now_ms: int
-    ) -> PeriodHold:
+    def _reserve_locally(self, plan: Plan, holds: tuple[Hold, ...], cost: Money, key: str) -> PeriodHold:
         for snap in self._local_snapshots(plan):
             need = convert(cost, snap.limit.currency, self._converter)
             if snap.spent + need > snap.limit:
                 raise OpenAllowanceExhausted.from_snapshot(
                     snap, need, reason=exhausted_reason(snap), next_action=next_action(snap),
                 )
-        hold = PeriodHold(plan, holds, key, None, now_ms)
+        hold = PeriodHold(plan, holds, key, None)
         self._local_holds.append(hold)
         log.warning("budget store unreachable: scopes %s spend from the fail-open allowance",
                     ", ".join(plan.scopes))
