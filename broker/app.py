@@ -5,19 +5,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
 from connectrpc.compat import google_protobuf_binary_codec, google_protobuf_json_codec
+from connectrpc.interceptor import UnaryInterceptor
 
+from broker.alerts import Alerter
 from broker.auth import AdminToken, Authenticator
 from broker.config import BrokerConfig, StoreSetting
 from broker.errors import ErrorMapping
+from broker.instrument import TimedExchange, TimedStore
+from broker.logs import RequestIds
+from broker.metrics import Metrics, PeriodEventMetrics
 from broker.purchase import Purchaser
 from broker.selection import Exchange
 from broker.service import AdminHandlers, BrokerHandlers, BudgetHandlers
+from broker.watch import BudgetWatch
 from budget.clock import Clock, SystemClock
+from budget.forecast import SpendRates
 from budget.journal import Journal
 from budget.period import PeriodLayer, ScopeRule
 from budget.periods import Period, time_zone
@@ -44,15 +51,19 @@ class Broker:
     app: Router
     exchanges: dict[str, Exchange]
     sessions: SessionBudgets
+    metrics: Metrics
     period: PeriodLayer | None = None
     ecb: EcbConverter | None = None
+    alerter: Alerter | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def start(self) -> None:
-        """Background work: the period layer's sweeper and journal replay."""
+        """Background work: the period layer's sweeper and journal replay, rates, alerts."""
         if self._tasks:
             return
+        if self.alerter is not None:
+            self._tasks.append(asyncio.create_task(self.alerter.run(self._stop)))
         if self.period is not None:
             self._tasks.append(asyncio.create_task(self.period.run_upkeep(
                 self.config.period_budgets.sweep_interval_seconds, self._stop)))
@@ -108,7 +119,8 @@ def build_converter(
 
 
 def build_period_layer(
-    config: BrokerConfig, owners: dict[str, str], clock: Clock, converter: Converter, store: Store
+    config: BrokerConfig, owners: dict[str, str], clock: Clock, converter: Converter, store: Store,
+    metrics: Metrics | None = None,
 ) -> PeriodLayer:
     pb = config.period_budgets
     rules: dict[str, dict[str, ScopeRule]] = {account: {} for account in owners.values()}
@@ -124,7 +136,7 @@ def build_period_layer(
     return PeriodLayer(
         store, rules, clock=clock, tz=time_zone(pb.time_zone, "period_budgets.time_zone"),
         converter=converter, ttl_s=pb.reservation_ttl_seconds, grace_s=pb.grace_seconds,
-        journal=Journal(journal_path),
+        journal=Journal(journal_path), events=PeriodEventMetrics(metrics) if metrics else None,
     )
 
 
@@ -133,7 +145,10 @@ async def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Brok
     auth = Authenticator(config.agents, config.anonymous)
     admin_token = AdminToken(config)
     owners = scope_owners(config)
-    store = await open_store(config.period_budgets.store) if owners else None
+    metrics = Metrics(config.metrics.export_scopes)
+    store: Store | None = None
+    if owners:
+        store = TimedStore(await open_store(config.period_budgets.store), metrics.store_call)
     converter, ecb = build_converter(config, clock, store)
     if ecb is not None:
         try:
@@ -141,14 +156,22 @@ async def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Brok
         except ConversionError as exc:
             # Conversions are refused until a refresh succeeds; same-currency purchases go on.
             log.error("ECB reference rates not loaded: %s", exc)
-    period = build_period_layer(config, owners, clock, converter, store) if store is not None else None
+        metrics.rate_age(lambda: _age_seconds(ecb, clock))
+    period = (build_period_layer(config, owners, clock, converter, store, metrics)
+              if store is not None else None)
+    alerter = None
+    if store is not None:
+        alerter = Alerter(config.alerts, store, clock, metrics,
+                          grace_ms=config.period_budgets.grace_seconds * 1000, instance=config.listen)
+    watch = BudgetWatch(SpendRates(config.forecast.half_life_seconds), metrics, alerter)
     default = config.session.default_limit.money() if config.session.default_limit else None
     sessions = SessionBudgets(clock, default, idle_seconds=config.session.idle_seconds)
     exchanges = {
-        e.name: Exchange(e, ConnectExchange(e.name, e.endpoint)) for e in config.exchanges
+        e.name: Exchange(e, TimedExchange(ConnectExchange(e.name, e.endpoint), metrics.exchange_call))
+        for e in config.exchanges
     }
-    purchaser = Purchaser(config, exchanges, sessions, converter, clock, period)
-    interceptors = [ErrorMapping()]
+    purchaser = Purchaser(config, exchanges, sessions, converter, clock, period, watch)
+    interceptors: list[UnaryInterceptor] = [RequestIds(), ErrorMapping(metrics)]
     # Unknown JSON fields are refused, not skipped: a misspelled "maxPrize" must
     # not quietly buy without the cap the agent meant to set.
     codecs = [google_protobuf_binary_codec(), google_protobuf_json_codec(ignore_unknown_fields=False)]
@@ -159,7 +182,7 @@ async def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Brok
     apps: dict[str, ASGIApp] = {broker_app.path: broker_app, budget_app.path: budget_app}
     if period is not None:
         admin_app = BudgetAdminServiceASGIApplication(
-            AdminHandlers(period, owners, admin_token),
+            AdminHandlers(period, owners, admin_token, watch),
             interceptors=interceptors, codecs=codecs)
         apps[admin_app.path] = admin_app
 
@@ -167,4 +190,11 @@ async def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Brok
         return 200, {"status": "ok", "exchanges": sorted(exchanges), "sessions": len(sessions)}
 
     router = Router(apps, {"/healthz": healthz})
-    return Broker(config, router, exchanges, sessions, period, ecb)
+    return Broker(config, router, exchanges, sessions, metrics, period, ecb, alerter)
+
+
+def _age_seconds(ecb: EcbConverter, clock: Clock) -> float | None:
+    rates = ecb.rates
+    if rates is None:
+        return None
+    return (clock.now() - datetime.combine(rates.date, time(0), UTC)).total_seconds()

@@ -94,7 +94,7 @@ def charge_for(agent: Agent, c: Constraints, prefix: str = "constraints.") -> Ch
         check_scope(named, f"{prefix}budget_scope")
         if agent.account is None or not agent.may_charge(named):
             raise PermissionDenied(f"{prefix}budget_scope",
-                                   f"this API key may not charge scope {named!r}")
+                                   f"this API key may not charge scope {named!r}", scope=named)
     target = named or agent.billing_scope
     if c.budget_period is not None and c.period_budget is None:
         raise InvalidField(f"{prefix}period_budget", "is required when budget_period is given")
@@ -121,7 +121,8 @@ class AdminToken:
 
     def check(self, headers: Mapping[str, str]) -> None:
         if self._token is None:
-            raise PermissionDenied("authorization", self._off)
+            raise PermissionDenied("authorization", self._off, reason="admin_api_disabled", scope="admin")
         given = _bearer(headers)
         if given is None or not hmac.compare_digest(given.encode(), self._token.encode()):
-            raise Unauthenticated("the admin API needs 'authorization: Bearer <admin token>'")
+            raise Unauthenticated("the admin API needs 'authorization: Bearer <admin token>'",
+                                  reason="admin_token_invalid")

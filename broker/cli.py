@@ -9,22 +9,31 @@ import sys
 
 from broker.config import load_broker_config
 from broker.configfile import ConfigError
+from broker.logs import configure
 from budget.store import StoreUnavailable
 
 log = logging.getLogger("ramp_broker")
 
 
-async def _serve(config_path: str | None) -> None:
+async def _serve(config_path: str | None, log_format: str | None) -> None:
     from broker.app import build_broker
+    from broker.logs import configure
     from exchange_client.serving import serve_until_signalled
 
     config = load_broker_config(config_path)
+    if log_format is None and config.logging.format != "text":
+        configure(config.logging.format, logging.getLevelName(logging.getLogger().level))
     broker = await build_broker(config)
     broker.start()
     log.info("starting broker on %s (Connect, gRPC-Web, gRPC); exchanges: %s",
              config.listen, ", ".join(broker.exchanges) or "none")
+    stop = asyncio.Event()
+    servers = [serve_until_signalled(broker.app, config.listen, config.shutdown_grace_seconds, stop)]
+    if config.metrics.enabled:
+        log.info("Prometheus metrics on http://%s/metrics", config.metrics.listen)
+        servers.append(serve_until_signalled(broker.metrics.asgi_app(), config.metrics.listen, 1.0, stop))
     try:
-        await serve_until_signalled(broker.app, config.listen, config.shutdown_grace_seconds)
+        await asyncio.gather(*servers)
     finally:
         await broker.close()
         log.info("broker stopped")
@@ -78,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ramp-broker", description=__doc__)
     parser.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", choices=["text", "json"],
+                        help="log lines as text or JSON objects (default: the config's logging.format)")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the broker daemon")
     serve.add_argument("--config", help="broker.yaml (defaults apply when omitted)")
@@ -87,13 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--config", help="broker.yaml (its period_budgets.store is checked)")
     rec.add_argument("--repair", action="store_true", help="set mismatching counters from the ledger")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure(args.log_format or "text", args.log_level)
     try:
         if args.command == "serve":
-            asyncio.run(_serve(args.config))
+            asyncio.run(_serve(args.config, args.log_format))
         elif args.command == "reconcile":
             return asyncio.run(_reconcile(args.config, args.repair))
         else:

@@ -206,6 +206,55 @@ class AdminSetting(_Strict):
     token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+class MetricsSetting(_Strict):
+    # Prometheus scrapes http://<listen>/metrics; its own address, apart from the RPCs.
+    enabled: bool = True
+    listen: str = "127.0.0.1:9091"
+    # Scopes whose remaining budget is exported as a gauge (labelled by scope). Scopes
+    # are never labels otherwise, so the number of series stays bounded.
+    export_scopes: list[Scope] = Field(default_factory=list, max_length=1000)
+
+    _check_listen = field_validator("listen")(check_address)
+
+
+class WebhookSetting(_Strict):
+    url: str = Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
+    # Environment variable holding the HMAC-SHA256 key; the body's signature is sent as
+    # "X-Ramp-Signature: sha256=<hex>". Unsigned when unset.
+    secret_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    timeout_ms: int = Field(default=5000, gt=0, le=60000)
+
+
+def _threshold(value: str) -> str:
+    t = parse_amount(value, "alerts.thresholds")
+    if not 0 < t <= 1:
+        raise ValueError(f"alerts.thresholds: {value} is not a fraction in (0, 1]")
+    return value
+
+
+class AlertsSetting(_Strict):
+    # Fractions of a period limit; each fires once per (scope, period, window).
+    thresholds: list[Annotated[str, AfterValidator(_threshold)]] = Field(
+        default_factory=lambda: ["0.5", "0.8", "0.95", "1"], max_length=20)
+    webhooks: list[WebhookSetting] = Field(default_factory=list)
+    # Alerts waiting for delivery, per webhook; more are dropped (and counted).
+    queue_size: int = Field(default=1000, gt=0, le=1_000_000)
+    # Deliveries are retried with exponential backoff, up to this many attempts.
+    max_attempts: int = Field(default=6, gt=0, le=50)
+    backoff_initial_seconds: float = Field(default=0.5, gt=0, le=60)
+    backoff_max_seconds: float = Field(default=30.0, gt=0, le=3600)
+
+
+class ForecastSetting(_Strict):
+    # Spend rate: an exponentially weighted moving average with this half-life.
+    half_life_seconds: float = Field(default=900.0, gt=0, le=30 * 86400)
+
+
+class LoggingSetting(_Strict):
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
 class BrokerConfig(_Strict):
     listen: str = "127.0.0.1:9090"
     # Currency offers are compared in when no session budget applies.
@@ -228,6 +277,10 @@ class BrokerConfig(_Strict):
     agents: list[AgentSetting] = Field(default_factory=list)
     anonymous: ChargeSetting | None = None
     admin: AdminSetting = AdminSetting()
+    metrics: MetricsSetting = MetricsSetting()
+    alerts: AlertsSetting = AlertsSetting()
+    forecast: ForecastSetting = ForecastSetting()
+    logging: LoggingSetting = LoggingSetting()
 
     _check_listen = field_validator("listen")(check_address)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from connectrpc.code import Code
@@ -19,7 +20,8 @@ from google.protobuf.message import Message
 from protobuf.wkt import Any as AnyDetail
 
 from broker import wire
-from budget.layers import BudgetExhausted
+from broker.metrics import Metrics
+from budget.layers import BudgetExhausted, Layer
 from budget.period import KeyInFlight, LimitChangeRefused, StoreDown
 from budget.periods import PeriodError
 from budget.scopes import ScopeError
@@ -40,21 +42,31 @@ class InvalidField(MoneyError):
 class Unauthenticated(Exception):
     """No credential, or one this broker does not know (UNAUTHENTICATED)."""
 
+    def __init__(self, message: str, reason: str = "unauthenticated") -> None:
+        super().__init__(message)
+        self.reason = reason
+
 
 class PermissionDenied(Exception):
     """The caller may not do this (PERMISSION_DENIED); `field` names what it asked for."""
 
-    def __init__(self, field: str, problem: str) -> None:
+    def __init__(self, field: str, problem: str, *, reason: str = "scope_not_granted",
+                 scope: str = "") -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+        self.reason = reason
+        self.scope = scope or field
 
 
 class NothingToBuy(Exception):
     """No URI has an offer to buy, for reasons other than budget."""
 
-    def __init__(self, code: Code, message: str) -> None:
+    def __init__(self, code: Code, message: str, reason: str,
+                 calls: Sequence[bpb.ExchangeCall] = ()) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
+        self.calls = list(calls)
 
 
 def detail(message: Message) -> ErrorDetail:
@@ -78,39 +90,113 @@ def exhausted_detail(exc: BudgetExhausted) -> bpb.BudgetExhausted:
     return msg
 
 
-# Domain errors whose own message is what the client should read.
-_PLAIN: dict[type[Exception], Code] = {
-    SessionError: Code.FAILED_PRECONDITION,
-    LimitChangeRefused: Code.FAILED_PRECONDITION,
-    Unauthenticated: Code.UNAUTHENTICATED,
-    PermissionDenied: Code.PERMISSION_DENIED,
-    StoreDown: Code.UNAVAILABLE,
-    KeyInFlight: Code.ABORTED,
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    code: Code
+    layer: bpb.DenialLayer
+    reason: str  # unless the exception carries its own
+    next_action: str
+
+
+# Domain errors whose own message is what the client should read, with their Denial.
+_DENIALS: dict[type[Exception], _Kind] = {
+    SessionError: _Kind(
+        Code.FAILED_PRECONDITION, bpb.DENIAL_LAYER_SESSION, "session_has_no_budget",
+        "declare a session budget with DeclareSessionBudget (in the session's currency once "
+        "money is spent), or use a new session id"),
+    LimitChangeRefused: _Kind(
+        Code.FAILED_PRECONDITION, bpb.DENIAL_LAYER_PERIOD, "limit_change_refused",
+        "keep the limit's currency until the current window ends, then change it"),
+    Unauthenticated: _Kind(
+        Code.UNAUTHENTICATED, bpb.DENIAL_LAYER_AUTHORIZATION, "unauthenticated",
+        "send a key this broker knows as 'authorization: Bearer <key>' (the admin API takes the "
+        "token from the variable named by admin.token_env)"),
+    PermissionDenied: _Kind(
+        Code.PERMISSION_DENIED, bpb.DENIAL_LAYER_AUTHORIZATION, "scope_not_granted",
+        "name a scope this key may charge (its may_name list), or leave budget_scope empty"),
+    StoreDown: _Kind(
+        Code.UNAVAILABLE, bpb.DENIAL_LAYER_STORE, "store_unavailable",
+        "retry in a few seconds; if it persists, an operator should check the budget store"),
+    KeyInFlight: _Kind(
+        Code.ABORTED, bpb.DENIAL_LAYER_TRANSACTION, "idempotency_key_in_flight",
+        "retry the same request with the same idempotency key in a moment"),
+    ConversionError: _Kind(
+        Code.FAILED_PRECONDITION, bpb.DENIAL_LAYER_CURRENCY, "conversion_rate_unavailable",
+        "use a budget in the offer's currency, or retry once the broker has fresh reference rates"),
 }
+_NEXT = {
+    "admin_api_disabled": "set the environment variable named by admin.token_env and restart the broker",
+    "exchange_unavailable": "retry later, or allow a longer deadline",
+    "no_offers": "check the URIs, or configure an Exchange that sells them",
+    "no_offer_meets_constraints": "relax the constraints (max_price, max_unit_cost, exchanges, delivery)",
+    "limits_kept_changing": "retry: operators were changing this scope's limits",
+}
+_NOTHING_LAYER = {
+    "exchange_unavailable": bpb.DENIAL_LAYER_EXCHANGE,
+    "no_offers": bpb.DENIAL_LAYER_EXCHANGE,
+    "no_offer_meets_constraints": bpb.DENIAL_LAYER_TRANSACTION,
+}
+_BUDGET_LAYER = {
+    Layer.TRANSACTION: bpb.DENIAL_LAYER_TRANSACTION,
+    Layer.SESSION: bpb.DENIAL_LAYER_SESSION,
+    Layer.PERIOD: bpb.DENIAL_LAYER_PERIOD,
+}
+
+
+def denial_of(exc: BaseException) -> bpb.Denial | None:
+    """The Denial detail of a refusal; None for errors that are not one (bad input, bugs)."""
+    if isinstance(exc, BudgetExhausted):
+        d = bpb.Denial(reason=exc.reason, layer=_BUDGET_LAYER[exc.layer], scope=exc.scope,
+                       next_action=exc.next_action, budget=exhausted_detail(exc))
+        if exc.period_end is not None:
+            d.retry_at.CopyFrom(wire.timestamp(exc.period_end))
+        return d
+    if isinstance(exc, NothingToBuy):
+        return bpb.Denial(reason=exc.reason, layer=_NOTHING_LAYER[exc.reason],
+                          scope=",".join(sorted({c.exchange for c in exc.calls})),
+                          next_action=_NEXT[exc.reason], exchanges=exc.calls)
+    for kind, k in _DENIALS.items():
+        if isinstance(exc, kind):
+            reason = getattr(exc, "reason", k.reason)
+            scope = getattr(exc, "scope", "") or getattr(exc, "field", "")
+            return bpb.Denial(reason=reason, layer=k.layer, scope=scope,
+                              next_action=_NEXT.get(reason, k.next_action))
+    return None
 
 
 def to_connect_error(exc: BaseException) -> ConnectError:
     if isinstance(exc, ConnectError):
         return exc
+    denial = denial_of(exc)
     if isinstance(exc, BudgetExhausted):
-        return ConnectError(Code.RESOURCE_EXHAUSTED, str(exc), [detail(exhausted_detail(exc))])
+        assert denial is not None
+        # BudgetExhausted first, as before Denial existed; Denial carries the same numbers.
+        return ConnectError(Code.RESOURCE_EXHAUSTED, str(exc),
+                            [detail(exhausted_detail(exc)), detail(denial)])
     if isinstance(exc, ConversionError):
-        return ConnectError(Code.FAILED_PRECONDITION, exc.problem)
+        assert denial is not None
+        denial.scope = exc.field
+        return ConnectError(Code.FAILED_PRECONDITION, exc.problem, [detail(denial)])
     if isinstance(exc, MoneyError | ScopeError | PeriodError):
         violation = bpb.FieldViolation(field=exc.field, description=exc.problem)
         return ConnectError(Code.INVALID_ARGUMENT, str(exc), [detail(violation)])
     if isinstance(exc, NothingToBuy):
-        return ConnectError(exc.code, str(exc))
-    for kind, code in _PLAIN.items():
+        assert denial is not None
+        return ConnectError(exc.code, str(exc), [detail(denial)])
+    for kind, k in _DENIALS.items():
         if isinstance(exc, kind):
-            return ConnectError(code, str(exc))
+            assert denial is not None
+            return ConnectError(k.code, str(exc), [detail(denial)])
     ref = uuid.uuid4().hex[:12]
     log.error("internal error ref=%s", ref, exc_info=exc)
     return ConnectError(Code.INTERNAL, f"internal error (ref {ref})")
 
 
 class ErrorMapping:
-    """Unary interceptor: every exception leaves as a well-formed ConnectError."""
+    """Unary interceptor: every exception leaves as a well-formed ConnectError; denials are counted."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
 
     async def intercept_unary(
         self,
@@ -121,6 +207,11 @@ class ErrorMapping:
         try:
             return await call_next(request, ctx)
         except Exception as exc:
-            raise to_connect_error(exc) from None
+            error = to_connect_error(exc)
+            denial = denial_of(exc)
+            if denial is not None and self._metrics is not None:
+                self._metrics.denied(bpb.DenialLayer.Name(denial.layer).removeprefix(
+                    "DENIAL_LAYER_").lower(), denial.reason)
+            raise error from None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from broker.auth import ANONYMOUS, Agent, charge_for
 from broker.config import BrokerConfig
 from broker.errors import InvalidField, NothingToBuy
 from broker.idempotency import Entry, IdempotencyCache
+from broker.logs import IDEMPOTENCY_KEY
+from broker.metrics import Metrics
 from broker.selection import (
     Candidate,
     Discovery,
@@ -39,7 +42,9 @@ from broker.validation import (
     check_id,
     check_uris,
 )
+from broker.watch import BudgetWatch
 from budget.clock import Clock
+from budget.forecast import SpendRates
 from budget.layers import (
     BudgetExhausted,
     Headroom,
@@ -83,6 +88,7 @@ class Purchaser:
     def __init__(
         self, config: BrokerConfig, exchanges: dict[str, Exchange], sessions: SessionBudgets,
         converter: Converter, clock: Clock, period: PeriodLayer | None = None,
+        watch: BudgetWatch | None = None,
     ) -> None:
         self._config = config
         self._exchanges = exchanges
@@ -90,6 +96,7 @@ class Purchaser:
         self._converter = converter
         self._clock = clock
         self._period = period
+        self._watch = watch or BudgetWatch(SpendRates(900.0), Metrics())
         self._idem = IdempotencyCache(config.idempotency_cache_size)
         self._requester = rpb.Requester(
             id=config.requester.id, domain=config.requester.domain, name=config.requester.name,
@@ -128,6 +135,7 @@ class Purchaser:
     async def transact(self, req: bpb.TransactRequest, agent: Agent = ANONYMOUS) -> bpb.TransactResponse:
         session_id = check_id(req.session_id, "session_id")
         key = check_id(req.idempotency_key, "idempotency_key")
+        IDEMPOTENCY_KEY.set(key)  # this request's context only: every record logged from here on
         fingerprint = hashlib.sha256(req.SerializeToString(deterministic=True)).hexdigest()
         entry = self._idem.find(key, fingerprint)
         replay = entry is not None
@@ -140,11 +148,17 @@ class Purchaser:
         try:
             answer = await asyncio.shield(entry.task)
         except AfterWire as exc:
+            self._watch.metrics.purchase("error")
             raise exc.__cause__ or exc from None
-        except Exception:
+        except Exception as exc:
             # Nothing reached an Exchange: the agent may fix the cause and retry the key.
             self._idem.forget(key, entry)
+            self._watch.metrics.purchase("denied" if isinstance(exc, BudgetExhausted) else "rejected")
             raise
+        outcome = "replayed" if replay or answer.replayed else _outcome_label(answer)
+        self._watch.metrics.purchase(outcome)
+        log.info("transact %s: %d item(s), total %s %s", outcome, len(answer.items),
+                 answer.total_cost.amount or "0", answer.total_cost.currency)
         if not replay:
             return answer
         replayed = bpb.TransactResponse()
@@ -184,8 +198,10 @@ class Purchaser:
 
         try:
             try:
+                started = time.perf_counter()
                 held, kept = await self._reserve(
                     account, charge, plan, key, choices, c, discovery, response)
+                self._watch.metrics.reservation.observe(time.perf_counter() - started)
             except (BudgetExhausted, NothingToBuy):
                 # A retry of a key bought earlier (on another broker, or before a restart) is
                 # replayed even when nothing fits any more; only then is the denial final.
@@ -213,6 +229,10 @@ class Purchaser:
         return charge, (await self._period.plan(charge) if charge and self._period else None)
 
     async def snapshots(self, account: SessionAccount | None, plan: Plan | None) -> list[Snapshot]:
+        """Every budget's numbers now, with their forecast."""
+        return self._watch.seen(await self._read(account, plan))
+
+    async def _read(self, account: SessionAccount | None, plan: Plan | None) -> list[Snapshot]:
         snaps = [account.snap()] if account else []
         if plan is not None and self._period is not None:
             snaps.extend(await self._period.snapshots(plan))
@@ -316,10 +336,10 @@ class Purchaser:
             snaps = [account.snap(), *(after or [])]  # as the commit left them: no second read
         else:
             try:
-                snaps = await self.snapshots(account, plan)
+                snaps = await self._read(account, plan)
             except StoreDown:
                 snaps = [account.snap()]  # bought and recorded; only the report is partial
-        response.budgets.extend(wire.budget_state(s) for s in snaps)
+        response.budgets.extend(wire.budget_state(s) for s in self._watch.committed(snaps))
         return response
 
     async def _execute(
@@ -434,11 +454,14 @@ class Purchaser:
                 )
         if discovery is not None and discovery.calls and not discovery.any_answered:
             return NothingToBuy(Code.UNAVAILABLE, "no exchange answered: " + "; ".join(
-                f"{c.exchange}: {c.detail}" for c in discovery.calls))
+                f"{c.exchange}: {c.detail}" for c in discovery.calls), "exchange_unavailable",
+                discovery.calls)
         reasons = "; ".join(f"{ch.uri}: {ch.detail}" for ch in fitted[:8])
         if all(ch.reason == bpb.DROP_REASON_NO_OFFERS for ch in fitted):
-            return NothingToBuy(Code.NOT_FOUND, f"no exchange offered any of the URIs ({reasons})")
-        return NothingToBuy(Code.FAILED_PRECONDITION, f"no offer passes the constraints ({reasons})")
+            return NothingToBuy(Code.NOT_FOUND, f"no exchange offered any of the URIs ({reasons})",
+                                "no_offers", discovery.calls if discovery else ())
+        return NothingToBuy(Code.FAILED_PRECONDITION, f"no offer passes the constraints ({reasons})",
+                            "no_offer_meets_constraints")
 
 
 @dataclass
@@ -457,6 +480,13 @@ def _replay(stored: bytes, fingerprint: str) -> bpb.TransactResponse:
     answer = bpb.TransactResponse.FromString(body)
     answer.replayed = True
     return answer
+
+
+def _outcome_label(answer: bpb.TransactResponse) -> str:
+    bought = sum(i.status == bpb.ITEM_STATUS_PURCHASED for i in answer.items)
+    if bought and bought == len(answer.items):
+        return "purchased"
+    return "partial" if bought else "failed"
 
 
 def _dedupe(uris: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -15,6 +15,7 @@ from broker.auth import AdminToken, Authenticator
 from broker.errors import InvalidField
 from broker.purchase import Purchaser
 from broker.validation import Constraints, check_id
+from broker.watch import BudgetWatch
 from budget.period import Charge, PeriodLayer
 from budget.periods import Period
 from budget.scopes import check_scope
@@ -77,10 +78,13 @@ class BudgetHandlers:
 class AdminHandlers:
     """Operators' per-period limits, behind the admin token."""
 
-    def __init__(self, period: PeriodLayer, owners: Mapping[str, str], token: AdminToken) -> None:
+    def __init__(
+        self, period: PeriodLayer, owners: Mapping[str, str], token: AdminToken, watch: BudgetWatch,
+    ) -> None:
         self._period = period
         self._owners = owners
         self._token = token
+        self._watch = watch
 
     def _account(self, scope: str, ctx: Ctx) -> str:
         self._token.check(ctx.request_headers)
@@ -123,5 +127,10 @@ class AdminHandlers:
 
     async def _status(self, account: str, scope: str) -> bpb.ScopeStatusResponse:
         plan = await self._period.plan(Charge(account, (scope,)))
-        snaps = await self._period.snapshots(plan)
+        snaps = self._watch.seen(await self._period.snapshots(plan))
         return bpb.ScopeStatusResponse(budgets=[wire.budget_state(s) for s in snaps])
+
+    async def get_scope_history(
+        self, request: bpb.GetScopeHistoryRequest, ctx: Ctx
+    ) -> bpb.GetScopeHistoryResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "not yet")

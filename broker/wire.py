@@ -39,4 +39,8 @@ def budget_state(snap: Snapshot) -> bpb.BudgetState:
         state.period_start.CopyFrom(timestamp(snap.period_start))
     if snap.period_end is not None:
         state.period_end.CopyFrom(timestamp(snap.period_end))
+    if snap.projected_exhaustion is not None:
+        state.projected_exhaustion.CopyFrom(timestamp(snap.projected_exhaustion))
+    if snap.spend_rate_per_hour is not None:
+        state.spend_rate_per_hour.CopyFrom(cost(snap.spend_rate_per_hour))
     return state

@@ -39,6 +39,10 @@ class Snapshot:
     period_end: datetime | None = None
     period: str = ""  # period layer: "month", "30d", ...
     failure_policy: str = ""  # period layer: "closed" or "open"
+    account: str = ""  # period layer: the account the scope belongs to
+    # From the spend-rate forecast (budget.forecast), when one is known.
+    spend_rate_per_hour: Money | None = None
+    projected_exhaustion: datetime | None = None
 
     @property
     def remaining(self) -> Money:

@@ -24,7 +24,7 @@ import logging
 from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeVar
+from typing import Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 from budget.clock import Clock
@@ -70,9 +70,18 @@ def close_awaitable(call: Awaitable[object]) -> None:
 class StoreDown(Exception):
     """The store cannot be reached and a charged scope fails closed (UNAVAILABLE)."""
 
+    def __init__(self, message: str, scopes: Sequence[str] = (), reason: str = "store_unavailable") -> None:
+        super().__init__(message)
+        self.scope = ",".join(scopes)
+        self.reason = reason
+
 
 class KeyInFlight(Exception):
     """Another broker holds an open reservation under this idempotency key (ABORTED)."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.scope = key
 
 
 class AlreadySettled(Exception):
@@ -86,9 +95,43 @@ class AlreadySettled(Exception):
 class LimitChangeRefused(Exception):
     """An operator's limit change that would lose track of money (FAILED_PRECONDITION)."""
 
+    def __init__(self, message: str, scope: str) -> None:
+        super().__init__(message)
+        self.scope = scope
+
 
 class OpenAllowanceExhausted(BudgetExhausted):
     """A fail-open scope's local allowance is used up while the store is unreachable."""
+
+
+class PeriodEvents(Protocol):
+    """What the layer reports as it happens (the broker's metrics implement this)."""
+
+    def refunded(self, count: int) -> None:
+        """`count` expired reservations were refunded by this broker's sweeper."""
+
+    def overage(self) -> None:
+        """A commit recorded more than its reservation held."""
+
+    def late_commit(self) -> None:
+        """A commit arrived after its reservation had expired and been refunded."""
+
+    def fail_open_spend(self) -> None:
+        """A purchase spent from a fail-open allowance while the store was unreachable."""
+
+
+class NoEvents:
+    def refunded(self, count: int) -> None:
+        pass
+
+    def overage(self) -> None:
+        pass
+
+    def late_commit(self) -> None:
+        pass
+
+    def fail_open_spend(self) -> None:
+        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +200,10 @@ class PeriodLayer:
     def __init__(
         self, store: Store, accounts: Mapping[str, Mapping[str, ScopeRule]], *, clock: Clock,
         tz: ZoneInfo, converter: Converter, ttl_s: int, grace_s: int, journal: Journal | None,
+        events: PeriodEvents | None = None,
     ) -> None:
         self.store = store
+        self.events = events or NoEvents()
         self.accounts = accounts
         self._clock = clock
         self._tz = tz
@@ -209,7 +254,7 @@ class PeriodLayer:
                     f"the {period.spec} limit of {scope} is in {old[1].currency} and its current window "
                     f"has {Money.from_units(state.spent, old[1].currency)} spent and "
                     f"{Money.from_units(state.reserved, old[1].currency)} reserved; keep "
-                    f"{old[1].currency} until the window ends at {window.end.isoformat()}")
+                    f"{old[1].currency} until the window ends at {window.end.isoformat()}", scope)
         value = None if limit is None else (limit.currency, limit.units())
         await self.store.set_limit(account, scope, period.spec, value)
         await self._load_limits(account)
@@ -305,12 +350,13 @@ class PeriodLayer:
             if plan.fails_open():
                 return self._local_snapshots(plan)
             raise self._down(plan) from None
-        return [self._snapshot(c, s) for c, s in zip(plan.counters, states, strict=True)]
+        return [self._snapshot(plan.account, c, s) for c, s in zip(plan.counters, states, strict=True)]
 
-    def _snapshot(self, c: Counter, s: CounterState) -> Snapshot:
+    def _snapshot(self, account: str, c: Counter, s: CounterState) -> Snapshot:
         cur = c.ref.currency
         return Snapshot(
-            layer=Layer.PERIOD, scope=c.ref.scope, limit=c.limit + Money.from_units(s.credit, cur),
+            account=account, layer=Layer.PERIOD, scope=c.ref.scope,
+            limit=c.limit + Money.from_units(s.credit, cur),
             spent=Money.from_units(s.spent, cur), reserved=Money.from_units(s.reserved, cur),
             transaction_count=s.count, as_of=self._clock.now(), period_start=c.window.start,
             period_end=c.window.end, period=c.ref.period, failure_policy=c.failure,
@@ -325,7 +371,8 @@ class PeriodLayer:
             used = self._local_used(plan.account, scope, allowance.currency)
             zero = Money.zero(allowance.currency)
             snaps.append(Snapshot(
-                layer=Layer.PERIOD, scope=scope, limit=allowance, spent=used, reserved=zero,
+                account=plan.account, layer=Layer.PERIOD, scope=scope, limit=allowance, spent=used,
+                reserved=zero,
                 transaction_count=0, as_of=self._clock.now(), period=OPEN_ALLOWANCE,
                 failure_policy="open",
             ))
@@ -377,7 +424,7 @@ class PeriodLayer:
                 return PeriodHold(plan, holds, key, outcome.reservation_id)
             if isinstance(outcome, Denied):
                 c = plan.counters[outcome.index]
-                snap = self._snapshot(c, outcome.state)
+                snap = self._snapshot(plan.account, c, outcome.state)
                 raise BudgetExhausted.from_snapshot(
                     snap, Money.from_units(holds[outcome.index].amount, c.ref.currency),
                     reason="period_budget_exhausted", next_action=next_action(snap),
@@ -386,10 +433,11 @@ class PeriodLayer:
                 raise AlreadySettled(outcome.result)
             if isinstance(outcome, InFlight):
                 raise KeyInFlight(
-                    f"a purchase with idempotency key {key!r} is still in progress; retry shortly")
+                    f"a purchase with idempotency key {key!r} is still in progress; retry shortly", key)
             assert isinstance(outcome, StaleLimits)
             plan = self._plan(charge, await self._load_limits(plan.account))
-        raise StoreDown("operator limits kept changing during the reservation; retry")
+        raise StoreDown("operator limits kept changing during the reservation; retry", plan.scopes,
+                        reason="limits_kept_changing")
 
     async def replay_if_settled(self, plan: Plan, key: str) -> None:
         """Raise AlreadySettled when `key` was committed before: a retry is answered, not denied."""
@@ -418,7 +466,7 @@ class PeriodLayer:
     def _down(self, plan: Plan) -> StoreDown:
         closed = sorted({c.ref.scope for c in plan.counters if c.failure != "open"})
         return StoreDown(f"the budget store is unreachable and scope {', '.join(closed)} fails "
-                         "closed; retry later")
+                         "closed; retry later", closed)
 
     # --- settling ------------------------------------------------------------------
 
@@ -443,6 +491,7 @@ class PeriodLayer:
             assert self._journal is not None
             await self._journal.append(hold.plan.account, hold.key, hold.holds, lines, now_ms)
             self._local_holds.remove(hold)
+            self.events.fail_open_spend()
             return None
         assert hold.reservation_id is not None
         try:
@@ -461,12 +510,16 @@ class PeriodLayer:
             if over:
                 log.warning("overage on %s: %s above the reservation", h.counter.key,
                             Money.from_units(over, h.counter.currency))
+        if any(done.overage):
+            self.events.overage()
         if done.late:
+            self.events.late_commit()
             log.warning("reservation %s expired before its commit; spend recorded late",
                         hold.reservation_id)
         if len(done.states) != len(hold.plan.counters):
             return None
-        return [self._snapshot(c, s) for c, s in zip(hold.plan.counters, done.states, strict=True)]
+        return [self._snapshot(hold.plan.account, c, s)
+                for c, s in zip(hold.plan.counters, done.states, strict=True)]
 
     def _split(self, items: Sequence[ItemSpend], currency: str) -> list[int]:
         """Each item's share of the batch total in `currency`, rounded once, like the hold.
@@ -518,6 +571,7 @@ class PeriodLayer:
         now_ms = to_ms(self._clock.now())
         for account in self.accounts:
             refunded = await self.store.sweep(account, now_ms=now_ms)
+            self.events.refunded(refunded)
             if refunded:
                 log.info("refunded %d expired reservation(s) in account %s", refunded, account)
         self._skip_until = 0.0  # the store answered the sweep: purchases may use it again

@@ -17,6 +17,11 @@ from currency.money import Money
 class SessionError(Exception):
     """A session request that cannot be met as asked (maps to FAILED_PRECONDITION)."""
 
+    def __init__(self, message: str, *, reason: str, session_id: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.scope = session_id
+
 
 @dataclass
 class _SessionHold:
@@ -108,7 +113,8 @@ class SessionBudgets:
         ):
             raise SessionError(
                 f"session {session_id!r} has money spent or reserved in {account.currency}; "
-                f"re-declare it in {account.currency} or use a new session id"
+                f"re-declare it in {account.currency} or use a new session id",
+                reason="session_currency_locked", session_id=session_id,
             )
         if account.currency != limit.currency:
             account.spent = Money.zero(limit.currency)
@@ -125,7 +131,8 @@ class SessionBudgets:
         if self._default is None:
             raise SessionError(
                 f"session {session_id!r} has no budget: declare one with DeclareSessionBudget "
-                "(this broker has no default session limit)"
+                "(this broker has no default session limit)",
+                reason="session_has_no_budget", session_id=session_id,
             )
         return self.declare(session_id, self._default)
 

@@ -253,6 +253,13 @@ class Store(Protocol):
         """
         ...
 
+    async def claim(self, account: str, name: str, *, expire_at_ms: int, now_ms: int) -> bool:
+        """Claim a once-only marker (an alert that fired, say): True for the first claimer only.
+
+        The claim lasts until `expire_at_ms`; once `now_ms` reaches it, the name may be claimed again.
+        """
+        ...
+
     def ledger(self, account: str, *, scope: str | None = None) -> AsyncIterator[LedgerEntry]:
         """Every ledger entry of the account, oldest first."""
         ...

@@ -279,6 +279,8 @@ async def start_broker(directory: Path, config: dict[str, Any], *, name: str = "
     with `run_cli(["reconcile", "--config", str(child.config_path)], ...)`.
     """
     tree, port = _listen_port(config)
+    # Metrics on a free port too (unless the config says), never the shared default 9091.
+    tree.setdefault("metrics", {"listen": f"127.0.0.1:{free_port()}"})
     path = write_yaml(directory / f"{name}.yaml", tree)
     async with spawn(name, ["serve", "--config", str(path)], port, directory, env, path) as child:
         yield child

@@ -50,6 +50,7 @@ async def broker(exchange: Child, tmp_path: Path) -> AsyncIterator[Child]:
     port = free_port()
     env = {
         "RAMP_BROKER_LISTEN": f"127.0.0.1:{port}",
+        "RAMP_BROKER_METRICS__LISTEN": f"127.0.0.1:{free_port()}",
         "RAMP_BROKER_EXCHANGES__0__ENDPOINT": exchange.url,
     }
     async with spawn("broker", ["serve", "--config", str(EXAMPLE_BROKER)], port, tmp_path,

@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .broker_pb2 import AddCreditRequest, DeclareSessionBudgetRequest, DeclareSessionBudgetResponse, GetBudgetStatusRequest, GetBudgetStatusResponse, GetScopeStatusRequest, ResolveRequest, ResolveResponse, ScopeStatusResponse, SetPeriodLimitRequest, TransactRequest, TransactResponse
+from .broker_pb2 import AddCreditRequest, DeclareSessionBudgetRequest, DeclareSessionBudgetResponse, GetBudgetStatusRequest, GetBudgetStatusResponse, GetScopeHistoryRequest, GetScopeHistoryResponse, GetScopeStatusRequest, ResolveRequest, ResolveResponse, ScopeStatusResponse, SetPeriodLimitRequest, TransactRequest, TransactResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -625,6 +625,12 @@ class BudgetAdminService(Protocol):
     async def get_scope_status(self, request: GetScopeStatusRequest, ctx: RequestContext[GetScopeStatusRequest, ScopeStatusResponse], /) -> ScopeStatusResponse:
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    async def get_scope_history(self, request: GetScopeHistoryRequest, ctx: RequestContext[GetScopeHistoryRequest, GetScopeHistoryResponse], /) -> GetScopeHistoryResponse:
+        """
+        The scope's ledger, newest entries.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
 
 class BudgetAdminServiceASGIApplication(ConnectASGIApplication[BudgetAdminService]):
     def __init__(
@@ -671,6 +677,17 @@ class BudgetAdminServiceASGIApplication(ConnectASGIApplication[BudgetAdminServic
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.get_scope_status,
+                ),
+                "/ramp.broker.v1.BudgetAdminService/GetScopeHistory": Endpoint.unary(
+                    method=MethodInfo(
+                        name="GetScopeHistory",
+                        service_name="ramp.broker.v1.BudgetAdminService",
+                        input=GetScopeHistoryRequest,
+                        output=GetScopeHistoryResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.get_scope_history,
                 ),
             },
             interceptors=interceptors,
@@ -774,6 +791,29 @@ class BudgetAdminServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def get_scope_history(
+        self,
+        request: GetScopeHistoryRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetScopeHistoryResponse:
+        """
+        The scope's ledger, newest entries.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetScopeHistory",
+                service_name="ramp.broker.v1.BudgetAdminService",
+                input=GetScopeHistoryRequest,
+                output=GetScopeHistoryResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class BudgetAdminServiceSync(Protocol):
     """
@@ -787,6 +827,12 @@ class BudgetAdminServiceSync(Protocol):
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
     def get_scope_status(self, request: GetScopeStatusRequest, ctx: RequestContext[GetScopeStatusRequest, ScopeStatusResponse], /) -> ScopeStatusResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def get_scope_history(self, request: GetScopeHistoryRequest, ctx: RequestContext[GetScopeHistoryRequest, GetScopeHistoryResponse], /) -> GetScopeHistoryResponse:
+        """
+        The scope's ledger, newest entries.
+        """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
 
@@ -833,6 +879,17 @@ class BudgetAdminServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.get_scope_status,
+                ),
+                "/ramp.broker.v1.BudgetAdminService/GetScopeHistory": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="GetScopeHistory",
+                        service_name="ramp.broker.v1.BudgetAdminService",
+                        input=GetScopeHistoryRequest,
+                        output=GetScopeHistoryResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.get_scope_history,
                 ),
             },
             interceptors=interceptors,
@@ -930,6 +987,29 @@ class BudgetAdminServiceClientSync(ConnectClientSync):
                 service_name="ramp.broker.v1.BudgetAdminService",
                 input=GetScopeStatusRequest,
                 output=ScopeStatusResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def get_scope_history(
+        self,
+        request: GetScopeHistoryRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetScopeHistoryResponse:
+        """
+        The scope's ledger, newest entries.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetScopeHistory",
+                service_name="ramp.broker.v1.BudgetAdminService",
+                input=GetScopeHistoryRequest,
+                output=GetScopeHistoryResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

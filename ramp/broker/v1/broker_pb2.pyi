@@ -24,6 +24,17 @@ class EnforcementMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENFORCEMENT_MODE_UNSPECIFIED: _ClassVar[EnforcementMode]
     ENFORCEMENT_MODE_STRICT: _ClassVar[EnforcementMode]
 
+class DenialLayer(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DENIAL_LAYER_UNSPECIFIED: _ClassVar[DenialLayer]
+    DENIAL_LAYER_TRANSACTION: _ClassVar[DenialLayer]
+    DENIAL_LAYER_SESSION: _ClassVar[DenialLayer]
+    DENIAL_LAYER_PERIOD: _ClassVar[DenialLayer]
+    DENIAL_LAYER_AUTHORIZATION: _ClassVar[DenialLayer]
+    DENIAL_LAYER_STORE: _ClassVar[DenialLayer]
+    DENIAL_LAYER_EXCHANGE: _ClassVar[DenialLayer]
+    DENIAL_LAYER_CURRENCY: _ClassVar[DenialLayer]
+
 class DropReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DROP_REASON_UNSPECIFIED: _ClassVar[DropReason]
@@ -45,6 +56,14 @@ BUDGET_LAYER_SESSION: BudgetLayer
 BUDGET_LAYER_PERIOD: BudgetLayer
 ENFORCEMENT_MODE_UNSPECIFIED: EnforcementMode
 ENFORCEMENT_MODE_STRICT: EnforcementMode
+DENIAL_LAYER_UNSPECIFIED: DenialLayer
+DENIAL_LAYER_TRANSACTION: DenialLayer
+DENIAL_LAYER_SESSION: DenialLayer
+DENIAL_LAYER_PERIOD: DenialLayer
+DENIAL_LAYER_AUTHORIZATION: DenialLayer
+DENIAL_LAYER_STORE: DenialLayer
+DENIAL_LAYER_EXCHANGE: DenialLayer
+DENIAL_LAYER_CURRENCY: DenialLayer
 DROP_REASON_UNSPECIFIED: DropReason
 DROP_REASON_NO_OFFERS: DropReason
 DROP_REASON_FILTERED: DropReason
@@ -57,7 +76,7 @@ ITEM_STATUS_FAILED: ItemStatus
 ITEM_STATUS_UNKNOWN: ItemStatus
 
 class BudgetState(_message.Message):
-    __slots__ = ("layer", "scope", "limit", "spent", "reserved", "remaining", "period_start", "period_end", "mode", "transaction_count", "as_of", "period", "failure_policy")
+    __slots__ = ("layer", "scope", "limit", "spent", "reserved", "remaining", "period_start", "period_end", "mode", "transaction_count", "as_of", "period", "failure_policy", "projected_exhaustion", "spend_rate_per_hour")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +90,8 @@ class BudgetState(_message.Message):
     AS_OF_FIELD_NUMBER: _ClassVar[int]
     PERIOD_FIELD_NUMBER: _ClassVar[int]
     FAILURE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    PROJECTED_EXHAUSTION_FIELD_NUMBER: _ClassVar[int]
+    SPEND_RATE_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
     layer: BudgetLayer
     scope: str
     limit: _ramp_pb2.Cost
@@ -84,7 +105,27 @@ class BudgetState(_message.Message):
     as_of: _timestamp_pb2.Timestamp
     period: str
     failure_policy: str
-    def __init__(self, layer: _Optional[_Union[BudgetLayer, str]] = ..., scope: _Optional[str] = ..., limit: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., spent: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., reserved: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., remaining: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[EnforcementMode, str]] = ..., transaction_count: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period: _Optional[str] = ..., failure_policy: _Optional[str] = ...) -> None: ...
+    projected_exhaustion: _timestamp_pb2.Timestamp
+    spend_rate_per_hour: _ramp_pb2.Cost
+    def __init__(self, layer: _Optional[_Union[BudgetLayer, str]] = ..., scope: _Optional[str] = ..., limit: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., spent: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., reserved: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., remaining: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[EnforcementMode, str]] = ..., transaction_count: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period: _Optional[str] = ..., failure_policy: _Optional[str] = ..., projected_exhaustion: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spend_rate_per_hour: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ...) -> None: ...
+
+class Denial(_message.Message):
+    __slots__ = ("reason", "layer", "scope", "next_action", "retry_at", "budget", "exchanges")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ACTION_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AT_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGES_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    layer: DenialLayer
+    scope: str
+    next_action: str
+    retry_at: _timestamp_pb2.Timestamp
+    budget: BudgetExhausted
+    exchanges: _containers.RepeatedCompositeFieldContainer[ExchangeCall]
+    def __init__(self, reason: _Optional[str] = ..., layer: _Optional[_Union[DenialLayer, str]] = ..., scope: _Optional[str] = ..., next_action: _Optional[str] = ..., retry_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., budget: _Optional[_Union[BudgetExhausted, _Mapping]] = ..., exchanges: _Optional[_Iterable[_Union[ExchangeCall, _Mapping]]] = ...) -> None: ...
 
 class BudgetExhausted(_message.Message):
     __slots__ = ("layer", "scope", "spent", "limit", "remaining", "estimated_cost", "period_end", "mode", "reason", "next_action", "reserved")
@@ -297,6 +338,50 @@ class GetScopeStatusRequest(_message.Message):
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     scope: str
     def __init__(self, scope: _Optional[str] = ...) -> None: ...
+
+class GetScopeHistoryRequest(_message.Message):
+    __slots__ = ("scope", "period", "limit")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    period: str
+    limit: int
+    def __init__(self, scope: _Optional[str] = ..., period: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class LedgerEntry(_message.Message):
+    __slots__ = ("committed_at", "scope", "period", "window", "amount", "original", "idempotency_key", "exchange", "offer_id", "uri", "kind")
+    COMMITTED_AT_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_FIELD_NUMBER: _ClassVar[int]
+    OFFER_ID_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    committed_at: _timestamp_pb2.Timestamp
+    scope: str
+    period: str
+    window: str
+    amount: _ramp_pb2.Cost
+    original: _ramp_pb2.Cost
+    idempotency_key: str
+    exchange: str
+    offer_id: str
+    uri: str
+    kind: str
+    def __init__(self, committed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scope: _Optional[str] = ..., period: _Optional[str] = ..., window: _Optional[str] = ..., amount: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., original: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., exchange: _Optional[str] = ..., offer_id: _Optional[str] = ..., uri: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class GetScopeHistoryResponse(_message.Message):
+    __slots__ = ("entries", "total")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[LedgerEntry]
+    total: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[LedgerEntry, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
 
 class ScopeStatusResponse(_message.Message):
     __slots__ = ("budgets",)

@@ -296,6 +296,11 @@ class BudgetAdminServiceStub:
                 request_serializer=ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeStatusRequest.SerializeToString,
                 response_deserializer=ramp_dot_broker_dot_v1_dot_broker__pb2.ScopeStatusResponse.FromString,
                 _registered_method=True)
+        self.GetScopeHistory = channel.unary_unary(
+                '/ramp.broker.v1.BudgetAdminService/GetScopeHistory',
+                request_serializer=ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeHistoryRequest.SerializeToString,
+                response_deserializer=ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class BudgetAdminServiceServicer:
@@ -321,6 +326,13 @@ class BudgetAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetScopeHistory(self, request, context):
+        """The scope's ledger, newest entries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BudgetAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -338,6 +350,11 @@ def add_BudgetAdminServiceServicer_to_server(servicer, server):
                     servicer.GetScopeStatus,
                     request_deserializer=ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeStatusRequest.FromString,
                     response_serializer=ramp_dot_broker_dot_v1_dot_broker__pb2.ScopeStatusResponse.SerializeToString,
+            ),
+            'GetScopeHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetScopeHistory,
+                    request_deserializer=ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeHistoryRequest.FromString,
+                    response_serializer=ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -423,6 +440,33 @@ class BudgetAdminService:
             '/ramp.broker.v1.BudgetAdminService/GetScopeStatus',
             ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeStatusRequest.SerializeToString,
             ramp_dot_broker_dot_v1_dot_broker__pb2.ScopeStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetScopeHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ramp.broker.v1.BudgetAdminService/GetScopeHistory',
+            ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeHistoryRequest.SerializeToString,
+            ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,79 @@
+"""Logging: plain text or one JSON object per line, with the request's ids on every record.
+
+The request id (the caller's `x-request-id`, or a new one, echoed in the
+response) and the purchase's idempotency key live in context variables, so every
+record logged while serving a request carries them, including records from the
+purchase task it started. Amounts are logged as decimal strings, never floats.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from connectrpc.request import RequestContext
+from pythonjsonlogger.json import JsonFormatter
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+IDEMPOTENCY_KEY: contextvars.ContextVar[str] = contextvars.ContextVar("idempotency_key", default="")
+_GIVEN_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REQ = TypeVar("REQ")
+RES = TypeVar("RES")
+
+
+class _Ids(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        record.idempotency_key = IDEMPOTENCY_KEY.get()
+        return True
+
+
+class _Text(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        ids = " ".join(f"{name}={value}" for name in ("request_id", "idempotency_key")
+                       if (value := getattr(record, name, "")))
+        return f"{line} [{ids}]" if ids else line
+
+
+def configure(fmt: str = "text", level: str = "INFO") -> None:
+    """Send every record to stderr as text or JSON (replacing earlier handlers)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Ids())
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            json_ensure_ascii=False,
+        ))
+    else:
+        handler.setFormatter(_Text("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+class RequestIds:
+    """Unary interceptor: a request id for every call, in the logs and the response headers."""
+
+    async def intercept_unary(
+        self,
+        call_next: Callable[[REQ, RequestContext[REQ, RES]], Awaitable[RES]],
+        request: REQ,
+        ctx: RequestContext[REQ, RES],
+    ) -> RES:
+        given = ctx.request_headers.get("x-request-id", "")
+        request_id = given if _GIVEN_ID.fullmatch(given) else uuid.uuid4().hex
+        ctx.response_headers["x-request-id"] = request_id
+        token = REQUEST_ID.set(request_id)
+        try:
+            return await call_next(request, ctx)
+        finally:
+            REQUEST_ID.reset(token)

@@ -1,0 +1,93 @@
+"""Spend rate and projected exhaustion, per budget, from the numbers the broker reads.
+
+Every reading of a budget (a commit's answer, a status call) is an observation of
+its counter: `spent` at `as_of`. The rate is an exponentially weighted moving
+average over time of the spend between readings, with weight
+1 - 2^(-dt / half_life) for the newest interval, so irregular readings weigh by
+the time they cover. All in Decimal: a rate multiplied back into money must not
+pick up binary rounding.
+
+A reading sees the counter's total, whoever spent it, so with several brokers
+on one store each one's rate is the scope's rate, not only its own share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from budget.layers import Snapshot
+from currency.money import Money
+
+_LN2 = Decimal(2).ln()
+_MICROS = Decimal(1_000_000)
+# Projections further out than this are reported as none (and kept inside datetime's range).
+_HORIZON = timedelta(days=3660)
+
+
+@dataclass(slots=True)
+class _Track:
+    at: datetime
+    spent: int  # nano-units
+    window: datetime | None
+    rate: Decimal | None  # nano-units per second
+
+
+class SpendRates:
+    """Per-budget EWMA spend rates; bounded, least recently read budgets are forgotten first."""
+
+    def __init__(self, half_life_seconds: float, *, max_budgets: int = 100_000) -> None:
+        self._half_life = Decimal(str(half_life_seconds))
+        self._max = max_budgets
+        self._tracks: OrderedDict[tuple[str, ...], _Track] = OrderedDict()
+
+    def observe(self, snap: Snapshot) -> Snapshot:
+        """Fold one reading into its budget's rate; returns the reading with the forecast."""
+        key = (snap.layer.value, snap.account, snap.scope, snap.period, snap.limit.currency)
+        spent = snap.spent.units()
+        track = self._tracks.get(key)
+        if track is None:
+            self._tracks[key] = _Track(snap.as_of, spent, snap.period_start, None)
+            if len(self._tracks) > self._max:
+                self._tracks.popitem(last=False)
+            return snap
+        self._tracks.move_to_end(key)
+        dt = Decimal((snap.as_of - track.at) // timedelta(microseconds=1)) / _MICROS
+        if track.window != snap.period_start:
+            # A new window starts from zero: keep the rate, restart the baseline.
+            track.at, track.spent, track.window = snap.as_of, spent, snap.period_start
+        elif dt > 0 and spent >= track.spent:
+            # (An older reading arriving late, with less spent, is skipped.)
+            instant = Decimal(spent - track.spent) / dt
+            if track.rate is None:
+                track.rate = instant
+            else:
+                weight = 1 - (-(dt * _LN2) / self._half_life).exp()
+                track.rate += weight * (instant - track.rate)
+            track.at, track.spent = snap.as_of, spent
+        return self._forecast(snap, track.rate)
+
+    def observe_all(self, snaps: Sequence[Snapshot]) -> list[Snapshot]:
+        return [self.observe(s) for s in snaps]
+
+    @staticmethod
+    def _forecast(snap: Snapshot, rate: Decimal | None) -> Snapshot:
+        if rate is None:
+            return snap
+        currency = snap.limit.currency
+        per_hour = Money.from_units(int((rate * 3600).to_integral_value()), currency)
+        projected = None
+        remaining = snap.remaining.units()
+        if remaining == 0:
+            projected = snap.as_of
+        elif rate > 0:
+            seconds = Decimal(remaining) / rate
+            if seconds < _HORIZON.total_seconds():
+                projected = snap.as_of + timedelta(microseconds=int(seconds * _MICROS))
+            if projected is not None and snap.period_end is not None and projected >= snap.period_end:
+                projected = None  # the window resets before the money runs out
+        return dataclasses.replace(snap, spend_rate_per_hour=per_hour, projected_exhaustion=projected)
