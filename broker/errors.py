@@ -11,11 +11,12 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError, ErrorDetail
 from connectrpc.request import RequestContext
+from google.protobuf import json_format
 from google.protobuf.message import Message
 from protobuf.wkt import Any as AnyDetail
 
@@ -69,13 +70,37 @@ class NothingToBuy(Exception):
         self.calls = list(calls)
 
 
+class _Detail(ErrorDetail):
+    """An error detail whose Connect JSON form also has a readable `debug` copy.
+
+    connectrpc renders `debug` from `value()` through `_to_json_value` (its own runtime's
+    message method), so a small stand-in gives it the Google message's ProtoJSON. Pinned to
+    connectrpc 0.13; tests read `debug` from real error bodies.
+    """
+
+    def __init__(self, message: Message) -> None:
+        # The library wants its own runtime's Any; a Google message passed directly
+        # arrives as `unknown`, so pack the bytes by hand.
+        super().__init__(AnyDetail(
+            type_url=f"type.googleapis.com/{message.DESCRIPTOR.full_name}",
+            value=message.SerializeToString(),
+        ))
+        self._google = message
+
+    def value(self, *_: object) -> Any:
+        return _JsonForm(self._google)
+
+
+class _JsonForm:
+    def __init__(self, message: Message) -> None:
+        self._message = message
+
+    def _to_json_value(self, **_: object) -> Any:
+        return json_format.MessageToDict(self._message)
+
+
 def detail(message: Message) -> ErrorDetail:
-    # The library's ErrorDetail wants its own runtime's Any; a Google message
-    # passed directly arrives as `unknown`, so pack the bytes by hand.
-    return ErrorDetail(AnyDetail(
-        type_url=f"type.googleapis.com/{message.DESCRIPTOR.full_name}",
-        value=message.SerializeToString(),
-    ))
+    return _Detail(message)
 
 
 def exhausted_detail(exc: BudgetExhausted) -> bpb.BudgetExhausted:

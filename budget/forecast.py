@@ -85,9 +85,9 @@ class SpendRates:
         if remaining == 0:
             projected = snap.as_of
         elif rate > 0:
-            seconds = Decimal(remaining) / rate
-            if seconds < _HORIZON.total_seconds():
-                projected = snap.as_of + timedelta(microseconds=int(seconds * _MICROS))
+            micros = (Decimal(remaining) * _MICROS / rate).to_integral_value()
+            if micros < _HORIZON // timedelta(microseconds=1):
+                projected = snap.as_of + timedelta(microseconds=int(micros))
             if projected is not None and snap.period_end is not None and projected >= snap.period_end:
                 projected = None  # the window resets before the money runs out
         return dataclasses.replace(snap, spend_rate_per_hour=per_hour, projected_exhaustion=projected)

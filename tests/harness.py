@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from google.protobuf import json_format
 from hypercorn.asyncio import serve as hypercorn_serve
 
 from broker.app import Broker, build_broker
@@ -144,7 +145,18 @@ async def running_broker(
 
 
 def exhausted(body: dict[str, Any]) -> bpb.BudgetExhausted:
-    """The BudgetExhausted detail of a Connect JSON error body."""
-    (detail,) = body["details"]
+    """The BudgetExhausted detail of a Connect JSON error body (checked against its Denial)."""
+    detail, _ = body["details"]
     assert detail["type"] == "ramp.broker.v1.BudgetExhausted"
-    return bpb.BudgetExhausted.FromString(base64.b64decode(detail["value"] + "=="))
+    info = bpb.BudgetExhausted.FromString(base64.b64decode(detail["value"] + "=="))
+    assert denial(body).budget == info
+    return info
+
+
+def denial(body: dict[str, Any]) -> bpb.Denial:
+    """The Denial detail of a Connect JSON error body (every denial has exactly one)."""
+    (found,) = [d for d in body["details"] if d["type"] == "ramp.broker.v1.Denial"]
+    message = bpb.Denial.FromString(base64.b64decode(found["value"] + "=="))
+    # The readable copy a curl user sees is the same message.
+    assert found["debug"] == json_format.MessageToDict(message)
+    return message

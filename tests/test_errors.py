@@ -44,8 +44,9 @@ def test_budget_exhausted_carries_every_number() -> None:
     )
     err = to_connect_error(exc)
     assert err.code == Code.RESOURCE_EXHAUSTED
-    (detail,) = err.details
+    detail, denial = err.details
     assert detail.type_name == "ramp.broker.v1.BudgetExhausted"
+    assert denial.type_name == "ramp.broker.v1.Denial"
     info = bpb.BudgetExhausted.FromString(detail.message_bytes)
     assert (info.limit.amount, info.spent.amount, info.reserved.amount, info.remaining.amount,
             info.estimated_cost.amount) == ("10.00", "9.50", "0.25", "0.25", "1.00")

@@ -71,10 +71,14 @@ async def test_purchase_over_protobuf_with_generated_client(
                 await client.transact(
                     bpb.TransactRequest(session_id="s1", idempotency_key="k2", uris=[A]))
             assert err.value.code == Code.RESOURCE_EXHAUSTED
-            (detail,) = err.value.details
+            detail, denial_detail = err.value.details
             assert detail.type_name == "ramp.broker.v1.BudgetExhausted"
             info = bpb.BudgetExhausted.FromString(detail.message_bytes)
             assert (info.remaining.amount, info.estimated_cost.amount) == ("0.50", "1.00")
+            assert denial_detail.type_name == "ramp.broker.v1.Denial"
+            denial = bpb.Denial.FromString(denial_detail.message_bytes)
+            assert (denial.reason, denial.layer) == ("session_budget_exhausted", bpb.DENIAL_LAYER_SESSION)
+            assert denial.budget == info
     finally:
         await transport.aclose()
     assert (await exchange.state())["charges"] == 1
@@ -95,6 +99,10 @@ async def test_purchase_over_grpc(broker: RunningBroker, exchange: Exchange) -> 
     info = bpb.BudgetExhausted()
     assert status.details[0].Unpack(info)
     assert info.layer == bpb.BUDGET_LAYER_SESSION
+    denial = bpb.Denial()
+    assert status.details[1].Unpack(denial)
+    assert denial.reason == "session_budget_exhausted"
+    assert denial.budget == info
     assert (info.spent.amount, info.limit.amount, info.remaining.amount) == ("1.00", "1.50", "0.50")
     assert (await exchange.state())["charges"] == 1
 

@@ -1,0 +1,161 @@
+"""Spend rate (EWMA) and projected exhaustion, on a synthetic clock."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from budget.clock import ManualClock
+from budget.forecast import SpendRates
+from budget.layers import Layer, Snapshot
+from currency.money import Money
+from tests.harness import Exchange, running_broker
+from tests.test_period import ALICE, A, C, buy, period_config
+
+T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+END = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def usd(amount: str) -> Money:
+    return Money.parse(amount, "USD", "amount")
+
+
+def reading(spent: str, at: datetime, *, limit: str = "10.00", start: datetime = T0.replace(day=1),
+            end: datetime = END) -> Snapshot:
+    return Snapshot(layer=Layer.PERIOD, scope="team:eng", limit=usd(limit), spent=usd(spent),
+                    reserved=usd("0"), transaction_count=0, as_of=at, period_start=start,
+                    period_end=end, period="month", account="acme")
+
+
+def test_the_first_reading_has_no_rate() -> None:
+    snap = SpendRates(60).observe(reading("1.00", T0))
+    assert (snap.spend_rate_per_hour, snap.projected_exhaustion) == (None, None)
+
+
+def test_rate_and_projection_from_two_readings() -> None:
+    rates = SpendRates(60)
+    rates.observe(reading("0", T0))
+    snap = rates.observe(reading("1.00", T0 + timedelta(seconds=60)))
+    # 1.00 a minute: 60.00 an hour; 9.00 left lasts 9 minutes.
+    assert snap.spend_rate_per_hour == usd("60")
+    assert snap.projected_exhaustion == T0 + timedelta(minutes=10)
+
+
+def test_a_quiet_interval_halves_the_rate_after_one_half_life() -> None:
+    rates = SpendRates(60)
+    rates.observe(reading("0", T0))
+    rates.observe(reading("1.00", T0 + timedelta(seconds=60)))
+    snap = rates.observe(reading("1.00", T0 + timedelta(seconds=120)))
+    assert snap.spend_rate_per_hour == usd("30")
+    assert snap.projected_exhaustion == T0 + timedelta(seconds=120 + 9 * 120)
+
+
+def test_irregular_readings_weigh_by_the_time_they_cover() -> None:
+    # Many small steps make the same rate as one step covering the same time.
+    one, many = SpendRates(600), SpendRates(600)
+    for r in (one, many):
+        r.observe(reading("0", T0))
+        r.observe(reading("6.00", T0 + timedelta(seconds=600)))  # 36.00/h
+    last_one = one.observe(reading("6.00", T0 + timedelta(seconds=1200)))
+    last_many = reading("6.00", T0)
+    for i in range(1, 61):
+        last_many = many.observe(reading("6.00", T0 + timedelta(seconds=600 + 10 * i)))
+    assert last_one.spend_rate_per_hour == usd("18")
+    assert last_many.spend_rate_per_hour is not None
+    assert abs(last_many.spend_rate_per_hour.amount - Decimal(18)) < Decimal("0.000001")
+
+
+def test_no_projection_when_the_window_resets_first() -> None:
+    rates = SpendRates(60)
+    rates.observe(reading("0", T0))
+    snap = rates.observe(reading("0.01", T0 + timedelta(hours=1)))  # 9.99 left at 0.01/h
+    assert snap.spend_rate_per_hour == usd("0.01")
+    assert snap.projected_exhaustion is None
+
+
+def test_an_exhausted_budget_is_projected_now() -> None:
+    rates = SpendRates(60)
+    rates.observe(reading("0", T0))
+    snap = rates.observe(reading("10.00", T0 + timedelta(seconds=30)))
+    assert snap.projected_exhaustion == T0 + timedelta(seconds=30)
+
+
+def test_zero_rate_projects_nothing() -> None:
+    rates = SpendRates(60)
+    rates.observe(reading("2.00", T0))
+    snap = rates.observe(reading("2.00", T0 + timedelta(seconds=30)))
+    assert snap.spend_rate_per_hour == usd("0")
+    assert snap.projected_exhaustion is None
+
+
+def test_a_new_window_keeps_the_rate_and_restarts_the_baseline() -> None:
+    rates = SpendRates(60)
+    rates.observe(reading("0", T0))
+    rates.observe(reading("1.00", T0 + timedelta(seconds=60)))
+    dec = datetime(2026, 12, 1, tzinfo=UTC)
+    snap = rates.observe(reading("0", dec, start=dec, end=datetime(2027, 1, 1, tzinfo=UTC)))
+    assert snap.spend_rate_per_hour == usd("60")  # not a negative rate from 1.00 -> 0
+    snap = rates.observe(reading("1.00", dec + timedelta(seconds=60), start=dec,
+                                 end=datetime(2027, 1, 1, tzinfo=UTC)))
+    assert snap.spend_rate_per_hour == usd("60")
+
+
+def test_a_late_reading_is_skipped() -> None:
+    rates = SpendRates(60)
+    rates.observe(reading("0", T0))
+    rates.observe(reading("1.00", T0 + timedelta(seconds=60)))
+    snap = rates.observe(reading("0.50", T0 + timedelta(seconds=61)))  # read before the 1.00 commit
+    assert snap.spend_rate_per_hour == usd("60")
+
+
+def test_budgets_are_bounded() -> None:
+    rates = SpendRates(60, max_budgets=2)
+    for scope in ("a:1", "a:2", "a:3"):
+        rates.observe(Snapshot(layer=Layer.PERIOD, scope=scope, limit=usd("1"), spent=usd("0"),
+                               reserved=usd("0"), transaction_count=0, as_of=T0))
+    assert len(rates._tracks) == 2
+
+
+@given(st.lists(st.tuples(st.integers(1, 3600), st.integers(0, 10**9)), min_size=2, max_size=30))
+def test_the_rate_stays_within_the_interval_rates(steps: list[tuple[int, int]]) -> None:
+    """An EWMA is a convex combination: never above the fastest nor below the slowest interval."""
+    rates = SpendRates(300)
+    at, spent = T0, 0
+    rates.observe(reading("0", at, limit="1000000"))
+    seen: list[Decimal] = []
+    snap = None
+    for seconds, units in steps:
+        at += timedelta(seconds=seconds)
+        spent += units
+        seen.append(Decimal(units) / seconds * 3600 / 10**9)
+        snap = rates.observe(reading(Money.from_units(spent, "USD").text(), at, limit="1000000"))
+    assert snap is not None and snap.spend_rate_per_hour is not None
+    tolerance = Decimal("0.000000001")
+    assert min(seen) - tolerance <= snap.spend_rate_per_hour.amount <= max(seen) + tolerance
+
+
+async def test_status_reports_rate_projection_and_freshness(exchange: Exchange, tmp_path: Path) -> None:
+    clock = ManualClock(T0)
+    async with running_broker(period_config(exchange, tmp_path, forecast={"half_life_seconds": 60}),
+                              clock) as b:
+        assert (await buy(b, "k1", [A]))[0] == 200  # 1.00 on every scope
+        clock.advance(60)
+        status, body = await buy(b, "k2", [C])  # 3.00 more, a minute later
+        assert status == 200
+        clock.advance(30)
+        r = await b.post("BudgetService/GetBudgetStatus", {"sessionId": "s1"}, ALICE)
+    budgets = {(s["scope"], s.get("period", "")): s for s in r.json()["budgets"]}
+    alice = budgets[("user:alice", "month")]  # 6.00 a month: 4.00 spent, 2.00 left
+    assert alice["asOf"] == "2026-11-23T12:01:30Z"
+    assert alice["mode"] == "ENFORCEMENT_MODE_STRICT"
+    # 3.00 in the first minute, nothing in the next half minute (weight 1 - 2^-0.5).
+    rate = Decimal(180) * Decimal(2) ** Decimal("-0.5")
+    assert Decimal(alice["spendRatePerHour"]["amount"]) == rate.quantize(Decimal("0.000000001"))
+    seconds = Decimal(2) / (rate / 3600)
+    projected = datetime.fromisoformat(alice["projectedExhaustion"].replace("Z", "+00:00"))
+    expected = T0 + timedelta(seconds=90) + timedelta(microseconds=int(seconds * 10**6))
+    assert abs(projected - expected) <= timedelta(milliseconds=1)
