@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run gen check-gen lint redis test bench bench-purchases bench-budget clean
+.PHONY: setup run gen check-gen lint tools test bench bench-purchases bench-budget clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -35,12 +35,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-## redis: make sure redis-server is installed (tests start their own, on loopback)
-redis:
-	@tools/ensure-redis.sh
+## tools: make sure redis-server, redis-benchmark and promtool are installed (tests start their own Redis, on loopback)
+tools:
+	@tools/ensure-tools.sh
 
 ## test: everything CI runs: generated code fresh, lint, types, the whole test suite
-test: check-gen lint redis
+test: check-gen lint tools
 	$(BIN)/python -m pytest -q
 
 ## bench: both benchmarks below
@@ -51,7 +51,7 @@ bench-purchases: setup
 	$(BIN)/python -m bench.purchases
 
 ## bench-budget: the Redis store against redis-benchmark, and what the period layer adds per purchase
-bench-budget: setup redis
+bench-budget: setup tools
 	$(BIN)/python -m bench.budget
 
 clean:

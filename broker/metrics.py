@@ -9,12 +9,14 @@ because Prometheus has nothing else; it is for graphs, never for enforcement.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
 
 from budget.layers import Layer, Snapshot
 from exchange_client.serving import ASGIApp
 
+METRICS_PATH = "/metrics"
 UTILIZATION_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, float("inf"))
 # Seconds: store calls are sub-millisecond to the store timeout; exchange calls up to seconds.
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, float("inf"))
@@ -93,7 +95,7 @@ class Metrics:
 
     def denied(self, layer: str, reason: str) -> None:
         self.denials.labels(layer, reason).inc()
-        if layer in _BUDGET_LAYERS:
+        if layer in _BUDGET_LAYERS and _is_exhaustion(reason):
             self.exhausted.labels(layer).inc()
 
     def committed(self, snaps: Sequence[Snapshot]) -> None:
@@ -133,7 +135,30 @@ class Metrics:
         gauge.set_function(lambda: _nan_if_none(age_seconds()))
 
     def asgi_app(self) -> ASGIApp:
-        app: ASGIApp = make_asgi_app(self.registry)
+        """GET /metrics; 404 elsewhere. Answers the server's lifespan events itself (the
+        prometheus_client app asserts on them, which hypercorn logs as a lifespan error)."""
+        scrape: ASGIApp = make_asgi_app(self.registry)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan":
+                while True:
+                    message = await receive()
+                    if message["type"] == "lifespan.startup":
+                        await send({"type": "lifespan.startup.complete"})
+                    elif message["type"] == "lifespan.shutdown":
+                        await send({"type": "lifespan.shutdown.complete"})
+                        return
+            if scope["type"] != "http":
+                return
+            if scope["path"] == METRICS_PATH:
+                await scrape(scope, receive, send)
+                return
+            body = f"not found: metrics are at {METRICS_PATH}\n".encode()
+            await send({"type": "http.response.start", "status": 404, "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
         return app
 
 
@@ -157,6 +182,14 @@ class PeriodEventMetrics:
 
 
 _BUDGET_LAYERS = frozenset(layer.value for layer in Layer)
+
+
+def _is_exhaustion(reason: str) -> bool:
+    """A budget that could not cover a cost (BudgetExhausted: "session_budget_exhausted",
+    "period_budget_exhausted", "open_allowance_exhausted", "transaction_cap_exceeded"), as
+    opposed to other refusals on the same layers ("session_has_no_budget",
+    "idempotency_key_in_flight", "no_offer_meets_constraints", "limit_change_refused")."""
+    return reason.endswith("_exhausted") or reason == "transaction_cap_exceeded"
 
 
 def _nan_if_none(value: float | None) -> float:

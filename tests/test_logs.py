@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from broker.logs import IDEMPOTENCY_KEY, REQUEST_ID, configure
-from tests.processes import CONNECT_JSON, broker_tree, start_broker, start_exchange
+from tests.harness import CONNECT_JSON
+from tests.processes import broker_tree, start_broker, start_exchange
 from tests.processes import catalog_tree as exchange_catalog
 
 
