@@ -339,7 +339,9 @@ class Purchaser:
                 snaps = await self._read(account, plan)
             except StoreDown:
                 snaps = [account.snap()]  # bought and recorded; only the report is partial
-        response.budgets.extend(wire.budget_state(s) for s in self._watch.committed(snaps))
+        # Only money that moved counts as a committed purchase (utilization, alerts).
+        watched = self._watch.seen(snaps) if spent.is_zero() else self._watch.committed(snaps)
+        response.budgets.extend(wire.budget_state(s) for s in watched)
         return response
 
     async def _execute(
