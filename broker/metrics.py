@@ -75,6 +75,9 @@ class Metrics:
         self.webhooks = Counter(
             "broker_alert_webhook_deliveries", "Alert webhook POSTs by outcome: delivered, retried, "
             "failed (gave up after the last attempt).", ["outcome"], registry=r)
+        self.alert_checks_dropped = Counter(
+            "broker_alert_checks_dropped", "Threshold crossings not queued for a claim because the "
+            "queue was full (a later commit finds them again).", registry=r)
         self.webhook_dropped = Counter(
             "broker_alert_webhook_dropped", "Alerts dropped because a webhook's queue was full.",
             registry=r)

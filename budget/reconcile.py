@@ -9,7 +9,7 @@ reported, and `repair` sets the counter to what the ledger says.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from budget.store import CounterRef, Store
@@ -37,9 +37,18 @@ class Report:
         return not self.differences
 
 
-async def reconcile(store: Store, accounts: Iterable[str], *, repair: bool = False) -> Report:
+# Called with (accounts done, accounts in all): once before the first account, then after each.
+Progress = Callable[[int, int], None]
+
+
+async def reconcile(
+    store: Store, accounts: Iterable[str], *, repair: bool = False, progress: Progress | None = None,
+) -> Report:
     report = Report()
-    for account in accounts:
+    todo = list(accounts)
+    if progress is not None:
+        progress(0, len(todo))
+    for done, account in enumerate(todo, 1):
         sums: dict[str, int] = defaultdict(int)
         counts: dict[str, int] = defaultdict(int)
         async for entry in store.ledger(account):
@@ -57,4 +66,6 @@ async def reconcile(store: Store, accounts: Iterable[str], *, repair: bool = Fal
                 if repair:
                     await store.overwrite_spent(account, ref, sums.get(ref.key, 0), state.count)
         report.orphaned_entries += sum(n for key, n in counts.items() if key not in seen)
+        if progress is not None:
+            progress(done, len(todo))
     return report

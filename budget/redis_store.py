@@ -12,6 +12,7 @@ account in one Redis Cluster slot, so each multi-key script stays in one slot):
     ramp:{acme}:limits                       hash: "<scope>|<period>" -> "CUR units" or "-" (removed)
     ramp:{acme}:limits:v                     string: limits version (missing = 0)
     ramp:{acme}:counters                     zset: counter key by expire_at_ms, for counters()
+    ramp:{acme}:k:<name>                     hash: expire_at (a claim: Store.claim)
     ramp:blob:<name>                         hash: data expires_ms (not per account)
 
 Every change runs as one Lua script (budget/lua/, each prefixed with _lib.lua), called with
@@ -91,6 +92,9 @@ _MIN_COUNTER_TTL_MS: Final = _HOUR_MS
 _MIN_IDEMPOTENCY_TTL_MS: Final = _DAY_MS
 # Reservations and their open records carry a safety TTL well past any sweep.
 _RESERVATION_SLACK_MS: Final = _DAY_MS
+# A claim's key outlives its expire_at (by the caller's clock) by this much, so a broker whose
+# clock lags still finds it.
+_CLAIM_SLACK_MS: Final = _HOUR_MS
 # overwrite_spent creates a counter that lives this long past its window's end.
 _REPAIR_GRACE_MS: Final = 7 * _DAY_MS
 _LEDGER_PAGE: Final = 500
@@ -102,7 +106,7 @@ _UNAVAILABLE_REPLIES: Final = ("LOADING", "BUSY", "OOM", "MASTERDOWN", "NOREPLIC
                                "CLUSTERDOWN", "READONLY")
 
 _SCRIPTS: Final = ("reserve", "commit", "release", "sweep", "record_spend", "set_limit", "add_credit",
-                   "overwrite_spent", "prune_counters")
+                   "overwrite_spent", "prune_counters", "claim")
 
 T = TypeVar("T")
 Req = TypeVar("Req")
@@ -561,6 +565,15 @@ class RedisStore:
         args = [p, *self._counter_args(counter, counter.end_ms + _REPAIR_GRACE_MS, _wall_ms()),
                 _int64(spent, "spent"), _int64(count, "count")]
         await self._script("overwrite_spent", [f"{p}c:{counter.key}", f"{p}counters"], args, retry=False)
+
+    async def claim(self, account: str, name: str, *, expire_at_ms: int, now_ms: int) -> bool:
+        p = self.account_prefix(account)
+        ttl = max(expire_at_ms - now_ms, 0) + _CLAIM_SLACK_MS
+        args = [p, _int64(now_ms, "now_ms"), _int64(expire_at_ms, "expire_at_ms"),
+                _int64(ttl, "claim ttl")]
+        # Not retried (a write): a claim that landed unseen only means nobody fires this time.
+        reply = await self._script("claim", [f"{p}k:{name}"], args, retry=False)
+        return int(reply) == 1
 
     # --- reads ------------------------------------------------------------------------------
 

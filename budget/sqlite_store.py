@@ -132,6 +132,16 @@ _SCHEMA = (
         version INTEGER NOT NULL CHECK (typeof(version) = 'integer')
     )
     """,
+    # Once-only markers (an alert that fired): held until expire_at_ms, then claimable again.
+    """
+    CREATE TABLE IF NOT EXISTS claims (
+        account      TEXT NOT NULL,
+        name         TEXT NOT NULL,
+        expire_at_ms INTEGER NOT NULL CHECK (typeof(expire_at_ms) = 'integer'),
+        PRIMARY KEY (account, name)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX IF NOT EXISTS claims_by_expiry ON claims (account, expire_at_ms)",
     """
     CREATE TABLE IF NOT EXISTS blobs (
         name       TEXT PRIMARY KEY,
@@ -563,6 +573,11 @@ class SqliteStore:
                 "  LIMIT ?)",
                 (account, account, now_ms, batch),
             )
+            conn.execute(
+                "DELETE FROM claims WHERE account = ? AND name IN ("
+                "  SELECT name FROM claims WHERE account = ? AND expire_at_ms <= ? LIMIT ?)",
+                (account, account, now_ms, batch),
+            )
             conn.execute("DELETE FROM blobs WHERE expires_ms <= ?", (now_ms,))
             return len(rows)
 
@@ -591,6 +606,22 @@ class SqliteStore:
                    reservation_id=reservation_id, reserved_at_ms=reserved_at, now_ms=now_ms, kind=kind)
             counters.save()
             _settle_key(conn, account, idempotency_key, reservation_id, b"")
+            return True
+
+        return await self._run(run, write=True)
+
+    async def claim(self, account: str, name: str, *, expire_at_ms: int, now_ms: int) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT expire_at_ms FROM claims WHERE account = ? AND name = ?", (account, name)
+            ).fetchone()
+            if row is not None and row[0] > now_ms:
+                return False
+            # New, or the previous claim has expired (sweep may not have removed it yet).
+            conn.execute(
+                "INSERT OR REPLACE INTO claims (account, name, expire_at_ms) VALUES (?, ?, ?)",
+                (account, name, expire_at_ms),
+            )
             return True
 
         return await self._run(run, write=True)

@@ -234,7 +234,8 @@ async def test_missing_conversion_rate(exchange: Exchange, tmp_path: Path, clock
         code, body = await buy(b, "k1", [A])
     assert (code, body["code"]) == (400, "failed_precondition")
     d = denial(body)
-    assert (d.reason, d.layer, d.scope) == ("conversion_rate_unavailable", bpb.DENIAL_LAYER_CURRENCY, "currency")
+    assert (d.reason, d.layer, d.scope) == (
+        "conversion_rate_unavailable", bpb.DENIAL_LAYER_CURRENCY, "currency")
     assert "rates" in d.next_action
     assert (await exchange.state())["execute_calls"] == 0
 

@@ -24,7 +24,10 @@ def usd(amount: str) -> Money:
     return Money.parse(amount, "USD", "amount")
 
 
-def reading(spent: str, at: datetime, *, limit: str = "10.00", start: datetime = T0.replace(day=1),
+NOV_1 = T0.replace(day=1)
+
+
+def reading(spent: str, at: datetime, *, limit: str = "10.00", start: datetime = NOV_1,
             end: datetime = END) -> Snapshot:
     return Snapshot(layer=Layer.PERIOD, scope="team:eng", limit=usd(limit), spent=usd(spent),
                     reserved=usd("0"), transaction_count=0, as_of=at, period_start=start,
@@ -133,7 +136,8 @@ def test_the_rate_stays_within_the_interval_rates(steps: list[tuple[int, int]]) 
         spent += units
         seen.append(Decimal(units) / seconds * 3600 / 10**9)
         snap = rates.observe(reading(Money.from_units(spent, "USD").text(), at, limit="1000000"))
-    assert snap is not None and snap.spend_rate_per_hour is not None
+    assert snap is not None
+    assert snap.spend_rate_per_hour is not None
     tolerance = Decimal("0.000000001")
     assert min(seen) - tolerance <= snap.spend_rate_per_hour.amount <= max(seen) + tolerance
 
@@ -144,7 +148,7 @@ async def test_status_reports_rate_projection_and_freshness(exchange: Exchange, 
                               clock) as b:
         assert (await buy(b, "k1", [A]))[0] == 200  # 1.00 on every scope
         clock.advance(60)
-        status, body = await buy(b, "k2", [C])  # 3.00 more, a minute later
+        status, _ = await buy(b, "k2", [C])  # 3.00 more, a minute later
         assert status == 200
         clock.advance(30)
         r = await b.post("BudgetService/GetBudgetStatus", {"sessionId": "s1"}, ALICE)

@@ -563,6 +563,45 @@ async def test_blobs_expire_by_the_injected_clock(store: Store) -> None:
     assert await store.get_blob("ecb", now_ms=T0 + 2 * SECOND + 1) == b"new"
 
 
+# --- claims -------------------------------------------------------------------------
+
+
+async def test_claim_is_won_once_until_it_expires(store: Store) -> None:
+    until = T0 + DAY
+    assert await store.claim(ACCT, "alert|a", expire_at_ms=until, now_ms=T0) is True
+    assert await store.claim(ACCT, "alert|a", expire_at_ms=until, now_ms=T0) is False
+    # Another claimer asking for a longer claim changes nothing while the first holds.
+    assert await store.claim(ACCT, "alert|a", expire_at_ms=until + DAY, now_ms=until - 1) is False
+    # Expired exactly at expire_at_ms (by the caller's clock): claimable again, once.
+    assert await store.claim(ACCT, "alert|a", expire_at_ms=until + DAY, now_ms=until) is True
+    assert await store.claim(ACCT, "alert|a", expire_at_ms=until + DAY, now_ms=until + 1) is False
+    assert await store.claim(ACCT, "alert|a", expire_at_ms=until + 2 * DAY, now_ms=until + DAY) is True
+
+
+async def test_claims_are_per_name_and_per_account(store: Store) -> None:
+    until = T0 + DAY
+    assert await store.claim(ACCT, "alert|a", expire_at_ms=until, now_ms=T0) is True
+    assert await store.claim(ACCT, "alert|b", expire_at_ms=until, now_ms=T0) is True
+    assert await store.claim("globex", "alert|a", expire_at_ms=until, now_ms=T0) is True
+    assert await store.claim(ACCT, "alert|b", expire_at_ms=until, now_ms=T0) is False
+    assert await store.claim("globex", "alert|a", expire_at_ms=until, now_ms=T0) is False
+
+
+async def test_claim_survives_a_sweep_until_it_expires(store: Store) -> None:
+    until = T0 + DAY
+    assert await store.claim(ACCT, "alert|a", expire_at_ms=until, now_ms=T0) is True
+    await store.sweep(ACCT, now_ms=until - 1)
+    assert await store.claim(ACCT, "alert|a", expire_at_ms=until, now_ms=until - 1) is False
+    await store.sweep(ACCT, now_ms=until)
+    assert await store.claim(ACCT, "alert|a", expire_at_ms=until + DAY, now_ms=until) is True
+
+
+async def test_concurrent_claims_have_exactly_one_winner(store: Store) -> None:
+    outs = await asyncio.gather(*(
+        store.claim(ACCT, "alert|race", expire_at_ms=T0 + DAY, now_ms=T0 + i) for i in range(20)))
+    assert outs.count(True) == 1, outs
+
+
 # --- accounts -----------------------------------------------------------------------
 
 
