@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
+from collections.abc import Awaitable, Callable, Iterator
 
+from broker import console
 from broker.config import load_broker_config
 from broker.configfile import ConfigError
 from broker.logs import configure
@@ -15,28 +18,40 @@ from budget.store import StoreUnavailable
 log = logging.getLogger("ramp_broker")
 
 
-async def _serve(config_path: str | None, log_format: str | None) -> None:
+async def _serve(config_path: str | None, log_format: str | None, log_level: str | None) -> None:
     from broker.app import build_broker
-    from broker.logs import configure
     from exchange_client.serving import serve_until_signalled
 
     config = load_broker_config(config_path)
-    if log_format is None and config.logging.format != "text":
-        configure(config.logging.format, logging.getLevelName(logging.getLogger().level))
+    # The command line wins over the config file.
+    configure(log_format or config.logging.format, log_level or config.logging.level)
     broker = await build_broker(config)
     broker.start()
     log.info("starting broker on %s (Connect, gRPC-Web, gRPC); exchanges: %s",
              config.listen, ", ".join(broker.exchanges) or "none")
     stop = asyncio.Event()
-    servers = [serve_until_signalled(broker.app, config.listen, config.shutdown_grace_seconds, stop)]
+    servers = [_listening("listen", config.listen, serve_until_signalled(
+        broker.app, config.listen, config.shutdown_grace_seconds, stop), stop)]
     if config.metrics.enabled:
         log.info("Prometheus metrics on http://%s/metrics", config.metrics.listen)
-        servers.append(serve_until_signalled(broker.metrics.asgi_app(), config.metrics.listen, 1.0, stop))
+        servers.append(_listening("metrics.listen", config.metrics.listen, serve_until_signalled(
+            broker.metrics.asgi_app(), config.metrics.listen, 1.0, stop), stop))
     try:
-        await asyncio.gather(*servers)
+        for result in await asyncio.gather(*servers, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
     finally:
         await broker.close()
         log.info("broker stopped")
+
+
+async def _listening(setting: str, address: str, server: Awaitable[None], stop: asyncio.Event) -> None:
+    """One server; failing to bind names its setting (one line from main(), not a traceback)."""
+    try:
+        await server
+    except OSError as exc:
+        stop.set()  # the other server shuts down too
+        raise OSError(f"{setting} {address}: cannot listen ({exc.strerror or exc})") from None
 
 
 async def _exchange(catalog_path: str | None) -> None:
@@ -64,7 +79,8 @@ async def _reconcile(config_path: str | None, repair: bool) -> int:
         return 0
     store = await open_store(config.period_budgets.store)
     try:
-        report = await reconcile(store, accounts, repair=repair)
+        with _progress("reconciling accounts") as progress:
+            report = await reconcile(store, accounts, repair=repair, progress=progress)
     finally:
         await store.close()
     print(f"checked {report.counters} counter(s) against {report.entries} ledger entr(y/ies) "
@@ -83,9 +99,27 @@ async def _reconcile(config_path: str | None, repair: bool) -> int:
     return 1
 
 
+@contextlib.contextmanager
+def _progress(description: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr while the work runs, when stderr is a terminal (else nothing)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ramp-broker", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", type=str.upper,
+    parser.add_argument("--log-level", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--log-format", choices=["text", "json"],
                         help="log lines as text or JSON objects (default: the config's logging.format)")
@@ -97,13 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     rec = sub.add_parser("reconcile", help="rebuild period counters from the ledger and compare")
     rec.add_argument("--config", help="broker.yaml (its period_budgets.store is checked)")
     rec.add_argument("--repair", action="store_true", help="set mismatching counters from the ledger")
+    console.add_commands(sub)
     args = parser.parse_args(argv)
-    configure(args.log_format or "text", args.log_level)
+    configure(args.log_format or "text", args.log_level or "INFO")
     try:
         if args.command == "serve":
-            asyncio.run(_serve(args.config, args.log_format))
+            asyncio.run(_serve(args.config, args.log_format, args.log_level))
         elif args.command == "reconcile":
             return asyncio.run(_reconcile(args.config, args.repair))
+        elif args.command == "budget":
+            return console.run(args)
         else:
             asyncio.run(_exchange(args.catalog))
     except ConfigError as exc:

@@ -27,6 +27,7 @@ from budget.period import KeyInFlight, LimitChangeRefused, StoreDown
 from budget.periods import PeriodError
 from budget.scopes import ScopeError
 from budget.session import SessionError
+from budget.store import StoreUnavailable
 from currency.convert import ConversionError
 from currency.money import MoneyError
 from ramp.broker.v1 import broker_pb2 as bpb
@@ -140,6 +141,10 @@ _DENIALS: dict[type[Exception], _Kind] = {
         Code.PERMISSION_DENIED, bpb.DENIAL_LAYER_AUTHORIZATION, "scope_not_granted",
         "name a scope this key may charge (its may_name list), or leave budget_scope empty"),
     StoreDown: _Kind(
+        Code.UNAVAILABLE, bpb.DENIAL_LAYER_STORE, "store_unavailable",
+        "retry in a few seconds; if it persists, an operator should check the budget store"),
+    # Reached the handler directly (admin calls): nothing is known to have changed.
+    StoreUnavailable: _Kind(
         Code.UNAVAILABLE, bpb.DENIAL_LAYER_STORE, "store_unavailable",
         "retry in a few seconds; if it persists, an operator should check the budget store"),
     KeyInFlight: _Kind(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,15 +17,22 @@ from broker.errors import InvalidField
 from broker.purchase import Purchaser
 from broker.validation import Constraints, check_id
 from broker.watch import BudgetWatch
-from budget.period import Charge, PeriodLayer
-from budget.periods import Period
+from budget.layers import Snapshot
+from budget.period import Charge, PeriodLayer, StoreDown
+from budget.periods import Period, from_ms
 from budget.scopes import check_scope
 from budget.session import SessionBudgets
+from budget.store import LedgerEntry, StoreUnavailable
 from currency.money import Money
 from ramp.broker.v1 import broker_pb2 as bpb
+from ramp.v1 import ramp_pb2 as rpb
 
 Ctx = RequestContext[Any, Any]
 log = logging.getLogger(__name__)
+
+# GetScopeHistory: entries returned when the request does not say, and at most.
+HISTORY_DEFAULT = 50
+HISTORY_MAX = 1000
 
 
 class BrokerHandlers:
@@ -122,6 +130,9 @@ class AdminHandlers:
     async def get_scope_status(
         self, request: bpb.GetScopeStatusRequest, ctx: Ctx
     ) -> bpb.ScopeStatusResponse:
+        if not request.scope:
+            self._token.check(ctx.request_headers)
+            return await self._status_all()
         account = self._account(request.scope, ctx)
         return await self._status(account, request.scope)
 
@@ -130,7 +141,47 @@ class AdminHandlers:
         snaps = self._watch.seen(await self._period.snapshots(plan))
         return bpb.ScopeStatusResponse(budgets=[wire.budget_state(s) for s in snaps])
 
+    async def _status_all(self) -> bpb.ScopeStatusResponse:
+        """Every configured scope, sorted by name; each scope's limits by period, as planned."""
+        by_account: dict[str, list[str]] = {}
+        for scope in sorted(self._owners):
+            by_account.setdefault(self._owners[scope], []).append(scope)
+        read: list[Snapshot] = []
+        for account, scopes in by_account.items():
+            plan = await self._period.plan(Charge(account, tuple(scopes)))
+            read.extend(await self._period.snapshots(plan))
+        snaps = sorted(self._watch.seen(read), key=lambda s: s.scope)  # stable: periods keep their order
+        return bpb.ScopeStatusResponse(budgets=[wire.budget_state(s) for s in snaps])
+
     async def get_scope_history(
         self, request: bpb.GetScopeHistoryRequest, ctx: Ctx
     ) -> bpb.GetScopeHistoryResponse:
-        raise ConnectError(Code.UNIMPLEMENTED, "not yet")
+        account = self._account(request.scope, ctx)
+        if not 0 <= request.limit <= HISTORY_MAX:
+            raise InvalidField("limit", f"{request.limit} is out of range: give 1 to {HISTORY_MAX} "
+                               f"entries, or 0 for the default ({HISTORY_DEFAULT})")
+        period = Period.parse(request.period, "period").spec if request.period else None
+        newest: deque[LedgerEntry] = deque(maxlen=request.limit or HISTORY_DEFAULT)
+        total = 0
+        try:
+            # The store yields oldest first: keep the newest `limit` while counting them all.
+            async for entry in self._period.store.ledger(account, scope=request.scope):
+                if period is None or entry.period == period:
+                    total += 1
+                    newest.append(entry)
+        except StoreUnavailable:
+            raise StoreDown("the budget store cannot be reached: the ledger cannot be read now",
+                            [request.scope]) from None
+        return bpb.GetScopeHistoryResponse(entries=[_ledger_entry(e) for e in newest], total=total)
+
+
+def _ledger_entry(e: LedgerEntry) -> bpb.LedgerEntry:
+    msg = bpb.LedgerEntry(
+        scope=e.scope, period=e.period, window=e.window,
+        amount=wire.cost(Money.from_units(e.amount, e.currency)),
+        original=rpb.Cost(amount=e.original_amount, currency=e.original_currency),
+        idempotency_key=e.idempotency_key, exchange=e.exchange, offer_id=e.offer_id, uri=e.uri,
+        kind=e.kind,
+    )
+    msg.committed_at.CopyFrom(wire.timestamp(from_ms(e.committed_at_ms)))
+    return msg

@@ -4,8 +4,10 @@ Every reading of a budget (a commit's answer, a status call) is an observation o
 its counter: `spent` at `as_of`. The rate is an exponentially weighted moving
 average over time of the spend between readings, with weight
 1 - 2^(-dt / half_life) for the newest interval, so irregular readings weigh by
-the time they cover. All in Decimal: a rate multiplied back into money must not
-pick up binary rounding.
+the time they cover. It starts from zero at the first reading: two purchases a
+millisecond apart are a burst spread over the half-life, not a rate of a purchase
+per millisecond (a steady rate is half reached after one half-life). All in
+Decimal: a rate multiplied back into money must not pick up binary rounding.
 
 A reading sees the counter's total, whoever spent it, so with several brokers
 on one store each one's rate is the scope's rate, not only its own share.
@@ -34,7 +36,8 @@ class _Track:
     at: datetime
     spent: int  # nano-units
     window: datetime | None
-    rate: Decimal | None  # nano-units per second
+    rate: Decimal  # nano-units per second
+    observed: bool = False  # a rate needs two readings
 
 
 class SpendRates:
@@ -51,7 +54,7 @@ class SpendRates:
         spent = snap.spent.units()
         track = self._tracks.get(key)
         if track is None:
-            self._tracks[key] = _Track(snap.as_of, spent, snap.period_start, None)
+            self._tracks[key] = _Track(snap.as_of, spent, snap.period_start, Decimal(0))
             if len(self._tracks) > self._max:
                 self._tracks.popitem(last=False)
             return snap
@@ -63,21 +66,17 @@ class SpendRates:
         elif dt > 0 and spent >= track.spent:
             # (An older reading arriving late, with less spent, is skipped.)
             instant = Decimal(spent - track.spent) / dt
-            if track.rate is None:
-                track.rate = instant
-            else:
-                weight = 1 - (-(dt * _LN2) / self._half_life).exp()
-                track.rate += weight * (instant - track.rate)
+            weight = 1 - (-(dt * _LN2) / self._half_life).exp()
+            track.rate += weight * (instant - track.rate)
             track.at, track.spent = snap.as_of, spent
-        return self._forecast(snap, track.rate)
+            track.observed = True
+        return self._forecast(snap, track.rate) if track.observed else snap
 
     def observe_all(self, snaps: Sequence[Snapshot]) -> list[Snapshot]:
         return [self.observe(s) for s in snaps]
 
     @staticmethod
-    def _forecast(snap: Snapshot, rate: Decimal | None) -> Snapshot:
-        if rate is None:
-            return snap
+    def _forecast(snap: Snapshot, rate: Decimal) -> Snapshot:
         currency = snap.limit.currency
         per_hour = Money.from_units(int((rate * 3600).to_integral_value()), currency)
         projected = None

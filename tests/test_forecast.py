@@ -43,9 +43,10 @@ def test_rate_and_projection_from_two_readings() -> None:
     rates = SpendRates(60)
     rates.observe(reading("0", T0))
     snap = rates.observe(reading("1.00", T0 + timedelta(seconds=60)))
-    # 1.00 a minute: 60.00 an hour; 9.00 left lasts 9 minutes.
-    assert snap.spend_rate_per_hour == usd("60")
-    assert snap.projected_exhaustion == T0 + timedelta(minutes=10)
+    # 1.00 a minute is 60.00 an hour; from zero, one half-life reaches half of it. 9.00 left
+    # lasts 18 minutes at 30.00 an hour.
+    assert snap.spend_rate_per_hour == usd("30")
+    assert snap.projected_exhaustion == T0 + timedelta(minutes=19)
 
 
 def test_a_quiet_interval_halves_the_rate_after_one_half_life() -> None:
@@ -53,8 +54,8 @@ def test_a_quiet_interval_halves_the_rate_after_one_half_life() -> None:
     rates.observe(reading("0", T0))
     rates.observe(reading("1.00", T0 + timedelta(seconds=60)))
     snap = rates.observe(reading("1.00", T0 + timedelta(seconds=120)))
-    assert snap.spend_rate_per_hour == usd("30")
-    assert snap.projected_exhaustion == T0 + timedelta(seconds=120 + 9 * 120)
+    assert snap.spend_rate_per_hour == usd("15")
+    assert snap.projected_exhaustion == T0 + timedelta(minutes=2 + 36)
 
 
 def test_irregular_readings_weigh_by_the_time_they_cover() -> None:
@@ -62,14 +63,14 @@ def test_irregular_readings_weigh_by_the_time_they_cover() -> None:
     one, many = SpendRates(600), SpendRates(600)
     for r in (one, many):
         r.observe(reading("0", T0))
-        r.observe(reading("6.00", T0 + timedelta(seconds=600)))  # 36.00/h
+        r.observe(reading("6.00", T0 + timedelta(seconds=600)))  # 36.00/h for a half-life: 18.00/h
     last_one = one.observe(reading("6.00", T0 + timedelta(seconds=1200)))
     last_many = reading("6.00", T0)
     for i in range(1, 61):
         last_many = many.observe(reading("6.00", T0 + timedelta(seconds=600 + 10 * i)))
-    assert last_one.spend_rate_per_hour == usd("18")
+    assert last_one.spend_rate_per_hour == usd("9")
     assert last_many.spend_rate_per_hour is not None
-    assert abs(last_many.spend_rate_per_hour.amount - Decimal(18)) < Decimal("0.000001")
+    assert abs(last_many.spend_rate_per_hour.amount - Decimal(9)) < Decimal("0.000001")
 
 
 def test_no_projection_when_the_window_resets_first() -> None:
@@ -101,10 +102,10 @@ def test_a_new_window_keeps_the_rate_and_restarts_the_baseline() -> None:
     rates.observe(reading("1.00", T0 + timedelta(seconds=60)))
     dec = datetime(2026, 12, 1, tzinfo=UTC)
     snap = rates.observe(reading("0", dec, start=dec, end=datetime(2027, 1, 1, tzinfo=UTC)))
-    assert snap.spend_rate_per_hour == usd("60")  # not a negative rate from 1.00 -> 0
+    assert snap.spend_rate_per_hour == usd("30")  # not a negative rate from 1.00 -> 0
     snap = rates.observe(reading("1.00", dec + timedelta(seconds=60), start=dec,
                                  end=datetime(2027, 1, 1, tzinfo=UTC)))
-    assert snap.spend_rate_per_hour == usd("60")
+    assert snap.spend_rate_per_hour == usd("45")
 
 
 def test_a_late_reading_is_skipped() -> None:
@@ -112,7 +113,7 @@ def test_a_late_reading_is_skipped() -> None:
     rates.observe(reading("0", T0))
     rates.observe(reading("1.00", T0 + timedelta(seconds=60)))
     snap = rates.observe(reading("0.50", T0 + timedelta(seconds=61)))  # read before the 1.00 commit
-    assert snap.spend_rate_per_hour == usd("60")
+    assert snap.spend_rate_per_hour == usd("30")
 
 
 def test_budgets_are_bounded() -> None:
@@ -125,7 +126,8 @@ def test_budgets_are_bounded() -> None:
 
 @given(st.lists(st.tuples(st.integers(1, 3600), st.integers(0, 10**9)), min_size=2, max_size=30))
 def test_the_rate_stays_within_the_interval_rates(steps: list[tuple[int, int]]) -> None:
-    """An EWMA is a convex combination: never above the fastest nor below the slowest interval."""
+    """Starting from zero, the rate is a weighted sum of the interval rates whose weights add up
+    to 1 - 2^(-elapsed / half-life): bounded by the slowest and fastest intervals times that."""
     rates = SpendRates(300)
     at, spent = T0, 0
     rates.observe(reading("0", at, limit="1000000"))
@@ -138,8 +140,9 @@ def test_the_rate_stays_within_the_interval_rates(steps: list[tuple[int, int]]) 
         snap = rates.observe(reading(Money.from_units(spent, "USD").text(), at, limit="1000000"))
     assert snap is not None
     assert snap.spend_rate_per_hour is not None
+    mass = 1 - Decimal(2) ** (-Decimal(sum(sec for sec, _ in steps)) / 300)
     tolerance = Decimal("0.000000001")
-    assert min(seen) - tolerance <= snap.spend_rate_per_hour.amount <= max(seen) + tolerance
+    assert min(seen) * mass - tolerance <= snap.spend_rate_per_hour.amount <= max(seen) * mass + tolerance
 
 
 async def test_status_reports_rate_projection_and_freshness(exchange: Exchange, tmp_path: Path) -> None:
@@ -156,10 +159,22 @@ async def test_status_reports_rate_projection_and_freshness(exchange: Exchange, 
     alice = budgets[("user:alice", "month")]  # 6.00 a month: 4.00 spent, 2.00 left
     assert alice["asOf"] == "2026-11-23T12:01:30Z"
     assert alice["mode"] == "ENFORCEMENT_MODE_STRICT"
-    # 3.00 in the first minute, nothing in the next half minute (weight 1 - 2^-0.5).
-    rate = Decimal(180) * Decimal(2) ** Decimal("-0.5")
+    # From zero: 3.00 in the first minute (180.00/h, weight 1/2), then nothing for half a
+    # minute (weight 1 - 2^-0.5).
+    rate = Decimal(90) * Decimal(2) ** Decimal("-0.5")
     assert Decimal(alice["spendRatePerHour"]["amount"]) == rate.quantize(Decimal("0.000000001"))
     seconds = Decimal(2) / (rate / 3600)
     projected = datetime.fromisoformat(alice["projectedExhaustion"].replace("Z", "+00:00"))
     expected = T0 + timedelta(seconds=90) + timedelta(microseconds=int(seconds * 10**6))
     assert abs(projected - expected) <= timedelta(milliseconds=1)
+
+
+def test_a_burst_is_spread_over_the_half_life() -> None:
+    # Two purchases a millisecond apart are not a rate of 1.00 per millisecond (3,600,000/h):
+    # from zero, the burst counts as 1.00 * ln 2 per half-life.
+    rates = SpendRates(900)
+    rates.observe(reading("0", T0))
+    snap = rates.observe(reading("1.00", T0 + timedelta(milliseconds=1)))
+    assert snap.spend_rate_per_hour is not None
+    expected = Decimal(2).ln() * 3600 / 900
+    assert abs(snap.spend_rate_per_hour.amount - expected) < Decimal("0.00001")
