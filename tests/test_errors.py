@@ -64,3 +64,13 @@ async def test_interceptor_maps_what_a_handler_raises() -> None:
         await ErrorMapping().intercept_unary(handler, object(), object())  # type: ignore[arg-type]
     assert caught.value.code == Code.INTERNAL
     assert "internal-detail" not in caught.value.message
+
+
+def test_a_store_failure_reaching_a_handler_is_unavailable_with_a_denial() -> None:
+    from budget.store import StoreUnavailable
+
+    err = to_connect_error(StoreUnavailable("redis timed out after 250 ms"))
+    assert err.code == Code.UNAVAILABLE
+    (detail,) = err.details
+    denial = bpb.Denial.FromString(detail.message_bytes)
+    assert (denial.reason, denial.layer) == ("store_unavailable", bpb.DENIAL_LAYER_STORE)
