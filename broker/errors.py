@@ -124,6 +124,9 @@ class _Kind:
     next_action: str
 
 
+_STORE_DOWN = _Kind(
+    Code.UNAVAILABLE, bpb.DENIAL_LAYER_STORE, "store_unavailable",
+    "retry in a few seconds; if it persists, an operator should check the budget store")
 # Domain errors whose own message is what the client should read, with their Denial.
 _DENIALS: dict[type[Exception], _Kind] = {
     SessionError: _Kind(
@@ -140,13 +143,9 @@ _DENIALS: dict[type[Exception], _Kind] = {
     PermissionDenied: _Kind(
         Code.PERMISSION_DENIED, bpb.DENIAL_LAYER_AUTHORIZATION, "scope_not_granted",
         "name a scope this key may charge (its may_name list), or leave budget_scope empty"),
-    StoreDown: _Kind(
-        Code.UNAVAILABLE, bpb.DENIAL_LAYER_STORE, "store_unavailable",
-        "retry in a few seconds; if it persists, an operator should check the budget store"),
+    StoreDown: _STORE_DOWN,
     # Reached the handler directly (admin calls): nothing is known to have changed.
-    StoreUnavailable: _Kind(
-        Code.UNAVAILABLE, bpb.DENIAL_LAYER_STORE, "store_unavailable",
-        "retry in a few seconds; if it persists, an operator should check the budget store"),
+    StoreUnavailable: _STORE_DOWN,
     KeyInFlight: _Kind(
         Code.ABORTED, bpb.DENIAL_LAYER_TRANSACTION, "idempotency_key_in_flight",
         "retry the same request with the same idempotency key in a moment"),

@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
 
 from budget.layers import Layer, Snapshot
-from exchange_client.serving import ASGIApp
+from exchange_client.serving import ASGIApp, not_a_request
 
 METRICS_PATH = "/metrics"
 UTILIZATION_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, float("inf"))
@@ -138,20 +138,12 @@ class Metrics:
         gauge.set_function(lambda: _nan_if_none(age_seconds()))
 
     def asgi_app(self) -> ASGIApp:
-        """GET /metrics; 404 elsewhere. Answers the server's lifespan events itself (the
-        prometheus_client app asserts on them, which hypercorn logs as a lifespan error)."""
+        """GET /metrics; 404 elsewhere. Lifespan events are answered before the scrape app
+        sees them (prometheus_client's app asserts on them, which hypercorn logs as an error)."""
         scrape: ASGIApp = make_asgi_app(self.registry)
 
         async def app(scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] == "lifespan":
-                while True:
-                    message = await receive()
-                    if message["type"] == "lifespan.startup":
-                        await send({"type": "lifespan.startup.complete"})
-                    elif message["type"] == "lifespan.shutdown":
-                        await send({"type": "lifespan.shutdown.complete"})
-                        return
-            if scope["type"] != "http":
+            if await not_a_request(scope, receive, send):
                 return
             if scope["path"] == METRICS_PATH:
                 await scrape(scope, receive, send)

@@ -96,7 +96,7 @@ class Purchaser:
         self._converter = converter
         self._clock = clock
         self._period = period
-        self._watch = watch or BudgetWatch(SpendRates(900.0), Metrics())
+        self._watch = watch or BudgetWatch(SpendRates(config.forecast.half_life_seconds), Metrics())
         self._idem = IdempotencyCache(config.idempotency_cache_size)
         self._requester = rpb.Requester(
             id=config.requester.id, domain=config.requester.domain, name=config.requester.name,

@@ -34,7 +34,21 @@ async def send_json(send: Any, status: int, body: Any) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-async def _read_body(receive: Any, limit: int = 1 << 20) -> bytes:
+async def not_a_request(scope: Any, receive: Any, send: Any) -> bool:
+    """True when `scope` is not an HTTP request: lifespan events are answered here (servers
+    such as hypercorn log an error for an app that does not), anything else is ignored."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return True
+    return bool(scope["type"] != "http")
+
+
+async def read_body(receive: Any, limit: int = 1 << 20) -> bytes:
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -59,15 +73,7 @@ class Router:
         self._routes = dict(routes or {})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
+        if await not_a_request(scope, receive, send):
             return
         path: str = scope["path"]
         prefix, _, _ = path[1:].partition("/")
@@ -82,7 +88,7 @@ class Router:
         body: Any = None
         if scope["method"] == "POST":
             try:
-                raw = await _read_body(receive)
+                raw = await read_body(receive)
                 body = json.loads(raw) if raw else {}
             except (ValueError, UnicodeDecodeError) as exc:
                 await send_json(send, 400, {"error": f"body is not JSON: {exc}"})

@@ -41,6 +41,7 @@ from budget.redis_store import RedisStore
 from budget.sqlite_store import SqliteStore
 from budget.store import Store
 from currency.money import Money
+from exchange_client.serving import not_a_request, read_body
 from tests.harness import Exchange, broker_config, free_port, running_broker, serving
 from tests.redis_server import RedisServer
 
@@ -90,23 +91,10 @@ class WebhookServer:
         self.gate.set()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
+        if await not_a_request(scope, receive, send):
             return
-        chunks = []
-        for _ in range(10_000):
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        got = Received({k.decode().lower(): v.decode() for k, v in scope["headers"]}, b"".join(chunks))
+        body = await read_body(receive)
+        got = Received({k.decode().lower(): v.decode() for k, v in scope["headers"]}, body)
         self.requests.append(got)
         self.arrivals.put_nowait(got)
         await self.gate.wait()
