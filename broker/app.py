@@ -9,11 +9,11 @@ from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
-from connectrpc.compat import google_protobuf_binary_codec, google_protobuf_json_codec
-from connectrpc.interceptor import UnaryInterceptor
+from connectrpc.interceptor import Interceptor
 
 from broker.alerts import Alerter
-from broker.auth import AdminToken, Authenticator
+from broker.auth import AdminToken, Authenticate, Authenticator, RequireAdmin
+from broker.codecs import MAX_BODY_BYTES, server_codecs, server_compressions
 from broker.config import BrokerConfig, StoreSetting
 from broker.errors import ErrorMapping
 from broker.instrument import TimedExchange, TimedStore
@@ -26,6 +26,7 @@ from broker.watch import BudgetWatch
 from budget.clock import Clock, SystemClock
 from budget.forecast import SpendRates
 from budget.journal import Journal
+from budget.memory import StoreMemory
 from budget.period import PeriodLayer, ScopeRule
 from budget.periods import Period, time_zone
 from budget.scopes import billing_scope
@@ -78,7 +79,7 @@ class Broker:
         for ex in self.exchanges.values():
             await ex.adapter.close()
         if self.period is not None:
-            await self.period.store.close()
+            await self.period.close()
 
 
 def scope_owners(config: BrokerConfig) -> dict[str, str]:
@@ -118,25 +119,34 @@ def build_converter(
     return Chain(*fixed, ecb), ecb
 
 
-def build_period_layer(
-    config: BrokerConfig, owners: dict[str, str], clock: Clock, converter: Converter, store: Store,
-    metrics: Metrics | None = None,
-) -> PeriodLayer:
-    pb = config.period_budgets
+def scope_rules(config: BrokerConfig, owners: dict[str, str]) -> dict[str, dict[str, ScopeRule]]:
+    """Every account (those of agents too) and the configured rules of its scopes."""
     rules: dict[str, dict[str, ScopeRule]] = {account: {} for account in owners.values()}
-    for name, account in pb.accounts.items():
+    for name, account in config.period_budgets.accounts.items():
         for scope, s in account.scopes.items():
             rules[name][scope] = ScopeRule(
                 limits={lim.period: (Period.parse(lim.period, "period"), lim.money()) for lim in s.limits},
                 failure=s.failure,
                 open_allowance=s.open_allowance.money() if s.open_allowance else None,
             )
-    # One journal per broker: the default is named after its port.
-    journal_path = _file(pb.journal_path, state_dir() / f"journal-{config.listen.rsplit(':', 1)[1]}.jsonl")
+    return rules
+
+
+def build_period_layer(
+    config: BrokerConfig, owners: dict[str, str], clock: Clock, converter: Converter, store: Store,
+    metrics: Metrics | None = None,
+) -> PeriodLayer:
+    pb = config.period_budgets
+    rules = scope_rules(config, owners)
+    # One journal and one memory per broker: the defaults are named after its port.
+    port = config.listen.rsplit(":", 1)[1]
+    journal_path = _file(pb.journal_path, state_dir() / f"journal-{port}.jsonl")
+    memory_path = _file(pb.memory_path, state_dir() / f"memory-{port}.json")
     return PeriodLayer(
         store, rules, clock=clock, tz=time_zone(pb.time_zone, "period_budgets.time_zone"),
         converter=converter, ttl_s=pb.reservation_ttl_seconds, grace_s=pb.grace_seconds,
         journal=Journal(journal_path), events=PeriodEventMetrics(metrics) if metrics else None,
+        memory=StoreMemory(memory_path),
     )
 
 
@@ -171,19 +181,25 @@ async def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Brok
         for e in config.exchanges
     }
     purchaser = Purchaser(config, exchanges, sessions, converter, clock, period, watch)
-    interceptors: list[UnaryInterceptor] = [RequestIds(), ErrorMapping(metrics)]
+    errors = ErrorMapping(metrics)
+    # Metadata interceptors first: they run on the headers, before the body is read, so a
+    # caller without a valid key costs the broker no decoding.
+    agents: list[Interceptor] = [RequestIds(), Authenticate(auth, errors), errors]
     # Unknown JSON fields are refused, not skipped: a misspelled "maxPrize" must
     # not quietly buy without the cap the agent meant to set.
-    codecs = [google_protobuf_binary_codec(), google_protobuf_json_codec(ignore_unknown_fields=False)]
+    codecs, compressions = server_codecs(), server_compressions()
     broker_app = BrokerServiceASGIApplication(
-        BrokerHandlers(purchaser, auth), interceptors=interceptors, codecs=codecs)
+        BrokerHandlers(purchaser), interceptors=agents, codecs=codecs,
+        compressions=compressions, read_max_bytes=MAX_BODY_BYTES)
     budget_app = BudgetServiceASGIApplication(
-        BudgetHandlers(sessions, purchaser, auth), interceptors=interceptors, codecs=codecs)
+        BudgetHandlers(sessions, purchaser), interceptors=agents, codecs=codecs,
+        compressions=compressions, read_max_bytes=MAX_BODY_BYTES)
     apps: dict[str, ASGIApp] = {broker_app.path: broker_app, budget_app.path: budget_app}
     if period is not None:
         admin_app = BudgetAdminServiceASGIApplication(
-            AdminHandlers(period, owners, admin_token, watch),
-            interceptors=interceptors, codecs=codecs)
+            AdminHandlers(period, owners, watch, purchaser.recovery, clock),
+            interceptors=[RequestIds(), RequireAdmin(admin_token, errors), errors], codecs=codecs,
+            compressions=compressions, read_max_bytes=MAX_BODY_BYTES)
         apps[admin_app.path] = admin_app
 
     async def healthz(method: str, body: Any) -> tuple[int, Any]:

@@ -5,20 +5,29 @@ config maps each key, by its SHA-256, to an account, the scopes it is always
 charged to, and the scopes it may name. Naming any other scope is refused
 before anything is read or written. With no agents configured the broker needs
 no credential and has no period scopes.
+
+The caller is identified from the headers by a metadata interceptor that runs
+before the request body is read: an unknown key costs the broker no decoding.
+The identity is the owner of everything the caller creates (sessions,
+idempotency keys and their replays); handlers read it with `caller()`.
 """
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import hmac
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from connectrpc.request import RequestContext
 
 from broker.config import AgentSetting, BrokerConfig, ChargeSetting
 from broker.configfile import ConfigError
-from broker.errors import InvalidField, PermissionDenied, Unauthenticated
+from broker.errors import ErrorMapping, InvalidField, PermissionDenied, Unauthenticated
 from broker.validation import Constraints
 from budget.period import Charge
 from budget.scopes import billing_scope, check_scope
@@ -38,6 +47,15 @@ class Agent:
 
 ANONYMOUS = Agent("anonymous")
 log = logging.getLogger(__name__)
+_CALLER: contextvars.ContextVar[Agent | None] = contextvars.ContextVar("caller", default=None)
+
+
+def caller() -> Agent:
+    """The caller of the request being served, as `Authenticate` identified it."""
+    agent = _CALLER.get()
+    if agent is None:
+        raise RuntimeError("no caller identified: Authenticate must be the first interceptor")
+    return agent
 
 
 def _bearer(headers: Mapping[str, str]) -> str | None:
@@ -64,6 +82,7 @@ class Authenticator:
     def __init__(self, agents: Sequence[AgentSetting], anonymous: ChargeSetting | None = None) -> None:
         self._anonymous = _agent("anonymous", anonymous) if anonymous else ANONYMOUS
         self._by_digest: dict[str, Agent] = {}
+        owners: dict[str, str] = {}
         for i, a in enumerate(agents):
             if a.key_env is not None:
                 key = os.environ.get(a.key_env)
@@ -73,6 +92,10 @@ class Authenticator:
             else:
                 assert a.key_sha256 is not None
                 digest = a.key_sha256
+            if digest in owners:
+                # One key, two identities: whichever won would own the other's sessions and keys.
+                raise ConfigError(f"agents.{i}: agents {owners[digest]} and {a.id} have the same API key")
+            owners[digest] = a.id
             self._by_digest[digest] = _agent(a.id, a)
 
     def identify(self, headers: Mapping[str, str]) -> Agent:
@@ -85,6 +108,43 @@ class Authenticator:
         if agent is None:
             raise Unauthenticated("unknown API key")
         return agent
+
+
+class Authenticate:
+    """Metadata interceptor, ahead of the body: identifies the caller or refuses the call."""
+
+    def __init__(self, auth: Authenticator, errors: ErrorMapping) -> None:
+        self._auth = auth
+        self._errors = errors
+
+    async def on_start(self, ctx: RequestContext[Any, Any]) -> contextvars.Token[Agent | None]:
+        try:
+            agent = self._auth.identify(ctx.request_headers)
+        except Unauthenticated as exc:
+            raise self._errors.connect_error(exc) from None
+        return _CALLER.set(agent)
+
+    async def on_end(
+        self, token: contextvars.Token[Agent | None], ctx: RequestContext[Any, Any], error: Exception | None
+    ) -> None:
+        _CALLER.reset(token)
+
+
+class RequireAdmin:
+    """Metadata interceptor, ahead of the body: the admin API takes the operator's token only."""
+
+    def __init__(self, token: AdminToken, errors: ErrorMapping) -> None:
+        self._token = token
+        self._errors = errors
+
+    async def on_start(self, ctx: RequestContext[Any, Any]) -> None:
+        try:
+            self._token.check(ctx.request_headers)
+        except (Unauthenticated, PermissionDenied) as exc:
+            raise self._errors.connect_error(exc) from None
+
+    async def on_end(self, token: None, ctx: RequestContext[Any, Any], error: Exception | None) -> None:
+        pass
 
 
 def charge_for(agent: Agent, c: Constraints, prefix: str = "constraints.") -> Charge | None:

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from broker.configfile import Amount, CurrencyCode, load
 from budget.periods import Period, time_zone
 from budget.scopes import check_account, check_scope
-from currency.money import Money, parse_amount, parse_currency
+from currency.money import Money, is_iso_currency, parse_amount, parse_currency, set_extra_currencies
 
 ENV_PREFIX = "RAMP_BROKER_"
 _ADDR = re.compile(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
+# The identity of callers without a key (broker/auth.py): they own sessions and idempotency
+# keys under it, so an agent by that name would share them.
+ANONYMOUS_ID = "anonymous"
+# exchange_client/connect_adapter.py _GUARD_S: how long past execute_timeout_ms a call may run.
+EXECUTE_GUARD_MS = 250
 
 
 class _Strict(BaseModel):
@@ -54,6 +69,13 @@ class FanoutSetting(_Strict):
     discover_timeout_ms: int = Field(default=1500, gt=0, le=60000)
     overall_timeout_ms: int = Field(default=3000, gt=0, le=120000)
     execute_timeout_ms: int = Field(default=5000, gt=0, le=120000)
+
+
+class QuotesSetting(_Strict):
+    # An Exchange's quote (from Resolve, or a fresh discovery) prices an offer an agent chose
+    # until the offer expires, and never longer than this after the broker obtained it.
+    max_age_seconds: float = Field(default=60.0, gt=0, le=3600)
+    cache_size: int = Field(default=100_000, gt=0, le=10_000_000)
 
 
 class SessionSetting(_Strict):
@@ -146,6 +168,9 @@ class PeriodBudgetsSetting(_Strict):
     grace_seconds: int = Field(default=7 * 86400, ge=0)
     # Fail-open spends are appended here; default under the user's state directory.
     journal_path: str | None = None
+    # What this broker has seen of the store (identity, limits version, spend high-water marks)
+    # and its instance id; default under the user's state directory, named after `listen`'s port.
+    memory_path: str | None = None
     accounts: dict[str, AccountSetting] = Field(default_factory=dict)
 
     @field_validator("time_zone")
@@ -193,6 +218,14 @@ class AgentSetting(ChargeSetting):
     # environment variable holding the key. Never the key itself in the file.
     key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    @field_validator("id")
+    @classmethod
+    def _not_anonymous(cls, agent_id: str) -> str:
+        if agent_id == ANONYMOUS_ID:
+            raise ValueError(f"{ANONYMOUS_ID!r} is reserved for callers without a key (their "
+                             "sessions and idempotency keys are kept under it); choose another id")
+        return agent_id
 
     @model_validator(mode="after")
     def _check(self) -> AgentSetting:
@@ -255,13 +288,38 @@ class LoggingSetting(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+def _extra_currency(code: str) -> str:
+    if not (len(code) == 3 and code.isascii() and code.isalpha() and code.isupper()):
+        raise ValueError(f"{code[:16]!r} is not three uppercase letters (an ISO 4217 code such as XAU)")
+    if not is_iso_currency(code):
+        raise ValueError(f"{code!r} is not an ISO 4217 currency code")
+    return code
+
+
+def min_reservation_ttl_seconds(execute_timeout_ms: int) -> int:
+    """The shortest reservation TTL that outlives a purchase's Exchange calls twice over.
+
+    A purchase calls ExecuteTransaction at most twice (one retry, same key), each for up to
+    execute_timeout_ms plus the adapter's guard; a hold swept sooner is refunded while the
+    Exchange may still charge. Twice that, in whole seconds, leaves room for the store's own
+    calls and clock skew between brokers.
+    """
+    worst_ms = 2 * (execute_timeout_ms + EXECUTE_GUARD_MS)
+    return -(-2 * worst_ms // 1000)
+
+
 class BrokerConfig(_Strict):
     listen: str = "127.0.0.1:9090"
+    # ISO 4217 codes that are not spendable currencies (XAU, XDR, XTS...) but are priced and
+    # converted here anyway; process-wide, for settings and requests alike.
+    extra_currencies: list[Annotated[str, AfterValidator(_extra_currency)]] = Field(
+        default_factory=list, max_length=100)
     # Currency offers are compared in when no session budget applies.
     default_currency: str = "USD"
     requester: RequesterSetting = RequesterSetting()
     exchanges: list[ExchangeSetting] = Field(default_factory=list)
     fanout: FanoutSetting = FanoutSetting()
+    quotes: QuotesSetting = QuotesSetting()
     session: SessionSetting = SessionSetting()
     # Fixed conversion rates: {EUR: {USD: "1.08"}}; inverses are derived.
     rates: dict[str, dict[str, str]] = Field(default_factory=dict)
@@ -284,10 +342,43 @@ class BrokerConfig(_Strict):
 
     _check_listen = field_validator("listen")(check_address)
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _allow_extra_currencies(
+        cls, data: Any, handler: ModelWrapValidatorHandler[BrokerConfig]
+    ) -> BrokerConfig:
+        """Allow extra_currencies before the settings written in them are validated."""
+        codes = data.get("extra_currencies", []) if isinstance(data, dict) else None
+        previous = None
+        if isinstance(codes, list) and all(isinstance(c, str) for c in codes):
+            # A bad code is left for the field's own validation, which names its index.
+            with contextlib.suppress(ValueError):
+                previous = set_extra_currencies(_extra_currency(c) for c in codes)
+        try:
+            return handler(data)
+        except ValidationError:
+            if previous is not None:
+                set_extra_currencies(previous)  # a refused config allows nothing
+            raise
+
     @field_validator("default_currency")
     @classmethod
     def _currency(cls, code: str) -> str:
         return parse_currency(code, "default_currency")
+
+    @field_validator("agents")
+    @classmethod
+    def _distinct_keys(cls, agents: list[AgentSetting]) -> list[AgentSetting]:
+        # One key, two identities: whichever matched would own the other's sessions and keys.
+        owner: dict[str, str] = {}
+        for a in agents:
+            if a.key_sha256 is None:
+                continue  # key_env: compared once read, by the Authenticator at start
+            if a.key_sha256 in owner:
+                raise ValueError(f"agents {owner[a.key_sha256]} and {a.id} have the same key_sha256; "
+                                 "each agent needs its own key")
+            owner[a.key_sha256] = a.id
+        return agents
 
     @field_validator("exchanges")
     @classmethod
@@ -324,6 +415,30 @@ class BrokerConfig(_Strict):
                     raise ValueError(f"{name}: scope {scope} belongs to account "
                                      f"{owner[scope]}, not {agent.account}")
         return self
+
+    @model_validator(mode="after")
+    def _reservation_ttl(self) -> BrokerConfig:
+        # Only when reservations can be made (some scope is configured): a broker without
+        # period budgets never holds anything, and may wait on Exchanges as long as it likes.
+        if not self.uses_period_budgets():
+            return self
+        ttl = self.period_budgets.reservation_ttl_seconds
+        timeout_ms = self.fanout.execute_timeout_ms
+        least = min_reservation_ttl_seconds(timeout_ms)
+        if ttl < least:
+            raise ValueError(
+                f"period_budgets.reservation_ttl_seconds {ttl} is too short for "
+                f"fanout.execute_timeout_ms {timeout_ms}: the minimum is {least} (twice a "
+                f"purchase's longest wait on an Exchange, two calls of {timeout_ms} ms + "
+                f"{EXECUTE_GUARD_MS} ms), or a hold can be refunded while the Exchange still "
+                "charges; raise the TTL or lower the timeout")
+        return self
+
+    def uses_period_budgets(self) -> bool:
+        """True when some scope is configured, so purchases reserve in the store."""
+        callers = [*self.agents, *([self.anonymous] if self.anonymous else [])]
+        return any(acct.scopes for acct in self.period_budgets.accounts.values()) or any(
+            a.charged_to or a.may_name or a.billing_ref for a in callers)
 
     def decimal_rates(self) -> dict[str, dict[str, Decimal]]:
         return {s: {t: Decimal(r) for t, r in ts.items()} for s, ts in self.rates.items()}

@@ -1,4 +1,5 @@
-"""`ramp-broker budget ...`: a running broker's per-period budgets, from a terminal.
+"""`ramp-broker budget ...` and `holds ...`: a running broker's per-period budgets and unsettled
+holds, from a terminal.
 
 The commands call the broker's admin API (BudgetAdminService) as Connect JSON over
 HTTP, with the admin token read from an environment variable (never from the
@@ -27,7 +28,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Any, TypeVar
 
@@ -288,6 +289,42 @@ def history_table(scope: str, resp: bpb.GetScopeHistoryResponse, dash: str) -> T
     return table
 
 
+def holds_table(resp: bpb.ListHoldsResponse, dash: str, now: datetime | None = None) -> Table:
+    """One row per part of each hold (the hold's own columns on its first part only)."""
+    now = now or datetime.now(UTC)
+    table = Table(title="holds that may have reached an Exchange", caption="times in UTC",
+                  caption_justify="left")
+    table.add_column("reservation", no_wrap=True)  # copied into `holds settle`: never wrapped
+    table.add_column("account")
+    table.add_column("key", overflow="fold")
+    table.add_column("created", no_wrap=True)
+    table.add_column("expires", no_wrap=True)
+    table.add_column("owner", no_wrap=True)
+    table.add_column("tries", justify="right")
+    table.add_column("exchange")
+    table.add_column("items", overflow="fold")
+    table.add_column("done")
+    table.add_column("holds", overflow="fold")
+    for h in resp.holds:
+        created, expires = h.created_at.ToDatetime(tzinfo=UTC), h.expires_at.ToDatetime(tzinfo=UTC)
+        # The date only when it is not the creation's: the column stays narrow.
+        until = f"{expires:%H:%M:%S}" if expires.date() == created.date() else f"{expires:%Y-%m-%d %H:%M:%S}"
+        first = [Text(h.reservation_id), Text(h.account), Text(h.idempotency_key),
+                 Text(f"{created:%Y-%m-%d %H:%M:%S}"), Text(until + (" expired" if expires <= now else "")),
+                 Text(h.owner[:8] or dash), Text(str(h.attempts))]
+        parts = [[Text(p.exchange),
+                  Text("\n".join(f"{i.offer_id} {i.uri} {i.quoted.amount} {i.quoted.currency}"
+                                 for i in p.items)),
+                  Text("yes" if p.done else "no"),
+                  Text("\n".join(f"{c.scope} {c.period} {c.amount.amount} {c.amount.currency}"
+                                 for c in p.holds))]
+                 for p in h.parts] or [[Text(dash), Text(f"unreadable intent: {h.problem}"), Text(dash),
+                                        Text(dash)]]
+        for n, part in enumerate(parts):
+            table.add_row(*(first if n == 0 else [Text("")] * len(first)), *part)
+    return table
+
+
 def _print_json(body: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(body, indent=2) + "\n")
 
@@ -366,15 +403,55 @@ def _history(args: argparse.Namespace) -> None:
                        f"{'y' if resp.total == 1 else 'ies'} of {args.scope}{more}"))
 
 
+def _holds_list(args: argparse.Namespace) -> None:
+    client = _client(args)
+    request = bpb.ListHoldsRequest(account=args.account, scope=args.scope)
+    resp, body = client.call("ListHolds", request, bpb.ListHoldsResponse)
+    if args.json:
+        _print_json(body)
+        return
+    console = stdout_console()
+    if resp.holds:
+        console.print(holds_table(resp, _dash(console)))
+    n = len(resp.holds)
+    console.print(Text(f"{n} open hold{'' if n == 1 else 's'} with an intent" + (
+        " (settle one with `ramp-broker holds settle RESERVATION_ID --account ACCOUNT --retry | "
+        "--charged | --refunded`)" if n else "")))
+
+
+_SETTLE_ACTIONS = {"retry": bpb.SETTLE_ACTION_RETRY, "charged": bpb.SETTLE_ACTION_CHARGED,
+                   "refunded": bpb.SETTLE_ACTION_REFUNDED}
+
+
+def _holds_settle(args: argparse.Namespace) -> None:
+    client = _client(args)
+    request = bpb.SettleHoldRequest(account=args.account, reservation_id=args.reservation_id,
+                                    action=_SETTLE_ACTIONS[args.action])
+    resp, body = client.call("SettleHold", request, bpb.SettleHoldResponse)
+    if args.json:
+        _print_json(body)
+    outcome = bpb.SettleOutcome.Name(resp.outcome).removeprefix("SETTLE_OUTCOME_").lower()
+    if resp.outcome != bpb.SETTLE_OUTCOME_SETTLED:
+        # Not settled (an Exchange still silent, or no such hold): a script must notice.
+        raise CliError(f"hold {args.reservation_id}: {outcome.replace('_', ' ')}: {resp.detail}",
+                       EXIT_REFUSED)
+    if not args.json:
+        stdout_console().print(Text(f"hold {args.reservation_id}: {outcome}: {resp.detail}"))
+
+
 _COMMANDS = {"status": _status, "set": _set, "history": _history}
+_HOLDS_COMMANDS = {"list": _holds_list, "settle": _holds_settle}
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `ramp-broker budget <command>`; returns the exit code."""
+    """Run `ramp-broker budget <command>` or `holds <command>`; returns the exit code."""
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per call otherwise
     try:
-        _COMMANDS[args.budget_command](args)
+        if args.command == "holds":
+            _HOLDS_COMMANDS[args.holds_command](args)
+        else:
+            _COMMANDS[args.budget_command](args)
     except CliError as exc:
         print(f"ramp-broker: {exc}", file=sys.stderr)
         return exc.code
@@ -391,8 +468,8 @@ def _seconds(text: str) -> float:
     return value
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """The `budget` command group, added to the `ramp-broker` parser."""
+def _common_options() -> argparse.ArgumentParser:
+    """--broker, --token-env, --json, --timeout: shared by every admin API command."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--broker", metavar="URL",
                         help=f"the broker's address (default: ${URL_ENV}, else {DEFAULT_URL})")
@@ -403,6 +480,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                         help="print the broker's answer as Connect JSON instead of a table")
     common.add_argument("--timeout", metavar="SECONDS", type=_seconds, default=10.0,
                         help="give up on the broker after this long (default: 10)")
+    return common
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The `budget` and `holds` command groups, added to the `ramp-broker` parser."""
+    common = _common_options()
     budget = sub.add_parser(
         "budget", help="read and change per-period budgets on a running broker (admin API)",
         description="Per-period budgets of a running broker, through its admin API. Exit codes: "
@@ -434,3 +517,36 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     history.add_argument("--period", default="", help="only this period's entries, e.g. month")
     history.add_argument("--limit", metavar="N", type=int, default=0,
                          help="the newest N entries (default 50, at most 1000)")
+    _add_holds_commands(sub, common)
+
+
+def _add_holds_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    holds = sub.add_parser(
+        "holds", help="holds that may have reached an Exchange, on a running broker (admin API)",
+        description="Open holds whose purchase may have reached an Exchange (a broker died, an "
+                    "Exchange never answered), and settling one by hand. Exit codes: 0 done, 1 the "
+                    "broker refused or the hold is not settled, 2 usage or local setup, 3 broker "
+                    "unreachable.")
+    commands = holds.add_subparsers(dest="holds_command", required=True, metavar="COMMAND")
+    list_ = commands.add_parser(
+        "list", parents=[common], help="every open hold with an intent: what it asked, what it holds",
+        description="A table of open holds with an intent, one row per Exchange asked: the items "
+                    "and their quotes, whether that part is done, and what it holds on each budget.")
+    list_.add_argument("--account", default="", help="only this account's holds")
+    list_.add_argument("--scope", default="", help="only holds on this scope, e.g. user:alice")
+    settle = commands.add_parser(
+        "settle", parents=[common], help="settle one hold now: retry it, or on your word",
+        description="Settle one hold: --retry re-sends its stored requests under the same key and "
+                    "commits what the Exchanges answer; --charged commits the quoted prices of every "
+                    "part not yet done as spent (you checked the Exchange charged them); --refunded "
+                    "refunds them (you checked it charged nothing). Exit 1 when the hold stays "
+                    "unsettled or is not found.")
+    settle.add_argument("reservation_id", metavar="RESERVATION_ID", help="as `holds list` shows it")
+    settle.add_argument("--account", required=True, help="the hold's account")
+    action = settle.add_mutually_exclusive_group(required=True)
+    for name, what in (("retry", "re-send its requests to the Exchanges now"),
+                       ("charged", "the Exchanges charged the quotes: commit them as spent"),
+                       ("refunded", "the Exchanges charged nothing: refund the hold")):
+        action.add_argument(f"--{name}", dest="action", action="store_const", const=name, help=what)

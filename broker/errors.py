@@ -159,11 +159,13 @@ _NEXT = {
     "no_offers": "check the URIs, or configure an Exchange that sells them",
     "no_offer_meets_constraints": "relax the constraints (max_price, max_unit_cost, exchanges, delivery)",
     "limits_kept_changing": "retry: operators were changing this scope's limits",
+    "offer_not_quoted": "call Resolve again and choose from its answer, or buy by URI",
 }
 _NOTHING_LAYER = {
     "exchange_unavailable": bpb.DENIAL_LAYER_EXCHANGE,
     "no_offers": bpb.DENIAL_LAYER_EXCHANGE,
     "no_offer_meets_constraints": bpb.DENIAL_LAYER_TRANSACTION,
+    "offer_not_quoted": bpb.DENIAL_LAYER_EXCHANGE,
 }
 _BUDGET_LAYER = {
     Layer.TRANSACTION: bpb.DENIAL_LAYER_TRANSACTION,
@@ -227,6 +229,20 @@ class ErrorMapping:
     def __init__(self, metrics: Metrics | None = None) -> None:
         self._metrics = metrics
 
+    def connect_error(self, exc: Exception) -> ConnectError:
+        """`exc` as the client should see it, its denial counted (also for metadata interceptors,
+        which run before the unary chain and so outside intercept_unary)."""
+        try:
+            error = to_connect_error(exc)
+            denial = denial_of(exc)
+        except Exception as bug:
+            # Mapping must never fail: anything it raised would reach the client with its text.
+            return to_connect_error(bug)
+        if denial is not None and self._metrics is not None:
+            self._metrics.denied(bpb.DenialLayer.Name(denial.layer).removeprefix(
+                "DENIAL_LAYER_").lower(), denial.reason)
+        return error
+
     async def intercept_unary(
         self,
         call_next: Callable[[REQ, RequestContext[REQ, RES]], Awaitable[RES]],
@@ -236,11 +252,6 @@ class ErrorMapping:
         try:
             return await call_next(request, ctx)
         except Exception as exc:
-            error = to_connect_error(exc)
-            denial = denial_of(exc)
-            if denial is not None and self._metrics is not None:
-                self._metrics.denied(bpb.DenialLayer.Name(denial.layer).removeprefix(
-                    "DENIAL_LAYER_").lower(), denial.reason)
-            raise error from None
+            raise self.connect_error(exc) from None
 
 

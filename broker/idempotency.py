@@ -3,7 +3,8 @@
 A key maps to the running (or finished) purchase, so a retry that arrives while
 the original is still in flight waits for it instead of buying again. A key is
 forgotten when its purchase failed before anything reached an Exchange, so the
-agent can retry after fixing the cause (say, raising its budget).
+agent can retry after fixing the cause (say, raising its budget). Keys are
+(caller id, idempotency key): one caller's key never finds another's purchase.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from broker.errors import InvalidField
 from ramp.broker.v1 import broker_pb2 as bpb
 
+Key = tuple[str, str]  # (caller id, idempotency key)
+
 
 @dataclass
 class Entry:
@@ -25,9 +28,9 @@ class Entry:
 class IdempotencyCache:
     def __init__(self, size: int) -> None:
         self._size = size
-        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._entries: OrderedDict[Key, Entry] = OrderedDict()
 
-    def find(self, key: str, fingerprint: str) -> Entry | None:
+    def find(self, key: Key, fingerprint: str) -> Entry | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -36,7 +39,7 @@ class IdempotencyCache:
         self._entries.move_to_end(key)
         return entry
 
-    def add(self, key: str, entry: Entry) -> None:
+    def add(self, key: Key, entry: Entry) -> None:
         self._entries[key] = entry
         while len(self._entries) > self._size:
             oldest_key, oldest = next(iter(self._entries.items()))
@@ -44,6 +47,7 @@ class IdempotencyCache:
                 break  # never forget a purchase still in flight
             del self._entries[oldest_key]
 
-    def forget(self, key: str, entry: Entry) -> None:
-        if self._entries.get(key) is entry:
+    def forget(self, key: Key, entry: Entry | None = None) -> None:
+        """Forget `key` (only if it still maps to `entry`, when one is given)."""
+        if key in self._entries and (entry is None or self._entries[key] is entry):
             del self._entries[key]

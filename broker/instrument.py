@@ -19,7 +19,10 @@ from budget.store import (
     Line,
     ReserveOutcome,
     Store,
+    StoreIdentity,
     StoreUnavailable,
+    Swept,
+    UnsettledHold,
 )
 from exchange_client.adapter import ExchangeAdapter, ExchangeError
 from ramp.v1 import ramp_pb2 as rpb
@@ -49,19 +52,21 @@ class TimedStore:
 
     async def reserve(
         self, account: str, holds: Sequence[Hold], *, ttl_ms: int, idempotency_key: str,
-        now_ms: int, limits_version: int,
+        now_ms: int, limits_version: int, intent: bytes = b"", owner: str = "",
+        identity: StoreIdentity | None = None,
     ) -> ReserveOutcome:
         return await self._timed("reserve", self.inner.reserve(
             account, holds, ttl_ms=ttl_ms, idempotency_key=idempotency_key, now_ms=now_ms,
-            limits_version=limits_version))
+            limits_version=limits_version, intent=intent, owner=owner, identity=identity))
 
     async def commit(
         self, account: str, reservation_id: str, holds: Sequence[Hold], lines: Sequence[Line], *,
-        idempotency_key: str, result: bytes, now_ms: int,
+        idempotency_key: str, result: bytes, now_ms: int, part: int = 0, release: Sequence[int] = (),
+        final: bool = True, identity: StoreIdentity | None = None,
     ) -> Committed:
         return await self._timed("commit", self.inner.commit(
             account, reservation_id, holds, lines, idempotency_key=idempotency_key, result=result,
-            now_ms=now_ms))
+            now_ms=now_ms, part=part, release=release, final=final, identity=identity))
 
     async def settled(self, account: str, idempotency_key: str) -> bytes | None:
         return await self._timed("settled", self.inner.settled(account, idempotency_key))
@@ -69,8 +74,23 @@ class TimedStore:
     async def release(self, account: str, reservation_id: str, *, now_ms: int) -> bool:
         return await self._timed("release", self.inner.release(account, reservation_id, now_ms=now_ms))
 
-    async def sweep(self, account: str, *, now_ms: int, batch: int = 100) -> int:
-        return await self._timed("sweep", self.inner.sweep(account, now_ms=now_ms, batch=batch))
+    async def sweep(
+        self, account: str, *, now_ms: int, batch: int = 100, lease_ms: int = 0, taker: str = "",
+        reclaim: bool = False,
+    ) -> Swept:
+        return await self._timed("sweep", self.inner.sweep(
+            account, now_ms=now_ms, batch=batch, lease_ms=lease_ms, taker=taker, reclaim=reclaim))
+
+    async def holds(self, account: str) -> list[UnsettledHold]:
+        return await self._timed("holds", self.inner.holds(account))
+
+    async def identity(self, account: str) -> StoreIdentity | None:
+        return await self._timed("identity", self.inner.identity(account))
+
+    async def set_identity(
+        self, account: str, identity: StoreIdentity, *, replace: bool = False
+    ) -> StoreIdentity:
+        return await self._timed("set_identity", self.inner.set_identity(account, identity, replace=replace))
 
     async def read(self, account: str, counters: Sequence[CounterRef]) -> list[CounterState]:
         return await self._timed("read", self.inner.read(account, counters))
@@ -89,10 +109,11 @@ class TimedStore:
 
     async def record_spend(
         self, account: str, holds: Sequence[Hold], lines: Sequence[Line], *, idempotency_key: str,
-        now_ms: int, kind: str,
+        now_ms: int, kind: str, identity: StoreIdentity | None = None,
     ) -> bool:
         return await self._timed("record_spend", self.inner.record_spend(
-            account, holds, lines, idempotency_key=idempotency_key, now_ms=now_ms, kind=kind))
+            account, holds, lines, idempotency_key=idempotency_key, now_ms=now_ms, kind=kind,
+            identity=identity))
 
     async def claim(self, account: str, name: str, *, expire_at_ms: int, now_ms: int) -> bool:
         return await self._timed("claim", self.inner.claim(

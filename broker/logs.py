@@ -13,8 +13,7 @@ import logging
 import re
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any
 
 from connectrpc.request import RequestContext
 from pythonjsonlogger.json import JsonFormatter
@@ -22,8 +21,6 @@ from pythonjsonlogger.json import JsonFormatter
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 IDEMPOTENCY_KEY: contextvars.ContextVar[str] = contextvars.ContextVar("idempotency_key", default="")
 _GIVEN_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-REQ = TypeVar("REQ")
-RES = TypeVar("RES")
 
 
 class _Ids(logging.Filter):
@@ -61,19 +58,16 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
 
 
 class RequestIds:
-    """Unary interceptor: a request id for every call, in the logs and the response headers."""
+    """Metadata interceptor, first in every chain: a request id for every call, in the logs and
+    the response headers, set before the body is read so even a refused call carries one."""
 
-    async def intercept_unary(
-        self,
-        call_next: Callable[[REQ, RequestContext[REQ, RES]], Awaitable[RES]],
-        request: REQ,
-        ctx: RequestContext[REQ, RES],
-    ) -> RES:
+    async def on_start(self, ctx: RequestContext[Any, Any]) -> contextvars.Token[str]:
         given = ctx.request_headers.get("x-request-id", "")
         request_id = given if _GIVEN_ID.fullmatch(given) else uuid.uuid4().hex
         ctx.response_headers["x-request-id"] = request_id
-        token = REQUEST_ID.set(request_id)
-        try:
-            return await call_next(request, ctx)
-        finally:
-            REQUEST_ID.reset(token)
+        return REQUEST_ID.set(request_id)
+
+    async def on_end(
+        self, token: contextvars.Token[str], ctx: RequestContext[Any, Any], error: Exception | None
+    ) -> None:
+        REQUEST_ID.reset(token)

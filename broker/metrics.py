@@ -69,6 +69,16 @@ class Metrics:
         self.overages = Counter(
             "broker_overages", "Commits that recorded more than was reserved (the Exchange "
             "charged above the offer).", registry=r)
+        self.over_limit = Counter(
+            "broker_counters_over_limit", "Commits that left a counter's spend above its limit (an "
+            "overage or a late commit; logged as an error, the counter denies until raised).", registry=r)
+        self.store_lost = Counter(
+            "broker_store_lost", "Times this broker found an account's store showing less than it had "
+            "seen (identity, generation, limits version or spend): refused until adopted.", registry=r)
+        self.overcharges = Counter(
+            "broker_exchange_overcharges", "Items an Exchange charged above its own quote (counted "
+            "in full; the Exchange then ranks lower, see selection.TrustPenalties).", ["exchange"],
+            registry=r)
         self.alerts = Counter(
             "broker_budget_alerts", "Budget threshold alerts fired by this broker (each threshold "
             "fires once per scope, period and window across all brokers).", ["threshold"], registry=r)
@@ -95,6 +105,9 @@ class Metrics:
 
     def purchase(self, outcome: str) -> None:
         self.purchases.labels(outcome).inc()
+
+    def overcharged(self, exchange: str) -> None:
+        self.overcharges.labels(exchange).inc()
 
     def denied(self, layer: str, reason: str) -> None:
         self.denials.labels(layer, reason).inc()
@@ -174,6 +187,12 @@ class PeriodEventMetrics:
 
     def fail_open_spend(self) -> None:
         self._m.fail_open.inc()
+
+    def over_limit(self) -> None:
+        self._m.over_limit.inc()
+
+    def store_lost(self) -> None:
+        self._m.store_lost.inc()
 
 
 _BUDGET_LAYERS = frozenset(layer.value for layer in Layer)

@@ -1,15 +1,16 @@
 """Resolve and Transact: the purchase flow.
 
-validate -> discover (or take chosen offers) -> filter and rank -> prune to the
+validate every field (broker.order) -> discover, or price the chosen offers from
+the Exchanges' own quotes (broker.quotes) -> filter and rank -> prune to the
 tightest budget -> reserve on every budget -> ExecuteTransaction per Exchange
--> commit what was charged, release the rest. Nothing over budget reaches an
-Exchange: the reservation is taken before the first purchase call.
+(broker.execute) -> commit what was charged, release the rest. Nothing over
+budget reaches an Exchange: the reservation is taken before the first purchase
+call. Sessions, idempotency keys and replays belong to the caller.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -21,18 +22,24 @@ from broker import wire
 from broker.auth import ANONYMOUS, Agent, charge_for
 from broker.config import BrokerConfig
 from broker.errors import InvalidField, NothingToBuy
+from broker.execute import Buyer, PartResult, replayed, stored_answer
 from broker.idempotency import Entry, IdempotencyCache
 from broker.logs import IDEMPOTENCY_KEY
 from broker.metrics import Metrics
+from broker.order import ChosenOffer, Order, check_order, dedupe
+from broker.quotes import QuoteBook
+from broker.recovery import Recovery
 from broker.selection import (
     Candidate,
     Discovery,
     Exchange,
+    TrustPenalties,
     UriChoice,
     affordable,
     choose,
     discover,
     exchanges_for,
+    offer_price,
     prune,
 )
 from broker.validation import (
@@ -45,6 +52,7 @@ from broker.validation import (
 from broker.watch import BudgetWatch
 from budget.clock import Clock
 from budget.forecast import SpendRates
+from budget.intents import IntentItem, PartOrder
 from budget.layers import (
     BudgetExhausted,
     Headroom,
@@ -55,11 +63,20 @@ from budget.layers import (
     headroom_of,
     next_action,
 )
-from budget.period import AlreadySettled, Charge, ItemSpend, PeriodHold, PeriodLayer, Plan, StoreDown
+from budget.period import (
+    AlreadySettled,
+    Charge,
+    HoldUnsettled,
+    KeyInFlight,
+    PeriodHold,
+    PeriodLayer,
+    Plan,
+    StoreDown,
+)
 from budget.session import SessionAccount, SessionBudgets
+from budget.store import StoreUnavailable, UnsettledHold
 from currency.convert import Converter, convert
-from currency.money import Money, MoneyError, total
-from exchange_client.adapter import ExchangeError
+from currency.money import Money, total
 from ramp.broker.v1 import broker_pb2 as bpb
 from ramp.v1 import ramp_pb2 as rpb
 
@@ -71,17 +88,6 @@ _RESERVE_ATTEMPTS = 4
 
 class AfterWire(Exception):
     """A purchase failed after Exchanges were asked to buy: its key is kept, never re-bought."""
-
-
-@dataclass
-class _Outcome:
-    """One item's result and what it means for the budgets (in budget currency)."""
-
-    item: bpb.ItemResult
-    charged: Money  # counted as spent (actual, or the hold when unknown)
-    actual: Money | None  # what the Exchange said it charged
-    cand: Candidate
-    original: Money | None = None  # `actual` in the currency the Exchange charged in
 
 
 class Purchaser:
@@ -98,10 +104,26 @@ class Purchaser:
         self._period = period
         self._watch = watch or BudgetWatch(SpendRates(config.forecast.half_life_seconds), Metrics())
         self._idem = IdempotencyCache(config.idempotency_cache_size)
+        self._quotes = QuoteBook(clock, config.quotes.max_age_seconds, config.quotes.cache_size)
+        self._penalties = TrustPenalties()
         self._requester = rpb.Requester(
             id=config.requester.id, domain=config.requester.domain, name=config.requester.name,
             type="broker",
         )
+        self._buyer = Buyer(self._requester, config.fanout.execute_timeout_ms / 1000, converter,
+                            self._overcharged)
+        self.recovery = Recovery(period, exchanges, self._buyer) if period is not None else None
+        if period is not None and self.recovery is not None:
+            period.recover = self._recover
+            period.recover_local = self.recovery.roll_forward_local
+
+    async def _recover(self, account: str, hold: UnsettledHold) -> None:
+        assert self.recovery is not None
+        await self.recovery.roll_forward(account, hold)
+
+    def _overcharged(self, exchange: str) -> None:
+        self._penalties.overcharged(exchange)
+        self._watch.metrics.overcharged(exchange)
 
     # --- Resolve -------------------------------------------------------------
 
@@ -110,11 +132,15 @@ class Purchaser:
         c = check_constraints(req.constraints, self._exchanges)
         overall = check_deadline_ms(req.deadline.seconds, req.deadline.nanos, "deadline",
                                     self._config.fanout.overall_timeout_ms)
-        account = self._sessions.get(check_id(req.session_id, "session_id")) if req.session_id else None
-        plan = await self.plan(agent, c)
+        session_id = check_id(req.session_id, "session_id") if req.session_id else None
+        charge = charge_for(agent, c)
+        # Resolve buys nothing, so it creates no session: an undeclared one is shown as it would be.
+        account = self._sessions.view(agent.id, session_id) if session_id else None
+        plan = await self._plan(charge)
         currency = account.currency if account else self._config.default_currency
-        unique, dupes = _dedupe(uris)
+        unique, dupes = dedupe(uris)
         discovery = await self._discover(unique, c, overall)
+        self._quotes.remember(discovery)  # an offer chosen from this answer is priced from these
         room = headroom_of(await self.snapshots(account, plan), currency, self._converter)
         response = bpb.ResolveResponse(
             exchanges=discovery.calls, budgets=[wire.budget_state(s) for s in room.snapshots]
@@ -133,100 +159,142 @@ class Purchaser:
     # --- Transact ------------------------------------------------------------
 
     async def transact(self, req: bpb.TransactRequest, agent: Agent = ANONYMOUS) -> bpb.TransactResponse:
-        session_id = check_id(req.session_id, "session_id")
-        key = check_id(req.idempotency_key, "idempotency_key")
-        IDEMPOTENCY_KEY.set(key)  # this request's context only: every record logged from here on
-        fingerprint = hashlib.sha256(req.SerializeToString(deterministic=True)).hexdigest()
-        entry = self._idem.find(key, fingerprint)
+        # Every field first: a request refused here leaves nothing behind (no session, no key).
+        order = check_order(req, agent, self._exchanges, self._config.fanout.overall_timeout_ms)
+        IDEMPOTENCY_KEY.set(order.key)  # this request's context only: every record logged from here on
+        # Keys belong to their caller: another caller's identical key is another purchase.
+        entry = self._idem.find((agent.id, order.key), order.fingerprint)
         replay = entry is not None
         if entry is None:
             # The purchase runs in its own task: an agent that hangs up mid-purchase
             # does not cancel money in flight, and its retry joins the same task.
-            entry = Entry(fingerprint, asyncio.create_task(
-                self._transact(req, agent, session_id, key, fingerprint)))
-            self._idem.add(key, entry)
+            entry = Entry(order.fingerprint, asyncio.create_task(self._run(order)))
+            self._idem.add((agent.id, order.key), entry)
         try:
             answer = await asyncio.shield(entry.task)
         except AfterWire as exc:
-            self._watch.metrics.purchase("error")
             raise exc.__cause__ or exc from None
-        except Exception as exc:
+        except Exception:
             # Nothing reached an Exchange: the agent may fix the cause and retry the key.
-            self._idem.forget(key, entry)
-            self._watch.metrics.purchase("denied" if isinstance(exc, BudgetExhausted) else "rejected")
+            self._idem.forget((agent.id, order.key), entry)
             raise
-        outcome = "replayed" if replay or answer.replayed else _outcome_label(answer)
-        self._watch.metrics.purchase(outcome)
-        log.info("transact %s: %d item(s), total %s %s", outcome, len(answer.items),
-                 answer.total_cost.amount or "0", answer.total_cost.currency)
         if not replay:
             return answer
+        self._watch.metrics.purchase("replayed")
         replayed = bpb.TransactResponse()
         replayed.CopyFrom(answer)
         replayed.replayed = True
         return replayed
 
-    async def _transact(
-        self, req: bpb.TransactRequest, agent: Agent, session_id: str, key: str, fingerprint: str,
-    ) -> bpb.TransactResponse:
-        c = check_constraints(req.constraints, self._exchanges)
-        deadline_ms = check_deadline_ms(req.deadline.seconds, req.deadline.nanos, "deadline",
-                                        self._config.fanout.overall_timeout_ms)
-        account = self._sessions.get(session_id)
-        charge, plan = await self._charge(agent, c)
-        currency = account.currency
-        response = bpb.TransactResponse(idempotency_key=key)
+    async def _run(self, order: Order) -> bpb.TransactResponse:
+        """One purchase, its outcome counted and logged whether or not its caller still waits."""
+        try:
+            answer = await self._transact(order)
+        except AfterWire:
+            self._watch.metrics.purchase("error")
+            log.warning("transact error after the Exchanges were asked to buy")
+            raise
+        except Exception as exc:
+            outcome = "denied" if isinstance(exc, BudgetExhausted) else "rejected"
+            self._watch.metrics.purchase(outcome)
+            log.info("transact %s: %s", outcome, type(exc).__name__)
+            raise
+        outcome = "replayed" if answer.replayed else _outcome_label(answer)
+        self._watch.metrics.purchase(outcome)
+        log.info("transact %s: %d item(s), total %s %s", outcome, len(answer.items),
+                 answer.total_cost.amount or "0", answer.total_cost.currency)
+        return answer
 
-        if req.uris and req.offers:
-            raise InvalidField("offers", "give either uris or offers, not both")
-        if req.offers:
-            uris, offers = self._chosen_offers(req.offers)
-        else:
-            uris = check_uris(req.uris)
-            offers = None
-        unique, dupes = _dedupe(uris)
+    async def _transact(self, order: Order) -> bpb.TransactResponse:
+        c = order.constraints
+        plan = await self._plan(order.charge)
+        response = bpb.TransactResponse(idempotency_key=order.key)
+        unique, dupes = dedupe(order.uris)
         for uri in dupes:
             response.dropped.add(uri=uri, reason=bpb.DROP_REASON_DUPLICATE,
                                  detail="listed earlier in the request")
-        if offers is None:
-            discovery = await self._discover(unique, c, deadline_ms)
-            response.exchanges.extend(discovery.calls)
-            offers = discovery.offers
-        else:
+        if order.chosen:
+            # Priced from the Exchanges' own quotes, never from what the agent sent.
+            offers, calls = await self._quoted(order)
             discovery = None
+        else:
+            discovery = await self._discover(unique, c, order.deadline_ms)
+            offers, calls = discovery.offers, discovery.calls
+        response.exchanges.extend(calls)
+        # The session as it is, or as it would be: it comes into being with the first hold.
+        account = self._sessions.view(order.caller.id, order.session_id)
+        currency = account.currency
         choices = [self._choose(uri, offers[uri], c, currency) for uri in unique]
 
         try:
             try:
                 started = time.perf_counter()
-                held, kept = await self._reserve(
-                    account, charge, plan, key, choices, c, discovery, response)
+                held = await self._reserve(account, order, plan, choices, discovery, response)
                 self._watch.metrics.reservation.observe(time.perf_counter() - started)
             except (BudgetExhausted, NothingToBuy):
                 # A retry of a key bought earlier (on another broker, or before a restart) is
                 # replayed even when nothing fits any more; only then is the denial final.
                 if plan is not None and self._period is not None:
-                    await self._period.replay_if_settled(plan, key)
+                    await self._period.replay_if_settled(plan, order.store_key)
                 raise
         except AlreadySettled as done:
             # Another broker (or this one before a restart) finished this key: replay its answer.
-            return _replay(done.result, fingerprint)
+            return replayed(done.result, order.fingerprint)
+        except HoldUnsettled as found:
+            # This key's purchase was sent before and never settled (its broker died): finish
+            # that one, with its stored requests, and answer with it. Never buy again.
+            return replayed(await self._settle_unsettled(found), order.fingerprint)
         try:
-            # The hold's plan: the one the store accepted (limits may have been reloaded).
-            bought_plan = held.period.plan if held.period is not None else plan
-            return await self._buy(key, fingerprint, account, bought_plan, held, kept, response)
+            return await self._buy(order, held.account, held, response)
         except Exception as exc:
             raise AfterWire(str(exc)) from exc
 
-    async def plan(self, agent: Agent, c: Constraints, prefix: str = "constraints.") -> Plan | None:
-        return (await self._charge(agent, c, prefix))[1]
+    async def _settle_unsettled(self, found: HoldUnsettled) -> bytes:
+        assert self.recovery is not None
+        result: bytes | None = await self.recovery.roll_forward(found.account, found.hold)
+        if result is None:
+            raise KeyInFlight("this purchase was sent to an Exchange that has not confirmed it yet; the "
+                              "broker keeps asking: retry the same request in a moment",
+                              found.hold.idempotency_key.partition("#")[2])
+        return result
 
-    async def _charge(
-        self, agent: Agent, c: Constraints, prefix: str = "constraints."
-    ) -> tuple[Charge | None, Plan | None]:
-        """The scopes a purchase is charged to, and their counters now (None: no period layer)."""
-        charge = charge_for(agent, c, prefix)
-        return charge, (await self._period.plan(charge) if charge and self._period else None)
+    async def _quoted(
+        self, order: Order
+    ) -> tuple[dict[str, list[tuple[rpb.Offer, Exchange]]], list[bpb.ExchangeCall]]:
+        """The chosen offers as their Exchanges quote them now: from quotes this broker obtained
+        (still valid), else from a fresh discovery. An offer no Exchange quotes is refused, and
+        so is a price the agent sent that differs from the quote."""
+        calls: list[bpb.ExchangeCall] = []
+        missing = [ch for ch in order.chosen if self._quotes.find(ch.exchange, ch.offer_id, ch.uri) is None]
+        if missing:
+            asked = sorted({ch.exchange for ch in missing})
+            discovery = await discover(
+                [self._exchanges[name] for name in asked], list(dict.fromkeys(ch.uri for ch in missing)),
+                self._requester, self._config.fanout.discover_timeout_ms, order.deadline_ms)
+            self._quotes.remember(discovery)
+            calls = discovery.calls
+        offers: dict[str, list[tuple[rpb.Offer, Exchange]]] = {uri: [] for uri in order.uris}
+        for ch in order.chosen:
+            quote = self._quotes.find(ch.exchange, ch.offer_id, ch.uri)
+            if quote is None:
+                raise _not_quoted(ch, calls)
+            if ch.claimed is not None:
+                price, unit = offer_price(quote.offer)
+                if ch.claimed != (price, unit, quote.offer.pricing.model):
+                    raise InvalidField(
+                        f"{ch.field}.offer.pricing",
+                        f"differs from {ch.exchange}'s quote for offer {ch.offer_id!r} ({price}); send "
+                        "the offer exactly as Resolve returned it, or only its exchange and offer_id")
+            offers[ch.uri].append((quote.offer, quote.exchange))
+        return offers, calls
+
+    async def _plan(self, charge: Charge | None) -> Plan | None:
+        """The period counters a purchase is charged to now (None: no period layer)."""
+        return await self._period.plan(charge) if charge and self._period else None
+
+    async def plan(self, agent: Agent, c: Constraints, prefix: str = "constraints.") -> Plan | None:
+        """The period counters a caller's purchase with constraints `c` would be charged to."""
+        return await self._plan(charge_for(agent, c, prefix))
 
     async def snapshots(self, account: SessionAccount | None, plan: Plan | None) -> list[Snapshot]:
         """Every budget's numbers now, with their forecast."""
@@ -239,13 +307,15 @@ class Purchaser:
         return snaps
 
     async def _reserve(
-        self, account: SessionAccount, charge: Charge | None, plan: Plan | None, key: str,
-        choices: Sequence[UriChoice], c: Constraints, discovery: Discovery | None,
-        response: bpb.TransactResponse,
-    ) -> tuple[_Held, list[Candidate]]:
+        self, account: SessionAccount, order: Order, plan: Plan | None, choices: Sequence[UriChoice],
+        discovery: Discovery | None, response: bpb.TransactResponse,
+    ) -> _Held:
         """Prune to the tightest budget and hold the batch total on the session and period budgets."""
         currency = account.currency
+        charge = order.charge
         for attempt in range(_RESERVE_ATTEMPTS):
+            if attempt:
+                account = self._sessions.view(order.caller.id, order.session_id)  # as it is now
             # First try optimistically, pruned to the session only (in memory): the store
             # checks every period limit in the reservation itself, so a batch that fits costs
             # one store call. Only when it does not fit are the period budgets read to prune.
@@ -258,10 +328,9 @@ class Purchaser:
             if not kept:
                 if optimistic:
                     continue  # explain the denial with every budget's numbers
-                raise self._nothing_to_buy(fitted, room, c, discovery)
-            cost = total((cand.price for cand in kept), currency)
+                raise self._nothing_to_buy(fitted, room, order.constraints, discovery)
             try:
-                held = await self._hold(account, charge, plan, cost, key)
+                held = await self._hold(account, order, plan, kept)
             except BudgetExhausted:
                 # Another purchase took budget since headroom was read (or an operator changed
                 # a limit, which the store made the period layer reload): look again.
@@ -278,44 +347,61 @@ class Purchaser:
                     uri=cand.uri, reason=bpb.DROP_REASON_BUDGET, cost=wire.cost(cand.price),
                     detail=f"batch pruned to fit the remaining budget {room.room}",
                 )
-            return held, kept
+            return held
         raise AssertionError("unreachable")
 
     async def _hold(
-        self, account: SessionAccount, charge: Charge | None, plan: Plan | None, cost: Money, key: str,
+        self, account: SessionAccount, order: Order, plan: Plan | None, kept: list[Candidate],
     ) -> _Held:
-        """Session first (in memory, no await), then every period counter in one store call."""
-        session = await account.reserve(cost)
-        if plan is None or charge is None or self._period is None:
-            return _Held(session, None)
-        try:
-            return _Held(session, await self._period.reserve(charge, plan, cost, key))
-        except BaseException:
-            await session.release()
-            raise
-
-    async def _buy(
-        self, key: str, fingerprint: str, account: SessionAccount, plan: Plan | None, held: _Held,
-        kept: list[Candidate], response: bpb.TransactResponse,
-    ) -> bpb.TransactResponse:
+        """Session first (in memory, no await), then every period counter in one store call, with
+        the exact request each Exchange will be sent as the hold's intent."""
         by_exchange: dict[str, list[Candidate]] = {}
         for cand in kept:
             by_exchange.setdefault(cand.exchange.name, []).append(cand)
-        currency = account.currency
+        parts = [_Part(i, cands[0].exchange, self._buyer.request(cands, order.exchange_key), cands)
+                 for i, cands in enumerate(by_exchange.values())]
+        cost = total((cand.price for cand in kept), account.currency)
+        account, session = self._sessions.hold(order.caller.id, account, cost)
+        if plan is None or order.charge is None or self._period is None:
+            return _Held(account, session, None, parts)
         try:
-            groups = await asyncio.gather(*(
-                self._execute(self._exchanges[name], cands, key, currency)
-                for name, cands in by_exchange.items()
-            ))
+            period = await self._period.reserve(
+                order.charge, plan, cost, order.store_key, [p.order() for p in parts],
+                fingerprint=order.fingerprint)
+            return _Held(account, session, period, parts)
         except BaseException:
-            # Unknown how far the purchase got: count every hold as spent.
-            await held.session.commit(held.session.amount)
-            if held.period is not None and self._period is not None:
-                await self._period.commit(held.period, [
-                    ItemSpend(c.exchange.name, c.offer.offer_id, c.uri, c.price, c.price) for c in kept
-                ], fingerprint.encode() + b"\n")
+            await session.release()
+            self._sessions.forget_unused(order.caller.id, account)  # a refused first purchase
             raise
-        outcomes = [o for group in groups for o in group]
+
+    async def _buy(
+        self, order: Order, account: SessionAccount, held: _Held, response: bpb.TransactResponse,
+    ) -> bpb.TransactResponse:
+        """Ask every Exchange for its part at once, and commit each part as its answer arrives: a fast
+        Exchange's charge is recorded without waiting for a slow one. A part without an answer stays
+        held (with its intent) until it is rolled forward."""
+        currency = account.currency
+        results: dict[int, PartResult] = {}
+        settling = asyncio.Lock()  # commits of one purchase go one after another
+        after: list[Snapshot] | None = None
+
+        async def buy(part: _Part) -> None:
+            nonlocal after
+            result = await self._buyer.buy(part.exchange, part.request, part.cands, currency)
+            async with settling:
+                results[part.index] = result
+                if held.period is not None and self._period is not None:
+                    snaps = await self._settle_part(order, held, part, result, results, response)
+                    after = snaps or after
+
+        try:
+            await asyncio.gather(*(buy(part) for part in held.parts))
+        except BaseException:
+            # Unknown how far the purchase got: the session counts the whole hold, and the period
+            # hold stays with its intent for whoever rolls it forward. Nothing is refunded blindly.
+            await held.session.commit(held.session.amount)
+            raise
+        outcomes = [o for part in held.parts for o in results[part.index].outcomes]
         spent = total((o.charged for o in outcomes), currency)
         if spent.is_zero():
             await held.session.release()
@@ -324,16 +410,9 @@ class Purchaser:
         response.items.extend(o.item for o in outcomes)
         charged = total((o.actual for o in outcomes if o.actual is not None), currency)
         response.total_cost.CopyFrom(wire.cost(charged))
-        after: list[Snapshot] | None = None
-        if held.period is not None and self._period is not None:
-            # The answer is stored with the commit, so any broker can replay this key.
-            after = await self._period.commit(held.period, [
-                ItemSpend(o.cand.exchange.name, o.cand.offer.offer_id, o.cand.uri,
-                          o.original or o.charged, o.charged)
-                for o in outcomes if not o.charged.is_zero()
-            ], fingerprint.encode() + b"\n" + response.SerializeToString())
+        plan = held.period.plan if held.period is not None else None
         if after is not None or plan is None or not plan.counters:
-            snaps = [account.snap(), *(after or [])]  # as the commit left them: no second read
+            snaps = [account.snap(), *(after or [])]  # as the commits left them: no second read
         else:
             try:
                 snaps = await self._read(account, plan)
@@ -342,71 +421,45 @@ class Purchaser:
         # Only money that moved counts as a committed purchase (utilization, alerts).
         watched = self._watch.seen(snaps) if spent.is_zero() else self._watch.committed(snaps)
         response.budgets.extend(wire.budget_state(s) for s in watched)
+        if held.period is not None and not all(r.answered for r in results.values()):
+            # Not settled yet: a retry must go to the store (and roll it forward), not this answer.
+            self._idem.forget((order.caller.id, order.key))
         return response
 
-    async def _execute(
-        self, ex: Exchange, cands: list[Candidate], key: str, currency: str
-    ) -> list[_Outcome]:
-        request = rpb.TransactionRequest(
-            ver="1", idempotency_key=key, requester=self._requester,
-            items=[rpb.TransactionItem(offer=cand.offer) for cand in cands],
-        )
-        timeout_s = self._config.fanout.execute_timeout_ms / 1000
-        answer: rpb.TransactionResponse | None = None
-        failure: ExchangeError | None = None
-        for _ in range(2):  # one retry, same key: the Exchange charges a key once
-            try:
-                answer = await ex.adapter.execute(request, timeout_s)
-                break
-            except ExchangeError as exc:
-                failure = exc
-                if not exc.ambiguous:
-                    break
-        if answer is None:
-            assert failure is not None
-            return [self._failed(cand, failure) for cand in cands]
-        return [self._outcome(cand, res, currency) for cand, res in _match(cands, answer)]
-
-    def _failed(self, cand: Candidate, failure: ExchangeError) -> _Outcome:
-        item = bpb.ItemResult(uri=cand.uri, offer=cand.offer)
-        if failure.ambiguous:
-            # The Exchange may have charged: keep the hold as spent, err toward stopping early.
-            item.status = bpb.ITEM_STATUS_UNKNOWN
-            item.detail = f"exchange did not answer ({failure.kind}); the reserved amount stays spent"
-            return _Outcome(item, cand.price, None, cand)
-        item.status = bpb.ITEM_STATUS_FAILED
-        item.detail = f"exchange refused the request ({failure.kind}): {failure.detail}"
-        return _Outcome(item, Money.zero(cand.price.currency), None, cand)
-
-    def _outcome(
-        self, cand: Candidate, res: rpb.TransactionResultItem | None, currency: str
-    ) -> _Outcome:
-        item = bpb.ItemResult(uri=cand.uri, offer=cand.offer)
-        zero = Money.zero(currency)
-        if res is None:
-            item.status = bpb.ITEM_STATUS_UNKNOWN
-            item.detail = "exchange answer has no result for this offer; the reserved amount stays spent"
-            return _Outcome(item, cand.price, None, cand)
-        item.result.CopyFrom(res)
-        if res.denial_reason != rpb.DENIAL_REASON_UNSPECIFIED:
-            item.status = bpb.ITEM_STATUS_DENIED
-            item.detail = rpb.DenialReason.Name(res.denial_reason)
-            return _Outcome(item, zero, None, cand)
+    async def _settle_part(
+        self, order: Order, held: _Held, part: _Part, result: PartResult, results: dict[int, PartResult],
+        response: bpb.TransactResponse,
+    ) -> list[Snapshot] | None:
+        """Commit one Exchange's answer; the last answer ends the hold. Called under the purchase's lock."""
+        assert held.period is not None
+        assert self._period is not None
+        if not result.answered:
+            return None  # stays held with its intent: rolled forward later
+        items = [o.spend() for o in result.charged()]
+        last = len(results) == len(held.parts) and all(r.answered for r in results.values())
         try:
-            original = Money.parse(res.cost.amount, res.cost.currency, "cost")
-            actual = convert(original, currency, self._converter)
-        except MoneyError as exc:
-            item.status = bpb.ITEM_STATUS_UNKNOWN
-            item.detail = f"exchange reported an unusable cost ({exc}); the reserved amount stays spent"
-            return _Outcome(item, cand.price, None, cand)
-        item.status = bpb.ITEM_STATUS_PURCHASED
-        if actual > cand.price:
-            # Recorded in full, never dropped: the Exchange is the authority.
-            log.warning("overage: %s/%s charged %s, reserved %s", cand.exchange.name,
-                        cand.offer.offer_id, actual, cand.price)
-        return _Outcome(item, actual, actual, cand, original)
-
-    # --- helpers ---------------------------------------------------------------
+            if last:
+                everything = [o for p in held.parts for o in results[p.index].outcomes]
+                if all(o.charged.is_zero() for o in everything):
+                    await self._period.release(held.period)  # nothing bought: the key may be retried
+                    return None
+                final = bpb.TransactResponse()
+                final.CopyFrom(response)
+                final.items.extend(o.item for o in everything)
+                final.total_cost.CopyFrom(wire.cost(total(
+                    (o.actual for o in everything if o.actual is not None), held.session.amount.currency)))
+                # The answer is stored with the commit, so any broker can replay this key.
+                return await self._period.commit(held.period, items, stored_answer(order.fingerprint, final),
+                                                 part=part.index, final=True)
+            if items:
+                answer = bpb.TransactResponse(items=[o.item for o in result.outcomes])
+                return await self._period.commit(held.period, items, answer.SerializeToString(),
+                                                 part=part.index, final=False)
+        except StoreUnavailable:
+            # The Exchange's answer stands; the hold and its intent stay in the store until a
+            # roll-forward commits them (the Exchange answers it from its dedupe record).
+            self._idem.forget((order.caller.id, order.key))
+        return None
 
     async def _discover(self, uris: Sequence[str], c: Constraints, overall_ms: int) -> Discovery:
         return await discover(
@@ -417,22 +470,7 @@ class Purchaser:
     def _choose(
         self, uri: str, offers: Sequence[tuple[rpb.Offer, Exchange]], c: Constraints, currency: str
     ) -> UriChoice:
-        return choose(uri, offers, c, currency, self._converter, self._clock.now())
-
-    def _chosen_offers(
-        self, chosen: Sequence[bpb.ChosenOffer]
-    ) -> tuple[list[str], dict[str, list[tuple[rpb.Offer, Exchange]]]]:
-        uris = check_uris([ch.uri for ch in chosen], "offers")
-        offers: dict[str, list[tuple[rpb.Offer, Exchange]]] = {}
-        for i, ch in enumerate(chosen):
-            if not ch.offer.offer_id:
-                raise InvalidField(f"offers[{i}].offer.offer_id", "is required")
-            ex = self._exchanges.get(ch.offer.exchange)
-            if ex is None:
-                raise InvalidField(f"offers[{i}].offer.exchange",
-                                   f"{ch.offer.exchange[:64]!r} is not a configured exchange")
-            offers.setdefault(ch.uri, []).append((ch.offer, ex))
-        return uris, offers
+        return choose(uri, offers, c, currency, self._converter, self._clock.now(), self._penalties)
 
     def _nothing_to_buy(
         self, fitted: Sequence[UriChoice], room: Headroom, c: Constraints,
@@ -466,22 +504,41 @@ class Purchaser:
                             "no_offer_meets_constraints")
 
 
+@dataclass(frozen=True)
+class _Part:
+    """One Exchange's share of a purchase: the request it is sent, byte for byte, and its offers."""
+
+    index: int
+    exchange: Exchange
+    request: rpb.TransactionRequest
+    cands: list[Candidate]
+
+    def order(self) -> PartOrder:
+        return PartOrder(
+            self.exchange.name, self.request.SerializeToString(deterministic=True),
+            tuple(IntentItem(c.uri, c.offer.offer_id, c.price) for c in self.cands),
+            total((c.price for c in self.cands), self.cands[0].price.currency))
+
+
 @dataclass
 class _Held:
+    account: SessionAccount  # the session as registered (the view, if this purchase created it)
     session: Reservation
     period: PeriodHold | None
+    parts: list[_Part]
 
 
-def _replay(stored: bytes, fingerprint: str) -> bpb.TransactResponse:
-    if not stored:
-        # Recorded from a fail-open journal: the spend is known, the original answer is not.
-        return bpb.TransactResponse(replayed=True)
-    digest, _, body = stored.partition(b"\n")
-    if digest.decode() != fingerprint:
-        raise InvalidField("idempotency_key", "was already used for a different request")
-    answer = bpb.TransactResponse.FromString(body)
-    answer.replayed = True
-    return answer
+
+
+def _not_quoted(ch: ChosenOffer, calls: Sequence[bpb.ExchangeCall]) -> NothingToBuy:
+    asked = [c for c in calls if c.exchange == ch.exchange]
+    if asked and all(c.outcome != bpb.ExchangeCall.OUTCOME_OK for c in asked):
+        return NothingToBuy(Code.UNAVAILABLE, f"{ch.field}: {ch.exchange} did not answer, so offer "
+                            f"{ch.offer_id!r} cannot be priced: {asked[0].detail}",
+                            "exchange_unavailable", asked)
+    return NothingToBuy(Code.FAILED_PRECONDITION, f"{ch.field}: {ch.exchange} does not quote offer "
+                        f"{ch.offer_id!r} for {ch.uri} now (expired, withdrawn, or never offered)",
+                        "offer_not_quoted", asked)
 
 
 def _outcome_label(answer: bpb.TransactResponse) -> str:
@@ -489,30 +546,3 @@ def _outcome_label(answer: bpb.TransactResponse) -> str:
     if bought and bought == len(answer.items):
         return "purchased"
     return "partial" if bought else "failed"
-
-
-def _dedupe(uris: Sequence[str]) -> tuple[list[str], list[str]]:
-    seen: set[str] = set()
-    unique: list[str] = []
-    dupes: list[str] = []
-    for uri in uris:
-        (dupes if uri in seen else unique).append(uri)
-        seen.add(uri)
-    return unique, dupes
-
-
-def _match(
-    cands: Sequence[Candidate], answer: rpb.TransactionResponse
-) -> list[tuple[Candidate, rpb.TransactionResultItem | None]]:
-    """Pairs each bought offer with its result: by position when the answer lines up, else by id."""
-    items = list(answer.items)
-    if len(items) == len(cands) and all(
-        i.offer_id == c.offer.offer_id for i, c in zip(items, cands, strict=True)
-    ):
-        return list(zip(cands, items, strict=True))
-    by_id: dict[str, list[rpb.TransactionResultItem]] = {}
-    for i in items:
-        by_id.setdefault(i.offer_id, []).append(i)
-    return [(c, by_id[c.offer.offer_id].pop(0) if by_id.get(c.offer.offer_id) else None)
-            for c in cands]
-

@@ -37,6 +37,30 @@ class Exchange:
         return self.setting.name
 
 
+class TrustPenalties:
+    """Exchanges that charged more than they quoted rank lower afterwards.
+
+    Each overcharge takes STEP points off the Exchange's configured trust (down to 0) for as
+    long as this broker runs: its offers lose ties on unit cost to Exchanges that kept their word.
+    The overcharge itself is recorded in full (the Exchange is the authority) and counted in
+    broker_exchange_overcharges_total.
+    """
+
+    STEP = 10
+
+    def __init__(self) -> None:
+        self._points: dict[str, int] = {}
+
+    def overcharged(self, exchange: str) -> None:
+        self._points[exchange] = self._points.get(exchange, 0) + self.STEP
+
+    def trust(self, ex: Exchange) -> int:
+        return max(0, ex.setting.trust - self._points.get(ex.name, 0))
+
+
+_NO_PENALTIES = TrustPenalties()
+
+
 @dataclass(frozen=True, slots=True)
 class Candidate:
     """An offer for a URI, priced in the budget's currency (rounded up)."""
@@ -47,10 +71,11 @@ class Candidate:
     price: Money
     unit_cost: Money
     preferred: bool
+    trust: int  # the Exchange's trust when ranked: configured, less TrustPenalties
 
     def rank_key(self) -> tuple[bool, object, int, int, object, str, str]:
         return (
-            not self.preferred, self.unit_cost.amount, -self.exchange.setting.trust,
+            not self.preferred, self.unit_cost.amount, -self.trust,
             self.exchange.setting.priority, self.price.amount, self.exchange.name,
             self.offer.offer_id,
         )
@@ -173,6 +198,7 @@ class UriChoice:
 def choose(
     uri: str, offers: Sequence[tuple[rpb.Offer, Exchange]], c: Constraints,
     budget_currency: str, converter: Converter, now: datetime,
+    penalties: TrustPenalties = _NO_PENALTIES,
 ) -> UriChoice:
     ranked: list[Candidate] = []
     notes: list[str] = []
@@ -185,7 +211,7 @@ def choose(
                 uri=uri, offer=offer, exchange=ex,
                 price=convert(price, budget_currency, converter),
                 unit_cost=convert(unit, budget_currency, converter),
-                preferred=ex.name in c.preferred,
+                preferred=ex.name in c.preferred, trust=penalties.trust(ex),
             )
             cap_price = convert(price, cap_currency, converter)
             cap_unit = convert(unit, cap_currency, converter)

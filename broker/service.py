@@ -12,15 +12,18 @@ from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
 from broker import wire
-from broker.auth import AdminToken, Authenticator
+from broker.auth import caller
 from broker.errors import InvalidField
+from broker.holds import ACTIONS, HoldDesk
 from broker.purchase import Purchaser
+from broker.recovery import Recovery
 from broker.validation import Constraints, check_id
 from broker.watch import BudgetWatch
+from budget.clock import Clock, SystemClock
 from budget.layers import Snapshot
 from budget.period import Charge, PeriodLayer, StoreDown
 from budget.periods import Period, from_ms
-from budget.scopes import check_scope
+from budget.scopes import check_account, check_scope
 from budget.session import SessionBudgets
 from budget.store import LedgerEntry, StoreUnavailable
 from currency.money import Money
@@ -36,22 +39,23 @@ HISTORY_MAX = 1000
 
 
 class BrokerHandlers:
-    def __init__(self, purchaser: Purchaser, auth: Authenticator) -> None:
+    def __init__(self, purchaser: Purchaser) -> None:
         self._purchaser = purchaser
-        self._auth = auth
 
     async def resolve(self, request: bpb.ResolveRequest, ctx: Ctx) -> bpb.ResolveResponse:
-        return await self._purchaser.resolve(request, self._auth.identify(ctx.request_headers))
+        return await self._purchaser.resolve(request, caller())
 
     async def transact(self, request: bpb.TransactRequest, ctx: Ctx) -> bpb.TransactResponse:
-        return await self._purchaser.transact(request, self._auth.identify(ctx.request_headers))
+        return await self._purchaser.transact(request, caller())
 
 
 class BudgetHandlers:
-    def __init__(self, sessions: SessionBudgets, purchaser: Purchaser, auth: Authenticator) -> None:
+    """Session budgets belong to the caller that declared them: another caller's session id is
+    simply not found."""
+
+    def __init__(self, sessions: SessionBudgets, purchaser: Purchaser) -> None:
         self._sessions = sessions
         self._purchaser = purchaser
-        self._auth = auth
 
     async def declare_session_budget(
         self, request: bpb.DeclareSessionBudgetRequest, ctx: Ctx
@@ -60,17 +64,17 @@ class BudgetHandlers:
         if not request.HasField("limit"):
             raise InvalidField("limit", "is required (amount and currency)")
         limit = Money.parse(request.limit.amount, request.limit.currency, "limit")
-        account = self._sessions.declare(session_id, limit)
+        account = self._sessions.declare(caller().id, session_id, limit)
         return bpb.DeclareSessionBudgetResponse(budget=wire.budget_state(account.snap()))
 
     async def get_budget_status(
         self, request: bpb.GetBudgetStatusRequest, ctx: Ctx
     ) -> bpb.GetBudgetStatusResponse:
-        agent = self._auth.identify(ctx.request_headers)
+        agent = caller()
         account = None
         if request.session_id or agent.account is None:
             session_id = check_id(request.session_id, "session_id")
-            account = self._sessions.peek(session_id)
+            account = self._sessions.peek(agent.id, session_id)
             if account is None:
                 raise ConnectError(
                     Code.NOT_FOUND,
@@ -84,18 +88,18 @@ class BudgetHandlers:
 
 
 class AdminHandlers:
-    """Operators' per-period limits, behind the admin token."""
+    """Operators' per-period limits, behind the admin token (checked by RequireAdmin)."""
 
     def __init__(
-        self, period: PeriodLayer, owners: Mapping[str, str], token: AdminToken, watch: BudgetWatch,
+        self, period: PeriodLayer, owners: Mapping[str, str], watch: BudgetWatch,
+        recovery: Recovery | None = None, clock: Clock | None = None,
     ) -> None:
         self._period = period
         self._owners = owners
-        self._token = token
         self._watch = watch
+        self._holds = HoldDesk(period, recovery, clock or SystemClock()) if recovery is not None else None
 
     def _account(self, scope: str, ctx: Ctx) -> str:
-        self._token.check(ctx.request_headers)
         check_scope(scope, "scope")
         account = self._owners.get(scope)
         if account is None:
@@ -131,7 +135,6 @@ class AdminHandlers:
         self, request: bpb.GetScopeStatusRequest, ctx: Ctx
     ) -> bpb.ScopeStatusResponse:
         if not request.scope:
-            self._token.check(ctx.request_headers)
             return await self._status_all()
         account = self._account(request.scope, ctx)
         return await self._status(account, request.scope)
@@ -173,6 +176,44 @@ class AdminHandlers:
             raise StoreDown("the budget store cannot be reached: the ledger cannot be read now",
                             [request.scope]) from None
         return bpb.GetScopeHistoryResponse(entries=[_ledger_entry(e) for e in newest], total=total)
+
+
+    # --- holds that may have reached an Exchange ------------------------------------------------
+
+    def _desk(self) -> HoldDesk:
+        if self._holds is None:
+            raise ConnectError(Code.UNIMPLEMENTED, "this broker cannot reach Exchanges to settle holds")
+        return self._holds
+
+    def _known_account(self, account: str, field: str) -> str:
+        check_account(account, field)
+        if account not in self._period.accounts:
+            raise ConnectError(Code.NOT_FOUND, f"{field}: account {account!r} is not configured "
+                               "(period_budgets.accounts, or an agent's account)")
+        return account
+
+    async def list_holds(self, request: bpb.ListHoldsRequest, ctx: Ctx) -> bpb.ListHoldsResponse:
+        if request.scope:
+            account = self._account(request.scope, ctx)
+            if request.account and request.account != account:
+                raise InvalidField("scope", f"{request.scope} is in account {account}, not {request.account}")
+            accounts = [account]
+        elif request.account:
+            accounts = [self._known_account(request.account, "account")]
+        else:
+            accounts = sorted(self._period.accounts)
+        holds = await self._desk().listing(accounts, request.scope)
+        return bpb.ListHoldsResponse(holds=holds)
+
+    async def settle_hold(self, request: bpb.SettleHoldRequest, ctx: Ctx) -> bpb.SettleHoldResponse:
+        account = self._known_account(request.account, "account")
+        if not request.reservation_id or len(request.reservation_id) > 128 \
+                or not request.reservation_id.isprintable():
+            raise InvalidField("reservation_id", "is required (as ListHolds shows it)")
+        if request.action not in ACTIONS:
+            raise InvalidField("action", "is required: SETTLE_ACTION_RETRY, SETTLE_ACTION_CHARGED or "
+                               "SETTLE_ACTION_REFUNDED")
+        return await self._desk().settle(account, request.reservation_id, request.action)
 
 
 def _ledger_entry(e: LedgerEntry) -> bpb.LedgerEntry:

@@ -6,6 +6,13 @@ the purchase's own idempotency key), an ack line follows. A crash between the tw
 only means the spend is offered to the store again, which records it once. When
 everything is acknowledged the file is truncated.
 
+A purchase on the fail-open allowance journals its *intent* first (the requests it
+is about to send, budget.intents), fsynced before any Exchange is called, and
+acknowledges it once its spend is journaled. An intent still pending at start was
+cut off (a crash between the Exchange's charge and the spend entry): it is rolled
+forward (re-sent under its key, answered from the Exchange's dedupe record) and
+its spend recorded, so the allowance never loses count of a charge.
+
 The purchase's key, not the entry's id: the Exchange charges a key once, so the
 store must count it once too, whether this broker's commit landed after all
 (its answer lost to a timeout), another broker journaled a retry of the same key
@@ -15,6 +22,7 @@ during the outage, or committed one after it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import uuid
@@ -33,6 +41,7 @@ class JournalEntry:
     holds: tuple[Hold, ...]
     lines: tuple[Line, ...]
     at_ms: int
+    intent: bytes = b""  # an intent entry (no lines yet): roll it forward if it is still pending
 
     @property
     def store_key(self) -> str:
@@ -67,6 +76,7 @@ class Journal:
                 id=d["id"], account=d["account"], idempotency_key=d["idempotency_key"],
                 holds=tuple(_hold(h) for h in d["holds"]),
                 lines=tuple(Line(**ln) for ln in d["lines"]), at_ms=d["at_ms"],
+                intent=base64.b64decode(d.get("intent", "")),
             )
 
     def pending(self) -> list[JournalEntry]:
@@ -74,12 +84,12 @@ class Journal:
 
     async def append(
         self, account: str, idempotency_key: str, holds: tuple[Hold, ...], lines: tuple[Line, ...],
-        at_ms: int,
+        at_ms: int, intent: bytes = b"",
     ) -> JournalEntry:
-        entry = JournalEntry(uuid.uuid4().hex, account, idempotency_key, holds, lines, at_ms)
+        entry = JournalEntry(uuid.uuid4().hex, account, idempotency_key, holds, lines, at_ms, intent)
         record = {"id": entry.id, "account": account, "idempotency_key": idempotency_key,
                   "holds": [asdict(h) for h in holds], "lines": [asdict(ln) for ln in lines],
-                  "at_ms": at_ms}
+                  "at_ms": at_ms, **({"intent": base64.b64encode(intent).decode()} if intent else {})}
         async with self._lock:
             await asyncio.to_thread(self._write, json.dumps(record, separators=(",", ":")))
             self._pending[entry.id] = entry

@@ -21,14 +21,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 from budget.clock import Clock
-from budget.journal import Journal
+from budget.intents import Intent, IntentPart, PartOrder
+from budget.journal import Journal, JournalEntry
 from budget.layers import (
     OPEN_ALLOWANCE,
     BudgetExhausted,
@@ -37,8 +39,10 @@ from budget.layers import (
     exhausted_reason,
     next_action,
 )
-from budget.periods import Period, PeriodError, Window, to_ms
+from budget.memory import StoreMemory
+from budget.periods import Period, PeriodError, Window, from_ms, to_ms
 from budget.store import (
+    Committed,
     CounterRef,
     CounterState,
     Denied,
@@ -46,11 +50,16 @@ from budget.store import (
     InFlight,
     Limits,
     Line,
+    Lost,
     Reserved,
     Settled,
     StaleLimits,
     Store,
+    StoreIdentity,
+    StoreLost,
     StoreUnavailable,
+    Unsettled,
+    UnsettledHold,
 )
 from currency.convert import Converter, convert
 from currency.money import Money, MoneyError, total
@@ -92,6 +101,16 @@ class AlreadySettled(Exception):
         self.result = result
 
 
+class HoldUnsettled(Exception):
+    """The idempotency key has a hold that may have reached an Exchange and was handed to this
+    caller: roll it forward with its stored intent (never re-plan the purchase)."""
+
+    def __init__(self, account: str, hold: UnsettledHold) -> None:
+        super().__init__("unsettled hold handed over")
+        self.account = account
+        self.hold = hold
+
+
 class LimitChangeRefused(Exception):
     """An operator's limit change that would lose track of money (FAILED_PRECONDITION)."""
 
@@ -119,6 +138,12 @@ class PeriodEvents(Protocol):
     def fail_open_spend(self) -> None:
         """A purchase spent from a fail-open allowance while the store was unreachable."""
 
+    def over_limit(self) -> None:
+        """A commit left a counter's spend above its limit (an overage, or a late commit)."""
+
+    def store_lost(self) -> None:
+        """An account's store showed less than this broker had seen of it: refused from now on."""
+
 
 class NoEvents:
     def refunded(self, count: int) -> None:
@@ -131,6 +156,12 @@ class NoEvents:
         pass
 
     def fail_open_spend(self) -> None:
+        pass
+
+    def over_limit(self) -> None:
+        pass
+
+    def store_lost(self) -> None:
         pass
 
 
@@ -190,17 +221,26 @@ class PeriodHold:
     key: str
     reservation_id: str | None  # None: held on the local fail-open allowance
     settled: bool = False
+    # Per part (one per Exchange), what it holds on each counter; one part when no intent.
+    part_holds: tuple[tuple[int, ...], ...] = ()
+    done: set[int] = field(default_factory=set)  # parts committed
+    local_lines: tuple[Line, ...] = ()  # a fail-open hold's spend, journaled at its final commit
+    journal_id: str | None = None  # a fail-open hold's intent entry in the journal
 
     @property
     def local(self) -> bool:
         return self.reservation_id is None
+
+    @property
+    def parts(self) -> int:
+        return max(1, len(self.part_holds))
 
 
 class PeriodLayer:
     def __init__(
         self, store: Store, accounts: Mapping[str, Mapping[str, ScopeRule]], *, clock: Clock,
         tz: ZoneInfo, converter: Converter, ttl_s: int, grace_s: int, journal: Journal | None,
-        events: PeriodEvents | None = None,
+        events: PeriodEvents | None = None, memory: StoreMemory | None = None, lease_s: float = 0.0,
     ) -> None:
         self.store = store
         self.events = events or NoEvents()
@@ -217,6 +257,91 @@ class PeriodLayer:
         # After a store failure, purchases skip the store for a moment instead of each
         # waiting out its own timeout; upkeep keeps probing.
         self._skip_until = 0.0
+        # What this broker has seen of the store (None: nothing is checked), and the accounts
+        # whose store shows less: refused until an operator adopts or restores it.
+        self._memory = memory
+        self._lost: dict[str, str] = {}
+        # How long a sweeper may work on a hold handed to it before another may take it (the
+        # store doubles it on each further hand-over).
+        self._lease_ms = int(lease_s * 1000) or self._ttl_ms
+        # Roll an unsettled hold (a journaled fail-open intent) forward: set by the broker, which
+        # can reach the Exchanges.
+        self.recover: Callable[[str, UnsettledHold], Awaitable[None]] | None = None
+        self.recover_local: Callable[[str, bytes], Awaitable[list[ItemSpend] | None]] | None = None
+        self._reclaimed = False
+
+    @property
+    def instance(self) -> str:
+        """This broker's id as the owner of the holds it makes."""
+        return self._memory.instance if self._memory else ""
+
+    # --- the store's identity ----------------------------------------------------------------
+
+    async def _identity(self, account: str) -> StoreIdentity | None:
+        """The identity this broker has seen the account's store at; learnt (or, for a store that
+        has none and a broker that has seen none, created) on first use."""
+        if self._memory is None:
+            return None
+        memory = self._memory.account(account)
+        if memory.identity is None:
+            found = await self._guarded(self.store.identity(account))
+            if found is None:
+                found = await self._guarded(self.store.set_identity(account, StoreIdentity(uuid.uuid4().hex)))
+            self._memory.saw_identity(account, found)
+            await self._memory.save()
+        return memory.identity
+
+    async def check_identity(self, account: str) -> None:
+        """Compare the store's identity with what this broker has seen (upkeep): flag a loss, clear
+        it when the store is back as it was, take a newer generation (adopted) as the baseline."""
+        if self._memory is None:
+            return
+        seen = await self._identity(account)
+        found = await self.store.identity(account)
+        same = seen is not None and found is not None and found.id == seen.id
+        if same and found is not None and seen is not None and found.generation > seen.generation:
+            self._memory.saw_identity(account, found)
+            log.warning("budget store of account %s was adopted at generation %d: its numbers are the "
+                        "baseline now", account, found.generation)
+            self._lost.pop(account, None)
+            await self._load_limits(account)
+        elif found is None or seen is None or found.id != seen.id or found.generation < seen.generation:
+            self._mark_lost(account, "the store has no identity for this account (emptied, or a new store)"
+                            if found is None else f"the store shows identity {found.id} generation "
+                            f"{found.generation}, not what this broker saw")
+        elif account in self._lost and not await self._below_floors(account):
+            log.warning("budget store of account %s is back as it was: purchases resume", account)
+            self._lost.pop(account, None)
+
+    async def _below_floors(self, account: str) -> bool:
+        if self._memory is None:
+            return False
+        marks = list(self._memory.account(account).counters.values())
+        states = await self.store.read(account, [m.counter for m in marks]) if marks else []
+        low = [m for m, st in zip(marks, states, strict=True) if st.spent < m.spent]
+        if low:
+            self._mark_lost(account, f"counter {low[0].counter.key} shows less spent than seen before")
+        return bool(low)
+
+    def _mark_lost(self, account: str, problem: str) -> None:
+        if account not in self._lost:
+            log.error("budget store of account %s lost data: %s. Purchases charged to it are refused "
+                      "until an operator restores the store or adopts it (ramp-broker store adopt)",
+                      account, problem)
+            self.events.store_lost()
+        self._lost[account] = problem
+
+    def _check_lost(self, plan: Plan) -> None:
+        problem = self._lost.get(plan.account)
+        if problem is not None and plan.counters:
+            raise StoreDown(
+                f"the budget store lost data ({problem}); purchases charged to "
+                f"{', '.join(plan.scopes)} are refused until an operator restores or adopts it",
+                plan.scopes, reason="store_lost")
+
+    def _saw(self, account: str, c: Counter, state: CounterState) -> None:
+        if self._memory is not None:
+            self._memory.saw_spent(account, c.ref, state.spent, c.window.end_ms + self._grace_ms)
 
     async def _guarded(self, call: Awaitable[T]) -> T:
         if self._clock.monotonic() < self._skip_until:
@@ -235,6 +360,12 @@ class PeriodLayer:
 
     async def _load_limits(self, account: str) -> Limits:
         limits = await self.store.limits(account)
+        if self._memory is not None:
+            seen = self._memory.account(account).limits_version
+            if limits.version < seen:
+                self._mark_lost(account, f"operator limits are at version {limits.version}, older than "
+                                f"version {seen} seen before")
+            self._memory.saw_limits(account, limits.version, limits.values)
         self._limits[account] = limits
         return limits
 
@@ -344,12 +475,15 @@ class PeriodLayer:
     async def snapshots(self, plan: Plan) -> list[Snapshot]:
         if not plan.counters:
             return []
+        self._check_lost(plan)
         try:
             states = await self._guarded(self.store.read(plan.account, [c.ref for c in plan.counters]))
         except StoreUnavailable:
             if plan.fails_open():
                 return self._local_snapshots(plan)
             raise self._down(plan) from None
+        for c, st in zip(plan.counters, states, strict=True):
+            self._saw(plan.account, c, st)
         return [self._snapshot(plan.account, c, s) for c, s in zip(plan.counters, states, strict=True)]
 
     def _snapshot(self, account: str, c: Counter, s: CounterState) -> Snapshot:
@@ -386,9 +520,11 @@ class PeriodLayer:
         for entry in pending:
             first = _first_hold(entry.holds, scope) if entry.account == account else None
             if first is not None:
-                units = sum(ln.amount for ln in entry.lines if ln.hold_index == first)
+                # A spend counts what it spent; an intent (a purchase in flight, or cut off) its hold.
+                units = (entry.holds[first].amount if entry.intent else
+                         sum(ln.amount for ln in entry.lines if ln.hold_index == first))
                 used = used + self._in(units, entry.holds[first].counter.currency, currency)
-        for hold in self._local_holds:
+        for hold in (h for h in self._local_holds if h.journal_id is None):
             first = _first_hold(hold.holds, scope) if hold.plan.account == account else None
             if first is not None:
                 h = hold.holds[first]
@@ -400,30 +536,51 @@ class PeriodLayer:
 
     # --- reserving ---------------------------------------------------------------
 
-    async def reserve(self, charge: Charge, plan: Plan, cost: Money, key: str) -> PeriodHold | None:
-        """Hold `cost` on every counter of the plan, or raise. None when no period limit applies."""
+    async def reserve(
+        self, charge: Charge, plan: Plan, cost: Money, key: str, parts: Sequence[PartOrder] = (), *,
+        fingerprint: str = "",
+    ) -> PeriodHold | None:
+        """Hold `cost` on every counter of the plan, or raise. None when no period limit applies.
+
+        With `parts` (what each Exchange will be sent), the hold carries them as its intent: from
+        then on it is rolled forward, never refunded blindly. HoldUnsettled when the key already
+        has such a hold, expired: the caller rolls it forward instead of buying again.
+        """
         for _ in range(_STALE_RETRIES):
             if not plan.counters:
                 return None
+            self._check_lost(plan)
             now_ms = to_ms(self._clock.now())
+            # Each part holds its own cost, rounded up on its own, so it can be settled alone.
+            costs = [part.cost for part in parts] or [cost]
+            part_holds = tuple(
+                tuple(convert(c, counter.ref.currency, self._converter).units() for counter in plan.counters)
+                for c in costs)
             holds = tuple(
-                Hold(c.ref, convert(cost, c.ref.currency, self._converter).units(), c.limit.units(),
-                     c.window.end_ms + self._grace_ms)
-                for c in plan.counters
+                Hold(c.ref, sum(p[i] for p in part_holds), c.limit.units(), c.window.end_ms + self._grace_ms,
+                     floor=self._memory.floor(plan.account, c.ref) if self._memory else 0)
+                for i, c in enumerate(plan.counters)
             )
+            intent = Intent(
+                plan.account, key, fingerprint, cost.currency, holds,
+                tuple(IntentPart(p.exchange, p.request, p.items, ph) for p, ph in zip(parts, part_holds,
+                                                                                    strict=True)),
+            ).encode() if parts else b""
             try:
+                identity = await self._identity(plan.account)
                 outcome = await self._guarded(self.store.reserve(
                     plan.account, holds, ttl_ms=self._ttl_ms, idempotency_key=key, now_ms=now_ms,
-                    limits_version=plan.version,
+                    limits_version=plan.version, intent=intent, owner=self.instance, identity=identity,
                 ))
             except StoreUnavailable:
                 if plan.fails_open():
-                    return self._reserve_locally(plan, holds, cost, key)
+                    return await self._reserve_locally(plan, holds, cost, key, intent)
                 raise self._down(plan) from None
             if isinstance(outcome, Reserved):
-                return PeriodHold(plan, holds, key, outcome.reservation_id)
+                return PeriodHold(plan, holds, key, outcome.reservation_id, part_holds=part_holds)
             if isinstance(outcome, Denied):
                 c = plan.counters[outcome.index]
+                self._saw(plan.account, c, outcome.state)
                 snap = self._snapshot(plan.account, c, outcome.state)
                 raise BudgetExhausted.from_snapshot(
                     snap, Money.from_units(holds[outcome.index].amount, c.ref.currency),
@@ -434,6 +591,11 @@ class PeriodLayer:
             if isinstance(outcome, InFlight):
                 raise KeyInFlight(
                     f"a purchase with idempotency key {key!r} is still in progress; retry shortly", key)
+            if isinstance(outcome, Unsettled):
+                raise HoldUnsettled(plan.account, outcome.hold)
+            if isinstance(outcome, Lost):
+                self._mark_lost(plan.account, outcome.problem)
+                self._check_lost(plan)
             assert isinstance(outcome, StaleLimits)
             plan = self._plan(charge, await self._load_limits(plan.account))
         raise StoreDown("operator limits kept changing during the reservation; retry", plan.scopes,
@@ -450,7 +612,9 @@ class PeriodLayer:
         if stored is not None:
             raise AlreadySettled(stored)
 
-    def _reserve_locally(self, plan: Plan, holds: tuple[Hold, ...], cost: Money, key: str) -> PeriodHold:
+    async def _reserve_locally(
+        self, plan: Plan, holds: tuple[Hold, ...], cost: Money, key: str, intent: bytes,
+    ) -> PeriodHold:
         for snap in self._local_snapshots(plan):
             need = convert(cost, snap.limit.currency, self._converter)
             if snap.spent + need > snap.limit:
@@ -458,7 +622,16 @@ class PeriodLayer:
                     snap, need, reason=exhausted_reason(snap), next_action=next_action(snap),
                 )
         hold = PeriodHold(plan, holds, key, None)
-        self._local_holds.append(hold)
+        self._local_holds.append(hold)  # counted from here on, with no await before the check
+        if intent and self._journal is not None:
+            # Durable before any Exchange is asked: a crash after its charge is rolled forward.
+            try:
+                entry = await self._journal.append(plan.account, key, holds, (), to_ms(self._clock.now()),
+                                                   intent=intent)
+            except BaseException:
+                self._local_holds.remove(hold)
+                raise
+            hold.journal_id = entry.id
         log.warning("budget store unreachable: scopes %s spend from the fail-open allowance",
                     ", ".join(plan.scopes))
         return hold
@@ -471,41 +644,77 @@ class PeriodLayer:
     # --- settling ------------------------------------------------------------------
 
     async def commit(
-        self, hold: PeriodHold, items: Sequence[ItemSpend], result: bytes
+        self, hold: PeriodHold, items: Sequence[ItemSpend], result: bytes, *, part: int = 0,
+        final: bool = True,
     ) -> list[Snapshot] | None:
-        """Record what was bought; returns every counter's numbers after the commit, when known."""
+        """Record what one part of the purchase bought (all of it, for a hold of one part); the
+        final commit ends the hold. Returns every counter's numbers after the commit, when known.
+
+        A hold with nothing bought at all is released instead (by the caller, or here for a hold
+        of one part). If the store cannot be reached the part stays unsettled: its intent is in
+        the store, and whoever rolls it forward commits it. If the store lost its memory, the
+        spend goes to the journal and is recorded once an operator has adopted the store.
+        """
         if hold.settled:
             raise RuntimeError("period reservation settled twice")
-        if not items:
+        if not items and final and not hold.done:
             await self.release(hold)
             return None
-        hold.settled = True
-        lines = tuple(
-            Line(i, amount, item.original.text(), item.original.currency, item.exchange,
-                 item.offer_id, item.uri)
-            for i, h in enumerate(hold.holds)
-            for item, amount in zip(items, self._split(items, h.counter.currency), strict=True)
-        )
+        lines = self._lines(hold.holds, items)
         now_ms = to_ms(self._clock.now())
         if hold.local:
+            # Fail-open: nothing of it is in the store; the journal takes the whole purchase at once.
+            hold.local_lines += lines
+            if not final:
+                return None
+            hold.settled = True
             assert self._journal is not None
-            await self._journal.append(hold.plan.account, hold.key, hold.holds, lines, now_ms)
+            if hold.local_lines:
+                await self._journal.append(hold.plan.account, hold.key, hold.holds, hold.local_lines, now_ms)
+                self.events.fail_open_spend()
+            if hold.journal_id is not None:
+                await self._journal.ack(hold.journal_id)  # its spend is journaled: nothing to roll
             self._local_holds.remove(hold)
-            self.events.fail_open_spend()
             return None
         assert hold.reservation_id is not None
+        release = hold.part_holds[part] if len(hold.part_holds) > 1 else ()
+        memory = self._memory
+        floors = tuple(replace(h, floor=memory.floor(hold.plan.account, h.counter)) if memory else h
+                       for h in hold.holds)
         try:
             done = await self.store.commit(
-                hold.plan.account, hold.reservation_id, hold.holds, lines,
-                idempotency_key=hold.key, result=result, now_ms=now_ms,
+                hold.plan.account, hold.reservation_id, floors, lines, idempotency_key=hold.key,
+                result=result, now_ms=now_ms, part=part, release=release, final=final,
+                identity=self._memory.account(hold.plan.account).identity if self._memory else None,
             )
-        except StoreUnavailable:
-            # The spend happened: keep it in the journal and replay it, never drop it.
-            if self._journal is None:
-                raise
-            await self._journal.append(hold.plan.account, hold.key, hold.holds, lines, now_ms)
-            log.warning("budget store unreachable at commit; spend of %r journaled", hold.key)
+        except StoreLost as exc:
+            self._mark_lost(hold.plan.account, str(exc))
+            hold.settled = final
+            if lines:
+                # Its intent went with the store's memory: the journal keeps the spend.
+                await self._journal_lost(hold, part, lines, now_ms)
             return None
+        except StoreUnavailable:
+            # Not recorded (or unknown): the hold and its intent stay in the store, and the
+            # part is committed by whoever rolls the hold forward. Nothing is dropped.
+            log.warning("budget store unreachable at commit of %r: the hold stays until it is rolled "
+                        "forward", hold.key)
+            raise
+        hold.done.add(part)
+        hold.settled = final
+        if done.duplicate:
+            # Another broker rolling it forward committed this key first: counted once, by it.
+            hold.settled = True
+            return None
+        self._report(hold, done)
+        if len(done.states) != len(hold.plan.counters):
+            return None
+        for c, st in zip(hold.plan.counters, done.states, strict=True):
+            self._saw(hold.plan.account, c, st)
+        return [self._snapshot(hold.plan.account, c, st)
+                for c, st in zip(hold.plan.counters, done.states, strict=True)]
+
+    def _report(self, hold: PeriodHold, done: Committed) -> None:
         for h, over in zip(hold.holds, done.overage, strict=True):
             if over:
                 log.warning("overage on %s: %s above the reservation", h.counter.key,
@@ -514,12 +723,24 @@ class PeriodLayer:
             self.events.overage()
         if done.late:
             self.events.late_commit()
-            log.warning("reservation %s expired before its commit; spend recorded late",
+            log.warning("reservation %s was refunded before its commit; spend recorded late",
                         hold.reservation_id)
-        if len(done.states) != len(hold.plan.counters):
-            return None
-        return [self._snapshot(hold.plan.account, c, s)
-                for c, s in zip(hold.plan.counters, done.states, strict=True)]
+        for c, st in zip(hold.plan.counters, done.states, strict=True):
+            if st.spent > c.limit.units() + st.credit:
+                # Recorded in full (the Exchange charged it); the counter denies until it is
+                # raised or its window ends. Flagged so an operator can look.
+                self.events.over_limit()
+                log.error("counter %s is over its limit after a commit: spent %s, limit %s",
+                          c.ref.key, Money.from_units(st.spent, c.ref.currency),
+                          c.limit + Money.from_units(st.credit, c.ref.currency))
+
+    async def _journal_lost(self, hold: PeriodHold, part: int, lines: tuple[Line, ...], now_ms: int) -> None:
+        if self._journal is None:
+            log.error("spend of %r could not be recorded (store lost, no journal)", hold.key)
+            return
+        key = hold.key if hold.parts == 1 else f"{hold.key}#{part}"
+        await self._journal.append(hold.plan.account, key, hold.holds, lines, now_ms)
+        log.warning("budget store lost data: spend of %r journaled until it is adopted", key)
 
     def _split(self, items: Sequence[ItemSpend], currency: str) -> list[int]:
         """Each item's share of the batch total in `currency`, rounded once, like the hold.
@@ -539,6 +760,8 @@ class PeriodLayer:
             raise RuntimeError("period reservation settled twice")
         hold.settled = True
         if hold.local:
+            if hold.journal_id is not None and self._journal is not None:
+                await self._journal.ack(hold.journal_id)  # the Exchanges refused it: nothing spent
             self._local_holds.remove(hold)
             return
         assert hold.reservation_id is not None
@@ -553,33 +776,126 @@ class PeriodLayer:
     # --- upkeep ----------------------------------------------------------------------
 
     async def replay_journal(self) -> int:
-        """Record fail-open spends in the store, each exactly once; returns how many were sent."""
+        """Record journaled spends in the store, each exactly once; returns how many were sent.
+        Nothing is replayed into an account's store while it is flagged as having lost data."""
         if self._journal is None:
             return 0
         sent = 0
+        live = {h.journal_id for h in self._local_holds}
         for entry in self._journal.pending():
-            await self.store.record_spend(
-                entry.account, entry.holds, entry.lines, idempotency_key=entry.store_key,
-                now_ms=entry.at_ms, kind="journal",
-            )
+            if entry.account in self._lost or entry.id in live:
+                continue  # a lost store waits for adoption; a purchase in flight settles itself
+            lines = entry.lines
+            if entry.intent:
+                rolled = await self._roll_forward_local(entry)
+                if rolled is None:
+                    continue  # an Exchange has not answered: it stays counted, tried again later
+                lines = rolled
+            identity = self._memory.account(entry.account).identity if self._memory else None
+            try:
+                await self.store.record_spend(
+                    entry.account, entry.holds, lines, idempotency_key=entry.store_key,
+                    now_ms=entry.at_ms, kind="journal", identity=identity,
+                )
+            except StoreLost as exc:
+                self._mark_lost(entry.account, str(exc))
+                continue
             await self._journal.ack(entry.id)
             sent += 1
         return sent
 
     async def upkeep(self) -> None:
-        """One round of the background work every broker does: sweep, replay, refresh limits."""
+        """One round of the background work every broker does: check the store is the one it has
+        seen, sweep (refund what never reached an Exchange, roll forward what may have), replay the
+        journal, refresh limits."""
         now_ms = to_ms(self._clock.now())
         for account in self.accounts:
-            refunded = await self.store.sweep(account, now_ms=now_ms)
-            self.events.refunded(refunded)
-            if refunded:
-                log.info("refunded %d expired reservation(s) in account %s", refunded, account)
+            await self.check_identity(account)
+            swept = await self.store.sweep(
+                account, now_ms=now_ms, lease_ms=self._lease_ms, taker=self.instance,
+                # After a restart nothing of this broker's own is in flight: reclaim it at once.
+                reclaim=not self._reclaimed and bool(self.instance))
+            self.events.refunded(swept.refunded)
+            if swept.refunded:
+                log.info("refunded %d expired reservation(s) in account %s", swept.refunded, account)
+            for unsettled in swept.unsettled:
+                await self._roll_forward(account, unsettled)
+        self._reclaimed = True
         self._skip_until = 0.0  # the store answered the sweep: purchases may use it again
         replayed = await self.replay_journal()
         if replayed:
-            log.info("replayed %d fail-open spend(s) into the store", replayed)
+            log.info("replayed %d journaled spend(s) into the store", replayed)
         for account in list(self._limits):
             await self._load_limits(account)
+        if self._memory is not None:
+            self._memory.forget_expired(now_ms)
+            await self._memory.save()
+
+    async def _roll_forward(self, account: str, hold: UnsettledHold) -> None:
+        if self.recover is None:
+            log.error("unsettled hold %s in account %s: no way to reach Exchanges here; it stays "
+                      "counted until a broker rolls it forward", hold.reservation_id, account)
+            return
+        log.info("rolling forward hold %s (key %r, attempt %d) in account %s", hold.reservation_id,
+                 hold.idempotency_key, hold.attempts, account)
+        try:
+            await self.recover(account, hold)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            # It stays counted, handed over again after its lease: never refunded blindly.
+            log.exception("rolling forward hold %s failed; it stays counted and is retried",
+                          hold.reservation_id)
+
+    async def _roll_forward_local(self, entry: JournalEntry) -> tuple[Line, ...] | None:
+        """A fail-open purchase cut off after its intent was journaled: what its Exchanges say
+        they charged, as lines on its holds (None while one has not answered)."""
+        if self.recover_local is None:
+            return None
+        try:
+            items = await self.recover_local(entry.account, entry.intent)
+        except Exception:
+            log.exception("rolling forward the journaled purchase %r failed; retried later",
+                          entry.idempotency_key)
+            return None
+        if items is None:
+            return None
+        log.info("rolled forward the journaled purchase %r: %d item(s) charged", entry.idempotency_key,
+                 len(items))
+        return self._lines(entry.holds, items)
+
+    def _lines(self, holds: Sequence[Hold], items: Sequence[ItemSpend]) -> tuple[Line, ...]:
+        """Each item's share on each hold's counter (see _split)."""
+        return tuple(
+            Line(i, amount, item.original.text(), item.original.currency, item.exchange,
+                 item.offer_id, item.uri)
+            for i, h in enumerate(holds)
+            for item, amount in zip(items, self._split(items, h.counter.currency) if items else [],
+                                    strict=True)
+        )
+
+    def settling(self, account: str, hold: UnsettledHold) -> tuple[Intent, PeriodHold]:
+        """An unsettled hold as a PeriodHold its roller can commit part by part (IntentError if its
+        intent is unreadable)."""
+        intent = Intent.decode(hold.intent)
+        counters = tuple(
+            Counter(h.counter,
+                    Window(h.counter.window, from_ms(h.counter.start_ms), from_ms(h.counter.end_ms)),
+                    Money.from_units(h.limit, h.counter.currency),
+                    self.rule(account, h.counter.scope).failure)
+            for h in intent.holds)
+        plan = Plan(account, counters, -1, tuple(dict.fromkeys(h.counter.scope for h in intent.holds)))
+        period_hold = PeriodHold(plan, intent.holds, hold.idempotency_key, hold.reservation_id,
+                                 part_holds=tuple(p.holds for p in intent.parts), done=set(hold.done))
+        return intent, period_hold
+
+    async def close(self) -> None:
+        """Keep what this broker has seen (the next start compares the store with it), then close."""
+        try:
+            if self._memory is not None:
+                await self._memory.save()
+        finally:
+            await self.store.close()
 
     async def run_upkeep(self, interval_s: float, stop: asyncio.Event) -> None:
         while not stop.is_set():

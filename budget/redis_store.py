@@ -5,7 +5,9 @@ account in one Redis Cluster slot, so each multi-key script stays in one slot):
 
     ramp:{acme}:c:<scope>|<period>|<window>  hash: spent reserved credit count + scope period window
                                              currency start_ms end_ms (to rebuild the CounterRef)
-    ramp:{acme}:r:<reservation id>           hash: ik created expires holds ("<counter> <amount> ...")
+    ramp:{acme}:r:<reservation id>           hash: ik created expires holds ("<counter> <amount> ..."),
+                                             intent owner attempts done ("<part> ...") d:<part>
+    ramp:{acme}:id                           hash: id gen (the account's identity; never expires)
     ramp:{acme}:exp                          zset: reservation id by expires_ms, for sweep
     ramp:{acme}:i:<idempotency key>          hash: state (open|committed) rid result
     ramp:{acme}:ledger                       stream: one entry per committed line
@@ -65,6 +67,7 @@ from redis.retry import Retry
 from redis.typing import EncodableT
 
 from budget.store import (
+    LEASE_DOUBLINGS,
     Committed,
     CounterRef,
     CounterState,
@@ -74,11 +77,17 @@ from budget.store import (
     LedgerEntry,
     Limits,
     Line,
+    Lost,
     Reserved,
     ReserveOutcome,
     Settled,
     StaleLimits,
+    StoreIdentity,
+    StoreLost,
     StoreUnavailable,
+    Swept,
+    Unsettled,
+    UnsettledHold,
 )
 
 MAX_BATCH: Final = 16
@@ -106,7 +115,7 @@ _UNAVAILABLE_REPLIES: Final = ("LOADING", "BUSY", "OOM", "MASTERDOWN", "NOREPLIC
                                "CLUSTERDOWN", "READONLY")
 
 _SCRIPTS: Final = ("reserve", "commit", "release", "sweep", "record_spend", "set_limit", "add_credit",
-                   "overwrite_spent", "prune_counters", "claim")
+                   "overwrite_spent", "prune_counters", "claim", "set_identity")
 
 T = TypeVar("T")
 Req = TypeVar("Req")
@@ -245,6 +254,9 @@ class _ReserveRequest:
     idempotency_key: str
     now_ms: int
     limits_version: int
+    intent: bytes
+    owner: str
+    identity: StoreIdentity | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +267,25 @@ class _CommitRequest:
     idempotency_key: str
     result: bytes
     now_ms: int
+    part: int
+    release: Sequence[int]
+    final: bool
+    identity: StoreIdentity | None
+
+
+def _identity_args(identity: StoreIdentity | None) -> list[str]:
+    return ["", "0"] if identity is None else [identity.id, str(identity.generation)]
+
+
+def _unsettled(reply: Sequence[Any]) -> UnsettledHold:
+    """An <unsettled_reply> of the scripts (see _lib.lua)."""
+    done: dict[int, bytes] = {}
+    for i in range(int(reply[7])):
+        done[int(reply[8 + 2 * i])] = bytes(reply[9 + 2 * i])
+    return UnsettledHold(
+        reservation_id=_text(reply[0]), idempotency_key=_text(reply[1]), intent=bytes(reply[2]),
+        created_ms=int(reply[3]), expires_ms=int(reply[4]), owner=_text(reply[5]),
+        attempts=int(reply[6]), done=done)
 
 
 class RedisStore:
@@ -272,7 +303,7 @@ class RedisStore:
         self._deadline_s = timeout_ms / 1000 + _DEADLINE_SLACK_S
         self._scripts = _load_scripts()
         self._reserve_batchers: dict[str, _Batcher[_ReserveRequest, ReserveOutcome]] = {}
-        self._commit_batchers: dict[str, _Batcher[_CommitRequest, Committed]] = {}
+        self._commit_batchers: dict[str, _Batcher[_CommitRequest, Committed | StoreLost]] = {}
 
     @classmethod
     async def open(
@@ -414,14 +445,16 @@ class RedisStore:
 
     async def reserve(
         self, account: str, holds: Sequence[Hold], *, ttl_ms: int, idempotency_key: str,
-        now_ms: int, limits_version: int,
+        now_ms: int, limits_version: int, intent: bytes = b"", owner: str = "",
+        identity: StoreIdentity | None = None,
     ) -> ReserveOutcome:
         for hold in holds:
             _int64(hold.amount, "hold amount")
             _int64(hold.limit, "hold limit")
+            _int64(hold.floor, "hold floor")
         _int64(now_ms + ttl_ms, "expiry")
         request = _ReserveRequest(uuid.uuid4().hex, tuple(holds), ttl_ms, idempotency_key, now_ms,
-                                  limits_version)
+                                  limits_version, bytes(intent), owner, identity)
         batcher = self._reserve_batchers.get(account)
         if batcher is None:
             batcher = _Batcher(lambda batch: self._reserve_batch(account, batch),
@@ -438,10 +471,10 @@ class RedisStore:
             keys += [f"{p}c:{h.counter.key}" for h in r.holds]
             rttl = max([h.expire_at_ms - r.now_ms for h in r.holds] + [r.ttl_ms]) + _RESERVATION_SLACK_MS
             args += [r.rid, r.idempotency_key, str(r.limits_version), str(r.now_ms), str(r.now_ms + r.ttl_ms),
-                     str(rttl), str(len(r.holds))]
+                     str(rttl), str(len(r.holds)), r.intent, r.owner, *_identity_args(r.identity)]
             for h in r.holds:
                 args += self._counter_args(h.counter, h.expire_at_ms, r.now_ms)
-                args += [str(h.amount), str(h.limit)]
+                args += [str(h.amount), str(h.limit), str(h.floor)]
         # Safe to retry once: a first attempt that landed shows up as InFlight under our own id.
         replies = await self._script("reserve", keys, args, retry=True)
         return [self._reserve_outcome(r, reply) for r, reply in zip(batch, replies, strict=True)]
@@ -463,61 +496,86 @@ class RedisStore:
         if kind == b"denied":
             return Denied(int(reply[1]), CounterState(int(reply[2]), int(reply[3]), int(reply[4]),
                                                       int(reply[5])))
+        if kind == b"unsettled":
+            return Unsettled(_unsettled(reply[1:]))
+        if kind == b"lost":
+            return Lost(_text(reply[1]))
         raise RuntimeError(f"reserve script replied {reply!r}")
 
     # --- commit -----------------------------------------------------------------------------
 
     async def commit(
         self, account: str, reservation_id: str, holds: Sequence[Hold], lines: Sequence[Line], *,
-        idempotency_key: str, result: bytes, now_ms: int,
+        idempotency_key: str, result: bytes, now_ms: int, part: int = 0, release: Sequence[int] = (),
+        final: bool = True, identity: StoreIdentity | None = None,
     ) -> Committed:
-        # Build (and so validate) the arguments now, so a bad request fails alone, not its batch.
-        self._spend_args(holds, lines, now_ms)
-        self._line_args(holds, lines)
+        if release and len(release) != len(holds):
+            raise ValueError(f"release has {len(release)} amounts for {len(holds)} holds")
         request = _CommitRequest(reservation_id, tuple(holds), tuple(lines), idempotency_key, bytes(result),
-                                 now_ms)
+                                 now_ms, part, tuple(release), final, identity)
+        # Build (and so validate) the arguments now, so a bad request fails alone, not its batch.
+        self._commit_args(request)
         batcher = self._commit_batchers.get(account)
         if batcher is None:
             batcher = _Batcher(lambda batch: self._commit_batch(account, batch),
                                lambda: self._commit_batchers.pop(account, None))
             self._commit_batchers[account] = batcher
-        return await self._wait(batcher.submit(request))
+        outcome = await self._wait(batcher.submit(request))
+        if isinstance(outcome, StoreLost):
+            raise outcome  # this request's own: the rest of its batch went on
+        return outcome
 
-    async def _commit_batch(self, account: str, batch: list[_CommitRequest]) -> list[Committed]:
+    async def _commit_batch(self, account: str, batch: list[_CommitRequest]) -> list[Committed | StoreLost]:
         p = self.account_prefix(account)
         keys = [f"{p}exp", f"{p}ledger", f"{p}counters"]
         args: list[str | bytes] = [p, str(len(batch))]
         for r in batch:
             keys += [f"{p}i:{r.idempotency_key}", f"{p}r:{r.rid}"]
             keys += [f"{p}c:{h.counter.key}" for h in r.holds]
-            args += [r.rid, r.idempotency_key, r.result, str(r.now_ms),
-                     self._idempotency_ttl(r.holds, r.now_ms), str(len(r.holds)), str(len(r.lines))]
-            args += self._spend_args(r.holds, r.lines, r.now_ms)
-            args += self._line_args(r.holds, r.lines)
+            args += self._commit_args(r)
         # Not retried: a second attempt would only report the first as a duplicate.
         replies = await self._script("commit", keys, args, retry=False)
         return [self._committed(r, reply) for r, reply in zip(batch, replies, strict=True)]
 
+    def _commit_args(self, r: _CommitRequest) -> list[str | bytes]:
+        args: list[str | bytes] = [
+            r.rid, r.idempotency_key, r.result, str(r.now_ms), self._idempotency_ttl(r.holds, r.now_ms),
+            str(len(r.holds)), str(len(r.lines)), str(r.part), "1" if r.final else "0",
+            "1" if r.release else "0", *_identity_args(r.identity)]
+        sums = [0] * len(r.holds)
+        for line in r.lines:
+            if 0 <= line.hold_index < len(r.holds):
+                sums[line.hold_index] += line.amount
+        for i, (hold, total) in enumerate(zip(r.holds, sums, strict=True)):
+            args += self._counter_args(hold.counter, hold.expire_at_ms, r.now_ms)
+            args += [_int64(total, "spend on one counter"),
+                     _int64(r.release[i] if r.release else 0, "release"), _int64(hold.floor, "hold floor")]
+        args += self._line_args(r.holds, r.lines)
+        return args
+
     @staticmethod
-    def _committed(request: _CommitRequest, reply: list[bytes]) -> Committed:
+    def _committed(request: _CommitRequest, reply: list[bytes]) -> Committed | StoreLost:
         if reply[0] == b"dup":
             return Committed(overage=(0,) * len(request.holds), duplicate=True)
+        if reply[0] == b"lost":
+            return StoreLost(f"redis: {_text(reply[1])}")
         late = reply[1] == b"1"
         held: dict[str, int] = {}
         words = _text(reply[2]).split()
         for key, amount in zip(words[::2], words[1::2], strict=True):
             held[key] = held.get(key, 0) + int(amount)
         spent = [0] * len(request.holds)
-        for line in request.lines:
-            spent[line.hold_index] += line.amount
-        # A late commit's hold was refunded by the sweep; its overage is still measured against
-        # what the caller had reserved, so `late` alone tells that the window was not held.
+        if reply[3] != b"1":  # a part committed before adds nothing now
+            for line in request.lines:
+                spent[line.hold_index] += line.amount
+        # A late commit's hold was refunded already; its overage is still measured against what
+        # the caller had reserved, so `late` alone tells that the window was not held.
         overage = tuple(
             max(0, total - (hold.amount if late else held.get(hold.counter.key, 0)))
             for hold, total in zip(request.holds, spent, strict=True)
         )
         states = tuple(
-            CounterState(*(int(v) for v in reply[3 + 4 * i: 7 + 4 * i])) for i in range(len(request.holds)))
+            CounterState(*(int(v) for v in reply[4 + 4 * i: 8 + 4 * i])) for i in range(len(request.holds)))
         return Committed(overage=overage, late=late, states=states)
 
     # --- other writes -----------------------------------------------------------------------
@@ -528,12 +586,64 @@ class RedisStore:
                                    retry=False)
         return int(reply) == 1
 
-    async def sweep(self, account: str, *, now_ms: int, batch: int = 100) -> int:
+    async def sweep(
+        self, account: str, *, now_ms: int, batch: int = 100, lease_ms: int = 0, taker: str = "",
+        reclaim: bool = False,
+    ) -> Swept:
         if batch <= 0:
-            return 0
+            return Swept(0)
         p = self.account_prefix(account)
-        reply = await self._script("sweep", [f"{p}exp"], [p, str(now_ms), str(batch)], retry=False)
-        return int(reply)
+        reply = await self._script(
+            "sweep", [f"{p}exp"],
+            [p, str(now_ms), str(batch), _int64(lease_ms, "lease"), taker, "1" if reclaim else "0",
+             str(LEASE_DOUBLINGS)],
+            retry=False)
+        unsettled: list[UnsettledHold] = []
+        at = 2
+        for _ in range(int(reply[1])):
+            size = int(reply[at])
+            unsettled.append(_unsettled(reply[at + 1: at + 1 + size]))
+            at += 1 + size
+        return Swept(int(reply[0]), tuple(unsettled))
+
+    async def holds(self, account: str) -> list[UnsettledHold]:
+        p = self.account_prefix(account)
+        rids = [_text(m) for m in await self._call(
+            functools.partial(self._client.zrange, f"{p}exp", 0, -1), retry=True)]
+        if not rids:
+            return []
+
+        async def run() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for rid in rids:
+                    pipe.hgetall(f"{p}r:{rid}")
+                return await pipe.execute()
+
+        out: list[UnsettledHold] = []
+        for rid, raw in zip(rids, await self._call(run, retry=True), strict=True):
+            f = {_text(k): v for k, v in (raw or {}).items()}
+            if not f.get("intent"):
+                continue
+            parts = _text(f.get("done", b"")).split()
+            out.append(UnsettledHold(
+                reservation_id=rid, idempotency_key=_text(f["ik"]), intent=bytes(f["intent"]),
+                created_ms=int(f["created"]), expires_ms=int(f["expires"]), owner=_text(f.get("owner", b"")),
+                attempts=int(f.get("attempts", 0)),
+                done={int(part): bytes(f.get(f"d:{part}", b"")) for part in parts}))
+        return sorted(out, key=lambda h: (h.created_ms, h.reservation_id))
+
+    async def identity(self, account: str) -> StoreIdentity | None:
+        key = f"{self.account_prefix(account)}id"
+        found, gen = await self._call(lambda: self._client.hmget(key, ["id", "gen"]), retry=True)
+        return None if found is None else StoreIdentity(_text(found), int(gen or 1))
+
+    async def set_identity(
+        self, account: str, identity: StoreIdentity, *, replace: bool = False
+    ) -> StoreIdentity:
+        p = self.account_prefix(account)
+        args = [identity.id, str(identity.generation), "1" if replace else "0"]
+        reply = await self._script("set_identity", [f"{p}id"], args, retry=False)
+        return StoreIdentity(_text(reply[0]), int(reply[1]))
 
     async def add_credit(self, account: str, counter: CounterRef, amount: int, *, expire_at_ms: int) -> None:
         p = self.account_prefix(account)
@@ -550,14 +660,17 @@ class RedisStore:
 
     async def record_spend(
         self, account: str, holds: Sequence[Hold], lines: Sequence[Line], *, idempotency_key: str,
-        now_ms: int, kind: str,
+        now_ms: int, kind: str, identity: StoreIdentity | None = None,
     ) -> bool:
         p = self.account_prefix(account)
         keys = [f"{p}i:{idempotency_key}", f"{p}ledger", f"{p}counters"]
         keys += [f"{p}c:{h.counter.key}" for h in holds]
         args = [p, idempotency_key, str(now_ms), kind, self._idempotency_ttl(holds, now_ms), str(len(holds)),
-                str(len(lines)), *self._spend_args(holds, lines, now_ms), *self._line_args(holds, lines)]
+                str(len(lines)), *_identity_args(identity), *self._spend_args(holds, lines, now_ms),
+                *self._line_args(holds, lines)]
         reply = await self._script("record_spend", keys, args, retry=False)
+        if isinstance(reply, list):
+            raise StoreLost(f"redis: {_text(reply[1])}")
         return int(reply) == 1
 
     async def overwrite_spent(self, account: str, counter: CounterRef, spent: int, count: int) -> None:

@@ -3,6 +3,10 @@
 Lost on restart by design (the agent re-declares). Every check-and-hold runs
 without an await between reading and writing, so concurrent purchases of one
 session on the event loop can never both take the last of the budget.
+
+A session belongs to the caller that created it (its owner: an agent id, or the
+anonymous identity). Sessions are looked up by (owner, session id), so another
+caller's session of the same id does not exist for anyone else.
 """
 
 from __future__ import annotations
@@ -66,7 +70,10 @@ class SessionAccount:
         return self.snap()
 
     async def reserve(self, amount: Money) -> _SessionHold:
-        # No await between the check and the hold: this is the atomic step.
+        return self.hold(amount)
+
+    def hold(self, amount: Money) -> _SessionHold:
+        # Not a coroutine: nothing can run between the check and the hold.
         self.last_used = self.clock.monotonic()
         if self.spent + self.reserved + amount > self.limit:
             raise BudgetExhausted.from_snapshot(
@@ -98,14 +105,14 @@ class SessionBudgets:
         self._clock = clock
         self._default = default_limit
         self._idle = idle_seconds
-        self._sessions: dict[str, SessionAccount] = {}
+        self._sessions: dict[tuple[str, str], SessionAccount] = {}
         self._next_sweep = clock.monotonic() + min(idle_seconds, 60.0)
 
-    def declare(self, session_id: str, limit: Money) -> SessionAccount:
-        account = self._sessions.get(session_id)
+    def declare(self, owner: str, session_id: str, limit: Money) -> SessionAccount:
+        account = self._sessions.get((owner, session_id))
         if account is None:
             account = SessionAccount(session_id, limit, self._clock)
-            self._sessions[session_id] = account
+            self._sessions[(owner, session_id)] = account
             self._evict_idle()
             return account
         if account.currency != limit.currency and not (
@@ -123,21 +130,50 @@ class SessionBudgets:
         account.last_used = self._clock.monotonic()
         return account
 
-    def get(self, session_id: str) -> SessionAccount:
+    def get(self, owner: str, session_id: str) -> SessionAccount:
         """The session's account, created with the default limit on first use."""
-        account = self._sessions.get(session_id)
+        account = self._sessions.get((owner, session_id))
         if account is not None:
             return account
+        return self.declare(owner, session_id, self._default_for(session_id))
+
+    def view(self, owner: str, session_id: str) -> SessionAccount:
+        """The session's account, or (without creating it) what a new one would be."""
+        account = self._sessions.get((owner, session_id))
+        if account is not None:
+            return account
+        return SessionAccount(session_id, self._default_for(session_id), self._clock)
+
+    def hold(self, owner: str, account: SessionAccount, amount: Money) -> tuple[SessionAccount, _SessionHold]:
+        """Hold `amount` on the owner's session, registering `account` (from `view`) if the session
+        does not exist yet: a session comes into being only with a purchase's first hold."""
+        registered = self._sessions.get((owner, account.session_id))
+        target = registered or account
+        held = target.hold(amount)  # BudgetExhausted leaves nothing behind
+        if registered is None:
+            self._sessions[(owner, account.session_id)] = target
+            self._evict_idle()
+        return target, held
+
+    def forget_unused(self, owner: str, account: SessionAccount) -> None:
+        """Forget a session that never spent or held anything (its first purchase was refused
+        after the session hold: by a period budget, say)."""
+        key = (owner, account.session_id)
+        if (self._sessions.get(key) is account and account.spent.is_zero() and account.reserved.is_zero()
+                and account.transaction_count == 0):
+            del self._sessions[key]
+
+    def _default_for(self, session_id: str) -> Money:
         if self._default is None:
             raise SessionError(
                 f"session {session_id!r} has no budget: declare one with DeclareSessionBudget "
                 "(this broker has no default session limit)",
                 reason="session_has_no_budget", session_id=session_id,
             )
-        return self.declare(session_id, self._default)
+        return self._default
 
-    def peek(self, session_id: str) -> SessionAccount | None:
-        return self._sessions.get(session_id)
+    def peek(self, owner: str, session_id: str) -> SessionAccount | None:
+        return self._sessions.get((owner, session_id))
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -149,8 +185,8 @@ class SessionBudgets:
             return
         self._next_sweep = now + min(self._idle, 60.0)
         cutoff = now - self._idle
-        for sid in [
-            sid for sid, a in self._sessions.items()
+        for key in [
+            key for key, a in self._sessions.items()
             if a.last_used < cutoff and a.reserved.is_zero()
         ]:
-            del self._sessions[sid]
+            del self._sessions[key]

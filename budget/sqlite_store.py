@@ -15,6 +15,7 @@ into a REAL); CHECK constraints refuse anything but integers in amount columns.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import json
@@ -22,7 +23,7 @@ import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,16 +38,30 @@ from budget.store import (
     LedgerEntry,
     Limits,
     Line,
+    Lost,
     Reserved,
     ReserveOutcome,
     Settled,
     StaleLimits,
+    StoreIdentity,
+    StoreLost,
     StoreUnavailable,
+    Swept,
+    Unsettled,
+    UnsettledHold,
+    lease_for,
 )
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns version 2 added to a version 1 file (intents, and the account's identity table).
+_MIGRATE_1_TO_2 = (
+    "ALTER TABLE reservations ADD COLUMN intent BLOB NOT NULL DEFAULT x''",
+    "ALTER TABLE reservations ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE reservations ADD COLUMN done TEXT NOT NULL DEFAULT '{}'",
+    "ALTER TABLE reservations ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+)
 _PAGE = 500  # ledger rows fetched per read transaction
 
 _SCHEMA = (
@@ -76,6 +91,10 @@ _SCHEMA = (
         created_ms      INTEGER NOT NULL CHECK (typeof(created_ms) = 'integer'),
         expires_ms      INTEGER NOT NULL CHECK (typeof(expires_ms) = 'integer'),
         holds           TEXT NOT NULL,  -- JSON [[counter key, amount], ...], one per Hold, in order
+        intent          BLOB NOT NULL DEFAULT x'',  -- the requests it may have sent: roll forward
+        owner           TEXT NOT NULL DEFAULT '',   -- the broker instance that made it
+        done            TEXT NOT NULL DEFAULT '{}', -- JSON {part: base64 answer} of committed parts
+        attempts        INTEGER NOT NULL DEFAULT 0, -- times handed over to be rolled forward
         PRIMARY KEY (account, id)
     ) WITHOUT ROWID
     """,
@@ -143,6 +162,13 @@ _SCHEMA = (
     """,
     "CREATE INDEX IF NOT EXISTS claims_by_expiry ON claims (account, expire_at_ms)",
     """
+    CREATE TABLE IF NOT EXISTS identity (
+        account    TEXT PRIMARY KEY,
+        id         TEXT NOT NULL,
+        generation INTEGER NOT NULL CHECK (typeof(generation) = 'integer')
+    )
+    """,
+    """
     CREATE TABLE IF NOT EXISTS blobs (
         name       TEXT PRIMARY KEY,
         data       BLOB NOT NULL,
@@ -196,6 +222,9 @@ def _connect(path: Path, timeout_ms: int) -> sqlite3.Connection:
                     f"budget store {path} has schema version {version}, newer than this broker "
                     f"understands ({SCHEMA_VERSION}); upgrade ramp-broker"
                 )
+            if version == 1:
+                for statement in _MIGRATE_1_TO_2:
+                    conn.execute(statement)
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -284,13 +313,25 @@ class _Reservation:
     idempotency_key: str
     created_ms: int
     expires_ms: int
-    holds: tuple[tuple[str, int], ...]
+    holds: tuple[tuple[str, int], ...]  # what it still holds, per hold
+    intent: bytes
+    owner: str
+    done: dict[int, bytes]
+    attempts: int
+
+    def unsettled(self, expires_ms: int | None = None, attempts: int | None = None) -> UnsettledHold:
+        return UnsettledHold(
+            self.id, self.idempotency_key, self.intent, self.created_ms,
+            self.expires_ms if expires_ms is None else expires_ms, self.owner,
+            self.attempts if attempts is None else attempts, dict(self.done))
+
+
+_RESERVATION_COLUMNS = "id, idempotency_key, created_ms, expires_ms, holds, intent, owner, done, attempts"
 
 
 def _load_reservation(conn: sqlite3.Connection, account: str, reservation_id: str) -> _Reservation | None:
     row = conn.execute(
-        "SELECT id, idempotency_key, created_ms, expires_ms, holds FROM reservations "
-        "WHERE account = ? AND id = ?",
+        f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE account = ? AND id = ?",
         (account, reservation_id),
     ).fetchone()
     return None if row is None else _reservation_from_row(row)
@@ -303,8 +344,51 @@ def _reservation_from_row(row: Sequence[Any]) -> _Reservation:
         if not isinstance(key, str) or type(amount) is not int:
             raise ValueError(f"reservation {row[0]}: malformed hold {item!r}")
         holds.append((key, amount))
+    done = {int(part): base64.b64decode(answer) for part, answer in json.loads(row[7]).items()}
     return _Reservation(id=row[0], idempotency_key=row[1], created_ms=row[2], expires_ms=row[3],
-                        holds=tuple(holds))
+                        holds=tuple(holds), intent=bytes(row[5]), owner=row[6], done=done, attempts=row[8])
+
+
+def _hand_over(
+    conn: sqlite3.Connection, account: str, res: _Reservation, expires_ms: int, taker: str,
+) -> UnsettledHold:
+    """Give an unsettled reservation to the caller to roll forward, with a lease on it. The taker
+    owns it from now on: a restart of the broker that made it must not reclaim it any more."""
+    owner = taker or res.owner
+    conn.execute(
+        "UPDATE reservations SET expires_ms = ?, attempts = attempts + 1, owner = ? "
+        "WHERE account = ? AND id = ?", (expires_ms, owner, account, res.id))
+    return replace(res, owner=owner).unsettled(expires_ms, res.attempts + 1)
+
+
+def _identity_problem(conn: sqlite3.Connection, account: str, expected: StoreIdentity | None) -> str | None:
+    """Why the account's data is not what the caller has seen of it, if it is not."""
+    if expected is None:
+        return None
+    found = _identity(conn, account)
+    if found is None:
+        return "the store has no identity for this account (emptied, or a new store)"
+    if found.id != expected.id:
+        return f"the store's identity is {found.id}, not {expected.id} (another store)"
+    if found.generation < expected.generation:
+        return (f"the store is at generation {found.generation}, older than generation "
+                f"{expected.generation} seen before (restored from an older copy)")
+    return None
+
+
+def _identity(conn: sqlite3.Connection, account: str) -> StoreIdentity | None:
+    row = conn.execute("SELECT id, generation FROM identity WHERE account = ?", (account,)).fetchone()
+    return None if row is None else StoreIdentity(row[0], row[1])
+
+
+def _below_floor(counters: _Counters, holds: Sequence[Hold]) -> str | None:
+    for hold in holds:
+        counter = counters.find(hold.counter.key)
+        spent = 0 if counter is None else counter.spent
+        if spent < hold.floor:
+            return (f"counter {hold.counter.key} shows {spent} spent, below the {hold.floor} "
+                    "seen before")
+    return None
 
 
 def _refund(conn: sqlite3.Connection, account: str, counters: _Counters, res: _Reservation) -> None:
@@ -348,15 +432,17 @@ def _settle_key(conn: sqlite3.Connection, account: str, key: str, reservation_id
 def _spend(
     conn: sqlite3.Connection, account: str, counters: _Counters, holds: Sequence[Hold], lines: Sequence[Line],
     *, idempotency_key: str, reservation_id: str, reserved_at_ms: int, now_ms: int, kind: str,
+    count: bool = True,
 ) -> list[int]:
-    """spent += the lines on each hold's counter, count += 1, ledger rows; returns spend per hold."""
+    """spent += the lines on each hold's counter (count += 1 with `count`), ledger rows; returns
+    spend per hold."""
     per_hold = [0] * len(holds)
     for line in lines:
         per_hold[line.hold_index] += line.amount
     for hold, amount in zip(holds, per_hold, strict=True):
         counter = counters.get(hold.counter, hold.expire_at_ms)
         counter.spent += amount
-        counter.count += 1
+        counter.count += int(count)
     rows = []
     for line in lines:
         ref = holds[line.hold_index].counter
@@ -450,12 +536,17 @@ class SqliteStore:
 
     async def reserve(
         self, account: str, holds: Sequence[Hold], *, ttl_ms: int, idempotency_key: str,
-        now_ms: int, limits_version: int,
+        now_ms: int, limits_version: int, intent: bytes = b"", owner: str = "",
+        identity: StoreIdentity | None = None,
     ) -> ReserveOutcome:
         _check_holds(holds)
         holds = tuple(holds)
+        intent = bytes(intent)
 
         def run(conn: sqlite3.Connection) -> ReserveOutcome:
+            lost = _identity_problem(conn, account, identity)
+            if lost is not None:
+                return Lost(lost)
             version = _limits_version(conn, account)
             if version != limits_version:
                 return StaleLimits(version)
@@ -468,9 +559,16 @@ class SqliteStore:
                 previous = _load_reservation(conn, account, reservation_id)
                 if previous is not None and previous.expires_ms > now_ms:
                     return InFlight(reservation_id)
+                if previous is not None and previous.intent:
+                    # It may have reached an Exchange: never refunded, never re-planned.
+                    return Unsettled(_hand_over(conn, account, previous, now_ms + ttl_ms, owner))
                 if previous is not None:
                     _refund(conn, account, counters, previous)
                 # (An open record without its reservation is overwritten below.)
+            lost = _below_floor(counters, holds)
+            if lost is not None:
+                counters.save()  # a refund above was due whatever happens next
+                return Lost(lost)
             # Two holds on one counter must fit together, so check against what is already asked.
             asked: dict[str, int] = {}
             for i, hold in enumerate(holds):
@@ -489,10 +587,11 @@ class SqliteStore:
             reservation_id = uuid.uuid4().hex
             expires = now_ms + ttl_ms
             conn.execute(
-                "INSERT INTO reservations (account, id, idempotency_key, created_ms, expires_ms, holds) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO reservations (account, id, idempotency_key, created_ms, expires_ms, holds, "
+                "intent, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (account, reservation_id, idempotency_key, now_ms, expires,
-                 json.dumps([[h.counter.key, h.amount] for h in holds], separators=(",", ":"))),
+                 json.dumps([[h.counter.key, h.amount] for h in holds], separators=(",", ":")),
+                 intent, owner),
             )
             conn.execute(
                 "INSERT OR REPLACE INTO idempotency (account, \"key\", state, reservation_id, result) "
@@ -505,34 +604,70 @@ class SqliteStore:
 
     async def commit(
         self, account: str, reservation_id: str, holds: Sequence[Hold], lines: Sequence[Line], *,
-        idempotency_key: str, result: bytes, now_ms: int,
+        idempotency_key: str, result: bytes, now_ms: int, part: int = 0, release: Sequence[int] = (),
+        final: bool = True, identity: StoreIdentity | None = None,
     ) -> Committed:
         _check_lines(holds, lines)
-        holds, lines = tuple(holds), tuple(lines)
+        holds, lines, release = tuple(holds), tuple(lines), tuple(release)
+        if release and len(release) != len(holds):
+            raise ValueError(f"release has {len(release)} amounts for {len(holds)} holds")
 
         def run(conn: sqlite3.Connection) -> Committed:
+            lost = _identity_problem(conn, account, identity)
             known = _idempotency(conn, account, idempotency_key)
-            if known is not None and known[0] == "committed":
-                return Committed(overage=(0,) * len(holds), duplicate=True)
             counters = _Counters(conn, account)
+            if lost is None and known is not None and known[0] == "committed":
+                # Counted already (by another broker rolling it forward): what is still held goes back.
+                stale = _load_reservation(conn, account, reservation_id)
+                if stale is not None:
+                    _refund(conn, account, counters, stale)
+                    counters.save()
+                return Committed(overage=(0,) * len(holds), duplicate=True)
+            lost = lost or _below_floor(counters, holds)
+            if lost is not None:
+                raise StoreLost(f"budget store {self.path}: {lost}")
             res = _load_reservation(conn, account, reservation_id)
-            if res is not None:
-                _refund(conn, account, counters, res)
-                # What this reservation held on each hold's counter (same order as reserved).
-                held = [
-                    res.holds[i][1] if i < len(res.holds) and res.holds[i][0] == h.counter.key else 0
-                    for i, h in enumerate(holds)
-                ]
-                reserved_at = res.created_ms
-            else:
-                # Swept already: nothing is held any more; overage still compares with the quote.
+            spent = [0] * len(holds)
+            # A part committed before (by another broker rolling it forward) adds, gives back and
+            # records nothing again; only a final commit still ends the reservation.
+            done_before = res is not None and part in res.done
+            if not done_before:
+                spent = _spend(conn, account, counters, holds, lines, idempotency_key=idempotency_key,
+                               reservation_id=reservation_id,
+                               reserved_at_ms=res.created_ms if res is not None else now_ms,
+                               now_ms=now_ms, kind="commit", count=False)
+            if res is None:
+                # Refunded already: nothing is held any more; overage still compares with the quote.
                 held = [h.amount for h in holds]
-                reserved_at = now_ms
-            spent = _spend(conn, account, counters, holds, lines, idempotency_key=idempotency_key,
-                           reservation_id=reservation_id, reserved_at_ms=reserved_at, now_ms=now_ms,
-                           kind="commit")
+            else:
+                # What this part gives back on each hold's counter (same order as reserved).
+                remaining = list(res.holds)
+                held = []
+                for i, h in enumerate(holds):
+                    has = remaining[i][1] if i < len(remaining) and remaining[i][0] == h.counter.key else 0
+                    give = has if final or not release else min(has, release[i])
+                    if done_before and not final:
+                        give = 0
+                    held.append(give)
+                    if give:
+                        counter = counters.find(h.counter.key)
+                        if counter is not None:
+                            counter.reserved = max(0, counter.reserved - give)
+                        remaining[i] = (remaining[i][0], has - give)
+                if final:
+                    _refund(conn, account, counters, replace(res, holds=tuple(remaining)))
+                elif not done_before:
+                    done = {str(p): base64.b64encode(a).decode() for p, a in res.done.items()}
+                    done[str(part)] = base64.b64encode(bytes(result)).decode()
+                    conn.execute(
+                        "UPDATE reservations SET holds = ?, done = ? WHERE account = ? AND id = ?",
+                        (json.dumps([list(r) for r in remaining], separators=(",", ":")),
+                         json.dumps(done, separators=(",", ":")), account, reservation_id))
+            if final:
+                for h in holds:
+                    counters.get(h.counter, h.expire_at_ms).count += 1
+                _settle_key(conn, account, idempotency_key, reservation_id, bytes(result))
             counters.save()
-            _settle_key(conn, account, idempotency_key, reservation_id, bytes(result))
             after = [counters.find(h.counter.key) for h in holds]
             return Committed(
                 overage=tuple(max(0, s - h) for s, h in zip(spent, held, strict=True)),
@@ -555,17 +690,32 @@ class SqliteStore:
 
         return await self._run(run, write=True)
 
-    async def sweep(self, account: str, *, now_ms: int, batch: int = 100) -> int:
-        def run(conn: sqlite3.Connection) -> int:
+    async def sweep(
+        self, account: str, *, now_ms: int, batch: int = 100, lease_ms: int = 0, taker: str = "",
+        reclaim: bool = False,
+    ) -> Swept:
+        def run(conn: sqlite3.Connection) -> Swept:
             rows = conn.execute(
-                "SELECT id, idempotency_key, created_ms, expires_ms, holds FROM reservations "
-                "WHERE account = ? AND expires_ms <= ? ORDER BY expires_ms, id LIMIT ?",
+                f"SELECT {_RESERVATION_COLUMNS} FROM reservations "
+                "WHERE account = ? AND expires_ms <= ? AND intent = x'' ORDER BY expires_ms, id LIMIT ?",
                 (account, now_ms, batch),
             ).fetchall()
             counters = _Counters(conn, account)
             for row in rows:
                 _refund(conn, account, counters, _reservation_from_row(row))
             counters.save()
+            # Holds that may have reached an Exchange: handed over to be rolled forward.
+            owned = " OR owner = ?" if reclaim else ""
+            taken = conn.execute(
+                f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE account = ? AND intent != x'' "
+                f"AND (expires_ms <= ?{owned}) ORDER BY expires_ms, id LIMIT ?",
+                (account, now_ms, *([taker] if reclaim else []), batch),
+            ).fetchall()
+            unsettled = []
+            for row in taken:
+                res = _reservation_from_row(row)
+                unsettled.append(_hand_over(conn, account, res, now_ms + lease_for(lease_ms, res.attempts),
+                                            taker))
             # Past their period's grace and holding nothing: reports no longer need them.
             conn.execute(
                 'DELETE FROM counters WHERE account = ? AND "key" IN ('
@@ -579,18 +729,46 @@ class SqliteStore:
                 (account, account, now_ms, batch),
             )
             conn.execute("DELETE FROM blobs WHERE expires_ms <= ?", (now_ms,))
-            return len(rows)
+            return Swept(len(rows), tuple(unsettled))
+
+        return await self._run(run, write=True)
+
+    async def holds(self, account: str) -> list[UnsettledHold]:
+        def run(conn: sqlite3.Connection) -> list[UnsettledHold]:
+            rows = conn.execute(
+                f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE account = ? AND intent != x'' "
+                "ORDER BY created_ms, id", (account,)).fetchall()
+            return [_reservation_from_row(row).unsettled() for row in rows]
+
+        return await self._run(run, write=False)
+
+    async def identity(self, account: str) -> StoreIdentity | None:
+        return await self._run(lambda conn: _identity(conn, account), write=False)
+
+    async def set_identity(
+        self, account: str, identity: StoreIdentity, *, replace: bool = False
+    ) -> StoreIdentity:
+        def run(conn: sqlite3.Connection) -> StoreIdentity:
+            conn.execute(
+                f"INSERT {'OR REPLACE ' if replace else 'OR IGNORE '}INTO identity (account, id, generation) "
+                "VALUES (?, ?, ?)", (account, identity.id, identity.generation))
+            found = _identity(conn, account)
+            assert found is not None
+            return found
 
         return await self._run(run, write=True)
 
     async def record_spend(
         self, account: str, holds: Sequence[Hold], lines: Sequence[Line], *, idempotency_key: str,
-        now_ms: int, kind: str,
+        now_ms: int, kind: str, identity: StoreIdentity | None = None,
     ) -> bool:
         _check_lines(holds, lines)
         holds, lines = tuple(holds), tuple(lines)
 
         def run(conn: sqlite3.Connection) -> bool:
+            lost = _identity_problem(conn, account, identity)
+            if lost is not None:
+                raise StoreLost(f"budget store {self.path}: {lost}")
             known = _idempotency(conn, account, idempotency_key)
             if known is not None and known[0] == "committed":
                 return False

@@ -13,6 +13,19 @@ all or none, and ends exactly once: committed, released, or expired and refunded
 by `sweep` (which any broker may run). Every commit appends ledger entries in the
 same atomic step as the counter change.
 
+A reservation made with an *intent* (the exact requests the broker is about to
+send to Exchanges, opaque to the store) may have reached an Exchange, so it is
+never refunded blindly: once expired, `sweep` (or a `reserve` of its key) hands it
+to the caller to roll forward (re-send the intent, commit what the Exchange says),
+extending its expiry by a lease so nobody else works on it meanwhile. An intent
+has parts (one per Exchange); each part is committed when its answer arrives and
+the last commit finishes the reservation.
+
+Each account's data carries an *identity* (id and generation), created once. A
+caller that passes the identity it has seen, and per hold the spent high-water
+mark it has seen (Hold.floor), gets `Lost` (or StoreLost) from a store that shows
+less: one that was emptied, replaced, or restored from an older copy.
+
 Each operation is atomic on its own. Callers pass account and scope names that
 budget.scopes has already checked.
 """
@@ -57,6 +70,17 @@ class Hold:
     amount: int  # nano-units to hold, >= 0
     limit: int  # the effective limit for this purchase, before credit; the store adds the window's credit
     expire_at_ms: int  # the counter's key may be dropped after this (period end + grace)
+    # The highest `spent` the caller has seen on this counter: a store showing less lost data.
+    floor: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreIdentity:
+    """Who an account's data is: created with it, never recreated silently. An operator who
+    adopts a store (after a loss, or a repair) raises the generation."""
+
+    id: str
+    generation: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +132,52 @@ class StaleLimits:
     version: int
 
 
-ReserveOutcome = Reserved | Denied | Settled | InFlight | StaleLimits
+# A sweep's lease on a handed-over hold doubles with each hand-over, at most this many times.
+LEASE_DOUBLINGS = 6
+
+
+def lease_for(lease_ms: int, attempts: int) -> int:
+    """The lease of a hold handed over after `attempts` earlier hand-overs (backoff)."""
+    return lease_ms << min(attempts, LEASE_DOUBLINGS)
+
+
+@dataclass(frozen=True, slots=True)
+class UnsettledHold:
+    """A reservation with an intent that may have reached an Exchange, handed over to be rolled
+    forward (its expiry extended by the caller's lease while it does)."""
+
+    reservation_id: str
+    idempotency_key: str
+    intent: bytes
+    created_ms: int
+    expires_ms: int
+    owner: str  # the broker instance that made it
+    attempts: int  # how many times it has been handed over
+    # Parts already committed, with the answer each was committed with.
+    done: dict[int, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Unsettled:
+    """The idempotency key's hold expired with an intent: roll it forward, never re-plan it."""
+
+    hold: UnsettledHold
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """The store does not show what the caller has seen of it: nothing was changed."""
+
+    problem: str
+
+
+ReserveOutcome = Reserved | Denied | Settled | InFlight | StaleLimits | Unsettled | Lost
+
+
+@dataclass(frozen=True, slots=True)
+class Swept:
+    refunded: int  # expired reservations without an intent, refunded
+    unsettled: tuple[UnsettledHold, ...] = ()  # expired ones with an intent, handed to the caller
 
 
 # --- commit ------------------------------------------------------------------------
@@ -184,33 +253,47 @@ class StoreUnavailable(Exception):
     for reads; for writes the outcome is unknown."""
 
 
+class StoreLost(StoreUnavailable):
+    """The store does not show what the caller has seen of it (a write checked against an identity
+    or a floor): nothing was changed. Spend must be kept elsewhere until an operator adopts it."""
+
+
 class Store(Protocol):
     async def reserve(
         self, account: str, holds: Sequence[Hold], *, ttl_ms: int, idempotency_key: str,
-        now_ms: int, limits_version: int,
+        now_ms: int, limits_version: int, intent: bytes = b"", owner: str = "",
+        identity: StoreIdentity | None = None,
     ) -> ReserveOutcome:
         """Hold every amount or none.
 
-        In order: if the account's limits version differs from `limits_version` -> StaleLimits;
-        if `idempotency_key` has a committed result -> Settled; if it has an open (unexpired)
-        reservation -> InFlight (an expired one is refunded first and the key may reserve again);
-        if any hold has spent + reserved + amount > limit + credit -> Denied(first such index);
-        else every counter's reserved += amount, and the reservation is recorded to expire at
-        now_ms + ttl_ms.
+        In order: if `identity` is given and the account's differs (missing, another id, an
+        older generation) -> Lost; if the account's limits version differs from
+        `limits_version` -> StaleLimits; if `idempotency_key` has a committed result -> Settled;
+        if it has an open reservation: unexpired -> InFlight, expired with an intent -> Unsettled
+        (handed over: its expiry becomes now_ms + ttl_ms), expired without -> refunded, and the
+        key may reserve again; if any counter's spent is below its hold's floor -> Lost; if any
+        hold has spent + reserved + amount > limit + credit -> Denied(first such index); else
+        every counter's reserved += amount, and the reservation is recorded (with `intent` and
+        `owner`) to expire at now_ms + ttl_ms.
         """
         ...
 
     async def commit(
         self, account: str, reservation_id: str, holds: Sequence[Hold], lines: Sequence[Line], *,
-        idempotency_key: str, result: bytes, now_ms: int,
+        idempotency_key: str, result: bytes, now_ms: int, part: int = 0, release: Sequence[int] = (),
+        final: bool = True, identity: StoreIdentity | None = None,
     ) -> Committed:
-        """Settle a reservation with what was actually charged, atomically with the ledger.
+        """Settle one part of a reservation with what was actually charged, atomically with the ledger.
 
-        Per hold i: spent += sum(lines for i); reserved -= what the reservation held on it;
-        count += 1. The ledger gets one entry per line. The key's result is stored for replay.
-        If the reservation is gone (expired and swept), the spend is still recorded (late=True);
-        if the key was already committed, nothing changes (duplicate=True). `states` holds every
-        hold's counter as the commit left it.
+        Unless the part was committed before: per hold i, spent += sum(lines for i) and the
+        ledger gets one entry per line; reserved -= release[i] (at most what the reservation
+        still holds there; without `release`, everything it holds), and the part is recorded
+        with `result` (its answer). With `final`, the reservation then ends: whatever it still
+        holds is refunded, count += 1, and `result` is stored as the key's answer for replay.
+        If the reservation is gone (refunded), the spend is still recorded (late=True); if the key
+        was already committed, nothing changes (duplicate=True). `states` holds every hold's
+        counter as the commit left it. StoreLost (changing nothing) if `identity` is given and
+        differs, or a counter is below its hold's floor.
         """
         ...
 
@@ -222,8 +305,34 @@ class Store(Protocol):
         """Return the whole hold and forget the key's reservation. False if it was already gone."""
         ...
 
-    async def sweep(self, account: str, *, now_ms: int, batch: int = 100) -> int:
-        """Refund up to `batch` reservations that expired at or before now_ms; returns how many."""
+    async def sweep(
+        self, account: str, *, now_ms: int, batch: int = 100, lease_ms: int = 0, taker: str = "",
+        reclaim: bool = False,
+    ) -> Swept:
+        """Refund up to `batch` reservations without an intent that expired at or before now_ms,
+        and hand over (up to `batch`) expired ones with an intent: each one's expiry becomes
+        now_ms + lease_ms * 2**min(attempts, LEASE_DOUBLINGS) (attempts: hand-overs before this
+        one) and its attempts count grows, so no other sweeper takes it meanwhile, and an
+        Exchange that keeps not answering is asked less and less often.
+        With `reclaim`, the taker's own reservations with an intent are handed over even before
+        they expire (a broker that restarted: nothing of its own is in flight any more). A handed
+        over reservation's owner becomes its taker.
+        """
+        ...
+
+    async def holds(self, account: str) -> list[UnsettledHold]:
+        """Every open reservation with an intent (a read: nothing is handed over)."""
+        ...
+
+    async def identity(self, account: str) -> StoreIdentity | None:
+        """The account's identity, or None for data never initialised (or lost)."""
+        ...
+
+    async def set_identity(
+        self, account: str, identity: StoreIdentity, *, replace: bool = False
+    ) -> StoreIdentity:
+        """Initialise the account's identity if it has none (or, with `replace`, overwrite it: an
+        operator adopting the store); returns the identity the account has now."""
         ...
 
     async def read(self, account: str, counters: Sequence[CounterRef]) -> list[CounterState]:
@@ -245,7 +354,7 @@ class Store(Protocol):
 
     async def record_spend(
         self, account: str, holds: Sequence[Hold], lines: Sequence[Line], *, idempotency_key: str,
-        now_ms: int, kind: str,
+        now_ms: int, kind: str, identity: StoreIdentity | None = None,
     ) -> bool:
         """Add spend with no reservation (a fail-open journal replay), once per key.
 

@@ -41,17 +41,71 @@ class CurrencyMismatch(MoneyError):
     """Two amounts in different currencies were combined without a converter."""
 
 
+# ISO 4217 codes that name no money one can price and convert: testing (XTS), "no currency"
+# (XXX), precious metals (XAU XAG XPT XPD), bond-market units (XBA-XBD) and other units of
+# account (XDR XSU XUA XAD), and the fund codes (indexed units such as CLF, MXV, UYI;
+# settlement variants such as USN, CHE, CHW). An X code is supranational or special, so only
+# the real currencies among them are spendable: a code ISO adds later stays refused until it is
+# listed here or allowed with set_extra_currencies.
+_FUND_CODES = frozenset({"BOV", "CHE", "CHW", "CLF", "COU", "MXV", "USN", "UYI", "UYW"})
+_X_CURRENCIES = frozenset({"XAF", "XCD", "XCG", "XOF", "XPF"})
+# Codes a deployment spends anyway (the broker's extra_currencies); see set_extra_currencies.
+_extra: frozenset[str] = frozenset()
+
+
+def _iso_name(code: str) -> str | None:
+    """The ISO 4217 name of an uppercase 3-letter `code`, or None when ISO has no such code."""
+    found = pycountry.currencies.get(alpha_3=code)
+    return None if found is None else str(found.name)
+
+
 @cache
+def _spendable(code: str) -> bool:
+    if _iso_name(code) is None:
+        return False
+    if code in _extra:
+        return True
+    return code not in _FUND_CODES and (code[0] != "X" or code in _X_CURRENCIES)
+
+
+def _well_formed(code: str) -> bool:
+    return len(code) == 3 and code.isascii() and code.isalpha() and code.isupper()
+
+
 def is_currency(code: str) -> bool:
-    return len(code) == 3 and code.isascii() and code.isupper() and (
-        pycountry.currencies.get(alpha_3=code) is not None
-    )
+    """True for an ISO 4217 code one can spend here (see _FUND_CODES and set_extra_currencies)."""
+    # Checked before the cache, so the cache holds at most 26**3 codes whatever callers send.
+    return _well_formed(code) and _spendable(code)
+
+
+def is_iso_currency(code: str) -> bool:
+    """True for any ISO 4217 code, spendable or not (XAU, XTS, XXX...)."""
+    return _well_formed(code) and _iso_name(code) is not None
+
+
+def set_extra_currencies(codes: Iterable[str]) -> frozenset[str]:
+    """Process-wide: also accept these ISO 4217 codes (e.g. XAU), replacing the previous set.
+
+    For the whole process because amounts are parsed everywhere (config, wire, stores) and one
+    process serves one configuration. Returns the previous set, so a caller can restore it.
+    """
+    global _extra
+    new = frozenset(codes)
+    for code in sorted(new):
+        if not is_iso_currency(code):
+            raise MoneyError("extra_currencies", f"{code[:16]!r} is not an ISO 4217 currency code")
+    previous, _extra = _extra, new
+    if new != previous:
+        _spendable.cache_clear()
+    return previous
 
 
 def parse_currency(code: str, field: str) -> str:
     if not code:
         raise MoneyError(field, "is required (an ISO 4217 code such as USD)")
     if not is_currency(code):
+        if is_iso_currency(code):
+            raise MoneyError(field, f"{code!r} ({_iso_name(code)}) is not a spendable currency")
         raise MoneyError(field, f"{code[:16]!r} is not an ISO 4217 currency code")
     return code
 

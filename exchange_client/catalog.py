@@ -48,6 +48,9 @@ class Knobs(_Strict):
     fail_execute: int = Field(default=0, ge=0)
     # The next N purchases charge, then fail with UNAVAILABLE (a lost answer).
     fail_after_charge: int = Field(default=0, ge=0)
+    # Every purchase charges first, then waits this long before answering: the window in which
+    # the buyer knows nothing of a charge that happened.
+    answer_latency_ms: int = Field(default=0, ge=0)
 
 
 class Catalog(_Strict):

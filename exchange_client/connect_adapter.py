@@ -19,10 +19,18 @@ R = TypeVar("R")
 
 # The Exchange answered and did not act: safe to treat as "nothing charged".
 _DEFINITE = {
-    Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.ALREADY_EXISTS, Code.PERMISSION_DENIED,
+    Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.PERMISSION_DENIED,
     Code.RESOURCE_EXHAUSTED, Code.FAILED_PRECONDITION, Code.OUT_OF_RANGE,
     Code.UNIMPLEMENTED, Code.UNAUTHENTICATED,
 }
+
+
+def _key_already_used(exc: ConnectError) -> bool:
+    """The Exchange says this idempotency key was used before: it charged something under it once,
+    so this is not a refusal but an unknown outcome (ALREADY_EXISTS, or RAMP's reference wording)."""
+    text = exc.message
+    return exc.code == Code.ALREADY_EXISTS or (
+        exc.code == Code.INVALID_ARGUMENT and "idempotency_key" in text and "already used" in text)
 # Grace over the RPC deadline before the local guard fires.
 _GUARD_S = 0.25
 
@@ -64,7 +72,8 @@ class ConnectExchange:
                 raise ExchangeError(self._name, "timeout", f"{what} took over {timeout_ms} ms",
                                     ambiguous=True) from None
             raise ExchangeError(
-                self._name, exc.code.value, exc.message[:200], ambiguous=exc.code not in _DEFINITE
+                self._name, exc.code.value, exc.message[:200],
+                ambiguous=exc.code not in _DEFINITE or _key_already_used(exc)
             ) from None
         except OSError as exc:
             raise ExchangeError(self._name, "unavailable", str(exc)[:200], ambiguous=True) from None

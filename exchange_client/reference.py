@@ -3,7 +3,8 @@
 It is the authority a real Exchange would be: it keeps a balance per billing
 account, charges its own catalog price (not what the buyer claims), denies items
 it cannot cover with INSUFFICIENT_BALANCE, and answers a repeated
-idempotency_key with the first result without charging again.
+idempotency_key with the first result without charging again. It publishes a
+statement of every charge (GET /admin/statement) for buyers to reconcile with.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class ReferenceExchange:
         self._done: dict[str, tuple[str, rpb.TransactionResponse]] = {}
         self._lock = asyncio.Lock()
         self.charges = 0
+        # Every charge, in order: what GET /admin/statement publishes for a buyer's reconcile.
+        self.statement: list[dict[str, str]] = []
         self.execute_calls = 0
         self.discover_calls = 0
         self._seq = 0
@@ -131,7 +134,11 @@ class ReferenceExchange:
             if self.knobs.fail_after_charge:
                 self.knobs.fail_after_charge -= 1
                 raise ConnectError(Code.UNAVAILABLE, "answer lost after charging (test knob)")
-            return answer
+        if self.knobs.answer_latency_ms:
+            # Charged already (outside the lock, so others are not held up): a buyer that dies or
+            # gives up now never hears of it.
+            await asyncio.sleep(self.knobs.answer_latency_ms / 1000)
+        return answer
 
     def _charge(self, request: rpb.TransactionRequest) -> rpb.TransactionResponse:
         account = request.requester.id
@@ -158,6 +165,9 @@ class ReferenceExchange:
                 continue
             balances[cost.currency] = have - cost.amount
             self.charges += 1
+            self.statement.append({"idempotency_key": request.idempotency_key, "account": account,
+                                   "offer_id": offer.offer_id, "amount": cost.text(),
+                                   "currency": cost.currency, "transaction_id": f"txn-{self._seq}"})
             totals[cost.currency] = totals.get(cost.currency, Decimal(0)) + cost.amount
             result.transaction_id = f"txn-{self._seq}"
             result.billing_id = f"{account}/{self._seq}"
@@ -183,6 +193,10 @@ class ReferenceExchange:
 
     async def admin_state(self, method: str, body: Any) -> tuple[int, Any]:
         return 200, self.state()
+
+    async def admin_statement(self, method: str, body: Any) -> tuple[int, Any]:
+        """Every charge (idempotency key, billing account, offer, amount, currency), oldest first."""
+        return 200, {"exchange": self.catalog.exchange, "charges": list(self.statement)}
 
     async def admin_knobs(self, method: str, body: Any) -> tuple[int, Any]:
         if method != "POST" or not isinstance(body, dict):
@@ -212,6 +226,7 @@ def reference_app(exchange: ReferenceExchange) -> Router:
         {
             "/healthz": _healthy,
             "/admin/state": exchange.admin_state,
+            "/admin/statement": exchange.admin_statement,
             "/admin/knobs": exchange.admin_knobs,
             "/admin/balance": exchange.admin_balance,
         },

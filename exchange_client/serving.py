@@ -8,14 +8,20 @@ reference Exchange.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import inspect
 import json
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Mapping
+from importlib.metadata import version
 from typing import Any
 
+import h2.events
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.protocol.h2 import H2Protocol
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +30,13 @@ ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 JSONRoute = Callable[[str, Any], Awaitable[tuple[int, Any]]]
 
 
-async def send_json(send: Any, status: int, body: Any) -> None:
+async def send_json(send: Any, status: int, body: Any,
+                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
     payload = json.dumps(body).encode()
     await send({
         "type": "http.response.start", "status": status,
         "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode())],
+                    (b"content-length", str(len(payload)).encode()), *(headers or [])],
     })
     await send({"type": "http.response.body", "body": payload})
 
@@ -63,6 +70,112 @@ async def read_body(receive: Any, limit: int = 1 << 20) -> bytes:
             return b"".join(chunks)
 
 
+async def drain_body(
+    receive: Any, limit: int = 1 << 20, patience: float = 5.0, idle: float | None = None,
+) -> bool:
+    """Read and drop the request body (at most `limit` bytes, for at most `patience` s, and, with
+    `idle`, giving up once nothing arrived for that long), so an HTTP/1.1 client still sending
+    it reads the answer instead of a reset connection. True when the whole body was read (the
+    connection can serve the next request)."""
+    size = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(patience):
+            while size <= limit:
+                async with asyncio.timeout(idle):
+                    message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return True
+                size += len(message.get("body", b""))
+    return False
+
+
+# An early answer waits this long for more of a body still arriving before it gives up on it.
+_DRAIN_IDLE_S = 0.25
+
+
+def drain_before_answering(receive: Any, send: Any) -> tuple[Any, Any]:
+    """(receive, send) that read the rest of an HTTP/1.1 request body before an early answer.
+
+    An answer sent before the body was read (an unknown key, a wrong content type, an unknown
+    method) left the body on the connection, and hypercorn closed the connection under the
+    client, which saw a reset instead of the answer or on its next request. A body that keeps
+    arriving is read and dropped first (bounded), so the client reads the answer and keeps
+    its connection; a client that sends nothing more (it waits for the answer first) is
+    answered after a moment with `connection: close`, so it knows not to reuse it.
+    """
+    ended = False
+
+    async def tracked() -> Any:
+        nonlocal ended
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            ended = True
+        return message
+
+    async def answer(message: Any) -> None:
+        if (message["type"] == "http.response.start" and not ended
+                and not await drain_body(tracked, idle=_DRAIN_IDLE_S)):
+            message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+        await send(message)
+
+    return tracked, answer
+
+
+# Protocol headers are short; a longer value is refused before connectrpc would quote it whole.
+_MAX_HEADER = 256
+_PROTOCOL_HEADERS = frozenset({
+    b"content-type", b"content-encoding", b"accept-encoding", b"connect-protocol-version",
+    b"connect-timeout-ms", b"connect-content-encoding", b"connect-accept-encoding", b"grpc-timeout",
+    b"grpc-encoding", b"grpc-accept-encoding",
+})
+
+
+def _overlong_header(scope: Any) -> str | None:
+    for name, value in scope["headers"]:
+        if name in _PROTOCOL_HEADERS and len(value) > _MAX_HEADER:
+            return f"header {name.decode()} is too long ({len(value)} bytes; at most {_MAX_HEADER})"
+    return None
+
+
+GRPC_NEEDS_HTTP2 = ("gRPC needs HTTP/2: connect with cleartext HTTP/2 (h2c, prior knowledge); "
+                    "over HTTP/1.1 use gRPC-Web or Connect")
+
+
+def _is_grpc_without_trailers(scope: Any) -> bool:
+    """gRPC (not gRPC-Web) on a connection that cannot carry trailers (HTTP/1.1 here)."""
+    if "http.response.trailers" in scope.get("extensions", {}):
+        return False
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return bool(media == b"application/grpc" or media.startswith(b"application/grpc+"))
+    return False
+
+
+async def refuse_grpc_without_trailers(receive: Any, send: Any) -> None:
+    """UNIMPLEMENTED, in the gRPC headers and as a Connect error body, with HTTP 505.
+
+    connectrpc would raise (gRPC's status travels in trailers) and the caller would see
+    UNKNOWN "ASGI server does not support ASGI trailers extension", with a traceback logged.
+    """
+    await drain_body(receive)
+    await send_json(send, 505, {"code": "unimplemented", "message": GRPC_NEEDS_HTTP2}, [
+        (b"grpc-status", b"12"), (b"grpc-message", GRPC_NEEDS_HTTP2.encode())])
+
+
+async def refuse_overlong_header(scope: Any, send: Any, problem: str) -> None:
+    """INVALID_ARGUMENT: as a gRPC trailers-only answer for gRPC and gRPC-Web, else a Connect error."""
+    grpc = any(name == b"content-type" and value.lower().startswith(b"application/grpc")
+               for name, value in scope["headers"])
+    if grpc:
+        ctype = next(value for name, value in scope["headers"] if name == b"content-type")
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", ctype), (b"grpc-status", b"3"), (b"grpc-message", problem.encode())]})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await send_json(send, 400, {"code": "invalid_argument", "message": problem})
+
+
 class Router:
     """Dispatches to Connect apps by service path, and to a few plain JSON routes."""
 
@@ -75,29 +188,91 @@ class Router:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if await not_a_request(scope, receive, send):
             return
+        if str(scope.get("http_version", "1.1")).startswith("1"):
+            receive, send = drain_before_answering(receive, send)
         path: str = scope["path"]
         prefix, _, _ = path[1:].partition("/")
         app = self._services.get("/" + prefix)
         if app is not None:
+            if _is_grpc_without_trailers(scope):
+                await refuse_grpc_without_trailers(receive, send)
+                return
+            overlong = _overlong_header(scope)
+            if overlong is not None:
+                await refuse_overlong_header(scope, send, overlong)
+                return
             await app(scope, receive, send)
             return
         route = self._routes.get(path)
         if route is None:
-            await send_json(send, 404, {"error": f"no route for {path}"})
+            shown = path if len(path) <= 64 else path[:64] + "..."
+            await send_json(send, 404, {"error": f"no route for {shown}"})
             return
         body: Any = None
         if scope["method"] == "POST":
             try:
                 raw = await read_body(receive)
                 body = json.loads(raw) if raw else {}
-            except (ValueError, UnicodeDecodeError) as exc:
-                await send_json(send, 400, {"error": f"body is not JSON: {exc}"})
+            except (ValueError, RecursionError):
+                # Never the parser's own words: they name Python internals.
+                await send_json(send, 400, {"error": "body is not a JSON document (UTF-8, at most 1 MiB)"})
                 return
         status, answer = await route(scope["method"], body)
         await send_json(send, status, answer)
 
 
+# hypercorn versions whose H2Protocol._handle_events the guard below was checked against.
+_H2_GUARD_CHECKED = ("0.18.",)
+
+
+def guard_h2_late_data() -> None:
+    """Make hypercorn's HTTP/2 protocol drop request data for a stream it already closed.
+
+    Upstream bug (hypercorn 0.18, pgjones/hypercorn#329; fixes proposed in #312 and
+    #334): once a response is complete hypercorn forgets the stream, and request body that
+    arrives after it (an answer sent before the body was read: an unknown path or method,
+    415, an auth refusal) makes `H2Protocol._handle_events` raise KeyError. That kills the
+    connection's reader: its other calls hang, the socket is never closed, and shutdown
+    waits for it forever. Such data is dropped here, its flow-control credit still given
+    back (h2 skips the stream window of a stream it has closed), so the client can finish.
+
+    Idempotent. Raises at startup if hypercorn no longer has what this wraps, rather than
+    serving unguarded. Harmless once upstream guards it itself.
+    """
+    original = getattr(H2Protocol, "_handle_events", None)
+    if getattr(original, "_ramp_guarded", False):
+        return
+    hypercorn = version("hypercorn")
+    if original is None or not inspect.iscoroutinefunction(original) or (
+            list(inspect.signature(original).parameters) != ["self", "events"]
+            or not hasattr(H2Protocol, "_flush")):
+        raise RuntimeError(
+            f"hypercorn {hypercorn}: H2Protocol._handle_events(self, events) is gone; re-check "
+            "the late-data guard in exchange_client/serving.py against pgjones/hypercorn#329")
+    if not hypercorn.startswith(_H2_GUARD_CHECKED):
+        log.info("hypercorn %s: guarding HTTP/2 late request data (checked against %s); "
+                 "see whether pgjones/hypercorn#329 is fixed", hypercorn, ", ".join(_H2_GUARD_CHECKED))
+
+    @functools.wraps(original)
+    async def handle_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
+        # One event at a time: the stream may close while an earlier event is awaited.
+        for event in events:
+            if (isinstance(event, h2.events.DataReceived | h2.events.StreamEnded)
+                    and event.stream_id not in self.streams):
+                if isinstance(event, h2.events.DataReceived):
+                    self.connection.acknowledge_received_data(
+                        event.flow_controlled_length, event.stream_id)
+                continue
+            await original(self, [event])
+        # What h2 queued without an event (window updates, a reset) goes out now too.
+        await self._flush()
+
+    handle_events._ramp_guarded = True  # type: ignore[attr-defined]
+    H2Protocol._handle_events = handle_events  # type: ignore[method-assign]
+
+
 def hypercorn_config(listen: str, grace_seconds: float) -> HypercornConfig:
+    guard_h2_late_data()
     config = HypercornConfig()
     config.bind = [listen]
     config.graceful_timeout = grace_seconds

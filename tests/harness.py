@@ -144,6 +144,11 @@ async def running_broker(
         await broker.close()
 
 
+def agent_key(store_key: str) -> str:
+    """The agent's own idempotency key in a store or ledger key (`<agent id>#<key>[#part]`)."""
+    return store_key.split("#")[1]
+
+
 def exhausted(body: dict[str, Any]) -> bpb.BudgetExhausted:
     """The BudgetExhausted detail of a Connect JSON error body (checked against its Denial)."""
     detail, _ = body["details"]

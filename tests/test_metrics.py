@@ -470,7 +470,7 @@ def test_metrics_address_in_use_is_a_one_line_error(tmp_path: Path) -> None:
         config = write_yaml(tmp_path / "broker.yaml", {
             "listen": f"127.0.0.1:{free_port()}", "metrics": {"listen": f"127.0.0.1:{port}"}})
         result = run_cli(["serve", "--config", str(config)], tmp_path)
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 2, result.stderr  # a bind failure is a configuration error
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("ramp-broker:")]
     assert len(lines) == 1, result.stderr
     assert "metrics.listen" in lines[0], result.stderr

@@ -29,7 +29,7 @@ import pytest
 from budget.redis_store import RedisStore
 from budget.store import CounterState, LedgerEntry
 from currency.money import Money
-from tests.harness import exhausted
+from tests.harness import agent_key, exhausted
 from tests.processes import (
     Child,
     broker_tree,
@@ -66,10 +66,17 @@ def usd(units: int) -> Decimal:
 def period_config(
     exchange: Child, redis: RedisServer, journal: Path, *, scopes: dict[str, Any],
     agents: list[dict[str, Any]], ttl_s: int = 30, sweep_s: float = 0.2, timeout_ms: int = 1000,
+    execute_timeout_ms: int = 5000,
 ) -> dict[str, Any]:
-    """A broker on `redis` with its own fail-open journal file, and the admin API on."""
+    """A broker on `redis` with its own fail-open journal file, and the admin API on.
+
+    A TTL needs an execute_timeout_ms it outlives (min_reservation_ttl_seconds): a 2 s TTL
+    allows 250 ms, 3 s allows 500 ms.
+    """
     return broker_tree(
         exchange,
+        fanout={"discover_timeout_ms": 2000, "overall_timeout_ms": 4000,
+                "execute_timeout_ms": execute_timeout_ms},
         session={"default_limit": {"amount": "1000.00", "currency": "USD"}},
         period_budgets={
             "store": {"kind": "redis", "url": redis.url, "timeout_ms": timeout_ms},
@@ -207,20 +214,25 @@ async def spent_at_exchange(client: httpx.AsyncClient, exchange: Child) -> Decim
 # --- a: a dead broker's reservations are refunded by another broker -----------------------------
 
 
-async def test_killed_brokers_reservations_are_refunded_by_another_broker(
+async def test_killed_brokers_holds_are_rolled_forward_by_another_broker(
     tmp_path: Path, redis: RedisServer
 ) -> None:
+    """A broker dies while the Exchange is buying: its holds are never refunded blindly. After
+    the TTL the other broker's sweeper re-sends each stored request under its key and commits
+    what the Exchange answers: what the Exchange charged is what the ledger holds, once."""
     ttl_s, sweep_s, n = 2, 0.2, 3
     scopes = {"user:alice": {"limits": [limit("month", "100.00")]}}
     agents = [{"id": "alice", "key_sha256": sha(ALICE), "account": ACCOUNT,
                "charged_to": ["user:alice"]}]
     async with start_exchange(tmp_path, catalog_tree()) as exchange:
         configs = [period_config(exchange, redis, tmp_path / f"journal-{i}.jsonl", scopes=scopes,
-                                 agents=agents, ttl_s=ttl_s, sweep_s=sweep_s) for i in (1, 2)]
+                                 agents=agents, ttl_s=ttl_s, sweep_s=sweep_s, execute_timeout_ms=250)
+                   for i in (1, 2)]
         async with start_broker(tmp_path, configs[0], name="broker-1", env=ADMIN_ENVIRON) as b1, \
                 start_broker(tmp_path, configs[1], name="broker-2", env=ADMIN_ENVIRON) as b2, \
                 httpx.AsyncClient(timeout=15.0) as client:
-            # Slow enough that broker 1 is still waiting on the Exchange when it dies.
+            # Slow enough that broker 1 is still waiting on the Exchange when it dies (its call
+            # and retry take up to 1 s; it is killed as soon as all n calls have arrived).
             await set_knobs(client, exchange, execute_latency_ms=(ttl_s + 1) * 1000)
             buys = [asyncio.create_task(connect_call(client, b1, "BrokerService/Transact",
                                                      transact(f"k{i}"), key=ALICE))
@@ -243,34 +255,35 @@ async def test_killed_brokers_reservations_are_refunded_by_another_broker(
                     task.cancel()
             assert all(isinstance(a, httpx.TransportError) for a in answers), answers
 
-            # The dead broker cannot release: the hold stays until its TTL.
+            # The dead broker cannot settle: the holds stay counted until their TTL...
             right_after = await scope_status(client, b2, "user:alice")
             assert amount(right_after, "reserved") == n, right_after
-
-            async def refunded() -> bool:
-                return amount(await scope_status(client, b2, "user:alice"), "reserved") == 0
-            await eventually(refunded, ttl_s + 10 * sweep_s + 2.0, "the dead broker's reservations "
-                             "are refunded by broker 2's sweeper")
-            took = loop.time() - killed_at
-            assert took <= ttl_s + 10 * sweep_s + 2.0, took
-
-            after = await scope_status(client, b2, "user:alice")
-            assert amount(after, "spent") == 0, after
-            assert after.get("transactionCount", 0) == 0, after
-            refunds = sum(int(m) for m in REFUNDED.findall(b2.stderr))
-            assert refunds == n, b2.stderr[-3000:]
-            view = await read_store(redis)
-            assert view.reserved() == 0, view
-            assert view.spent("user:alice") == 0, view
-            assert view.ledger == []
-
-            # The budget is whole again: broker 2 can use all of it.
             await set_knobs(client, exchange, execute_latency_ms=0)
-            r = await connect_call(client, b2, "BrokerService/Transact", transact("k-after"), key=ALICE)
-            assert r.status_code == 200, r.text
-            after = await scope_status(client, b2, "user:alice")
-            assert amount(after, "spent") == 1, after
-            assert amount(after, "reserved") == 0, after
+
+            # ...then broker 2 rolls each one forward with its stored request.
+            async def settled() -> bool:
+                return amount(await scope_status(client, b2, "user:alice"), "reserved") == 0
+            await eventually(settled, ttl_s + 10 * sweep_s + 5.0, "the dead broker's holds are rolled "
+                             "forward by broker 2's sweeper")
+            took = loop.time() - killed_at
+            assert took <= ttl_s + 10 * sweep_s + 5.0, took
+            assert REFUNDED.findall(b2.stderr) == [], b2.stderr[-3000:]  # never refunded blindly
+
+            view = await read_store(redis)
+            state = await exchange_state(client, exchange)
+            assert view.reserved() == 0, view
+            # Whatever the Exchange charged (the calls broker 1 made may or may not have gone
+            # through before it died; the re-sent ones are answered from the dedupe record or
+            # executed now), the ledger holds exactly that, once per key.
+            assert view.spent("user:alice") == await spent_at_exchange(client, exchange) == n
+            assert int(state["charges"]) == n
+            assert sorted(agent_key(e.idempotency_key) for e in view.ledger) == [f"k{i}" for i in range(n)]
+            for i in range(n):
+                retry = await connect_call(client, b2, "BrokerService/Transact", transact(f"k{i}"),
+                                           key=ALICE)
+                assert retry.status_code == 200, retry.text
+                assert retry.json().get("replayed") is True, retry.json()
+            assert int((await exchange_state(client, exchange))["charges"]) == n
 
 
 # --- b: redis-server killed mid-load; closed and open scopes --------------------------------------
@@ -352,7 +365,7 @@ async def test_redis_killed_mid_load_closed_denies_open_spends_allowance_then_re
 
     async with start_exchange(tmp_path, catalog_tree()) as exchange:
         config = period_config(exchange, redis, journal, scopes=scopes, agents=agents, ttl_s=ttl_s,
-                               sweep_s=sweep_s, timeout_ms=timeout_ms)
+                               sweep_s=sweep_s, timeout_ms=timeout_ms, execute_timeout_ms=250)
         async with start_broker(tmp_path, config, env=ADMIN_ENVIRON) as broker, \
                 httpx.AsyncClient(timeout=15.0) as client:
             loop = asyncio.get_running_loop()
@@ -393,11 +406,16 @@ async def test_redis_killed_mid_load_closed_denies_open_spends_allowance_then_re
                 assert exhausted(a.body).reason == "open_allowance_exhausted", exhausted(a.body)
             assert "Traceback" not in broker.stderr, broker.stderr[-3000:]
 
-            # Everything spent while the store was down is in the journal (plus any commit that
-            # was in flight at the kill): the open scope's share is exactly the allowance.
+            # Everything spent on the allowance while the store was down is in the journal: the
+            # open scope's share is exactly the allowance. (A purchase in flight at the kill is
+            # not journaled: its hold and intent are in the store, and it is rolled forward.)
             entries = [json.loads(line) for line in journal.read_text().splitlines()]
-            spends = {e["id"]: e for e in entries if "ack" not in e}
-            assert not any("ack" in e for e in entries)
+            spends = {e["id"]: e for e in entries if "ack" not in e and "intent" not in e}
+            # Every fail-open purchase journaled its intent before asking the Exchange, and
+            # acknowledged it once its spend was journaled: none was cut off.
+            intents = {e["id"] for e in entries if "intent" in e}
+            assert intents == {e["ack"] for e in entries if "ack" in e}
+            assert len(intents) == len(spends)
             open_journaled = sum(
                 (Decimal(ln["original_amount"]) for e in spends.values() for ln in e["lines"]
                  if e["holds"][ln["hold_index"]]["counter"]["scope"] == "team:open"), Decimal(0))
@@ -410,20 +428,21 @@ async def test_redis_killed_mid_load_closed_denies_open_spends_allowance_then_re
                 return journal.stat().st_size == 0
             await eventually(replayed, 10.0, "the broker replays its journal once the store is back")
 
-            async def swept() -> bool:
+            async def settled() -> bool:
                 return (await read_store(redis)).reserved() == 0
-            await eventually(swept, ttl_s + 5.0, "holds of purchases cut off by the kill expire")
+            await eventually(settled, ttl_s + 5.0, "holds of purchases cut off by the kill are rolled "
+                             "forward")
 
             view = await read_store(redis)
             # Every purchase the Exchange charged is in the ledger exactly once (one item, one
-            # scope each), committed or replayed from the journal; nothing else is.
+            # scope each), committed, rolled forward or replayed from the journal; nothing else is.
             bought = [a.key for agent in (closer, opener) for a in agent.attempts if a.status == 200]
-            assert sorted(e.idempotency_key for e in view.ledger) == sorted(bought)
-            journaled = {e["idempotency_key"] for e in spends.values()}
-            replays = [e.idempotency_key for e in view.ledger if e.kind == "journal"]
+            assert sorted(agent_key(e.idempotency_key) for e in view.ledger) == sorted(bought)
+            journaled = {agent_key(e["idempotency_key"]) for e in spends.values()}
+            replays = [agent_key(e.idempotency_key) for e in view.ledger if e.kind == "journal"]
             assert set(replays) <= journaled
             # Only a journaled commit that had landed after all (its answer lost) is not replayed.
-            assert journaled - set(replays) <= {e.idempotency_key for e in view.ledger
+            assert journaled - set(replays) <= {agent_key(e.idempotency_key) for e in view.ledger
                                                 if e.kind == "commit"}
             assert {a.key for a in opener.after(killed_at) if a.status == 200} <= set(replays)
             # The counters hold exactly what the Exchange charged, per agent and in total.
@@ -533,7 +552,15 @@ async def test_frozen_redis_denies_closed_within_the_store_timeout(
                 status, body, seconds = await buy(OPENER, "open-frozen")
                 assert status == 200, body
                 assert seconds < 2.0, seconds
-                assert journal.read_text().count('"idempotency_key":"open-frozen"') == 1
+                entries = [json.loads(line) for line in journal.read_text().splitlines()]
+                # Its intent first (before the Exchange was asked), then its spend; the intent is
+                # acknowledged once the spend is journaled.
+                intent, spend, ack = entries
+                assert (intent["idempotency_key"], spend["idempotency_key"]) == ("opener#open-frozen",) * 2
+                assert intent["intent"]
+                assert not intent["lines"]
+                assert spend["lines"]
+                assert ack == {"ack": intent["id"]}
             finally:
                 redis.proc.send_signal(signal.SIGCONT)
 
@@ -553,17 +580,21 @@ async def test_frozen_redis_denies_closed_within_the_store_timeout(
 async def test_commit_cut_off_by_the_store_timeout_is_counted_once(
     tmp_path: Path, redis: RedisServer
 ) -> None:
-    """Redis freezes between reserve and commit: the commit times out and is journaled."""
-    ttl_s = 2
+    """Redis freezes between reserve and commit: the commit times out. The hold and its intent
+    are in the store: the commit lands when the server thaws, or the hold is rolled forward;
+    either way the Exchange's one charge is counted once, and nothing is journaled."""
+    # The Exchange takes 300 ms, time to freeze the store while it is asked; the broker waits
+    # 500 ms for it, which a 3 s TTL outlives.
+    ttl_s = 3
     scopes, agents = closed_and_open()
     journal = tmp_path / "journal.jsonl"
     assert redis.proc is not None
     async with start_exchange(tmp_path, catalog_tree()) as exchange:
         config = period_config(exchange, redis, journal, scopes=scopes, agents=agents, ttl_s=ttl_s,
-                               timeout_ms=200)
+                               timeout_ms=200, execute_timeout_ms=500)
         async with start_broker(tmp_path, config, env=ADMIN_ENVIRON) as broker, \
                 httpx.AsyncClient(timeout=15.0) as client:
-            await set_knobs(client, exchange, execute_latency_ms=1000)
+            await set_knobs(client, exchange, execute_latency_ms=300)
             purchase = asyncio.create_task(connect_call(
                 client, broker, "BrokerService/Transact", transact("k1"), key=CLOSER))
             try:
@@ -574,26 +605,23 @@ async def test_commit_cut_off_by_the_store_timeout_is_counted_once(
                 redis.proc.send_signal(signal.SIGSTOP)
                 try:
                     r = await asyncio.wait_for(purchase, 10.0)
-                    (entry,) = [json.loads(line) for line in journal.read_text().splitlines()]
                 finally:
                     redis.proc.send_signal(signal.SIGCONT)
             finally:
                 purchase.cancel()
-            # Bought and journaled: the agent is told so.
+            # Bought: the agent is told so, from the Exchange's answer.
             assert r.status_code == 200, r.text
             assert charged(r.json()) == 1
-            assert entry["idempotency_key"] == "k1"
+            assert journal_empty(journal)
 
-            async def replayed() -> bool:
-                return journal_empty(journal)
-            await eventually(replayed, 10.0, "the journal is replayed once the server thaws")
-
-            async def swept() -> bool:
-                return (await read_store(redis)).reserved() == 0
-            await eventually(swept, ttl_s + 5.0, "the cut-off purchase's hold is refunded")
+            async def settled() -> bool:
+                view = await read_store(redis)
+                return view.reserved() == 0 and view.spent("team:closed") == 1
+            await eventually(settled, ttl_s + 5.0, "the cut-off commit lands or is rolled forward")
             view = await read_store(redis)
             assert view.spent("team:closed") == await spent_at_exchange(client, exchange) == 1
-            assert [(e.idempotency_key, e.kind) for e in view.ledger] == [("k1", "journal")]
+            assert [(e.idempotency_key, e.kind) for e in view.ledger] == [("closer#k1", "commit")]
+            assert (await exchange_state(client, exchange))["charges"] == 1
 
 
 async def test_retry_on_another_broker_during_an_outage_is_counted_once(
@@ -623,7 +651,7 @@ async def test_retry_on_another_broker_during_an_outage_is_counted_once(
             await eventually(replayed, 10.0, "both brokers replay their journals")
             view = await read_store(redis)
             assert view.spent("team:open") == await spent_at_exchange(client, exchange) == 1
-            assert [(e.idempotency_key, e.kind) for e in view.ledger] == [("k1", "journal")]
+            assert [(e.idempotency_key, e.kind) for e in view.ledger] == [("opener#k1", "journal")]
 
             # Once replayed the key is settled everywhere: a later retry charges nothing more.
             async with start_broker(tmp_path, configs[0], name="broker-3",
@@ -634,3 +662,48 @@ async def test_retry_on_another_broker_during_an_outage_is_counted_once(
             assert again.json().get("replayed") is True, again.json()
             assert (await read_store(redis)).spent("team:open") == 1
             assert (await exchange_state(client, exchange))["charges"] == 1
+
+
+# --- g: a fail-open purchase cut off after its charge is rolled forward from the journal ---------
+
+
+async def test_fail_open_purchase_killed_after_the_charge_is_rolled_forward_from_the_journal(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """The store is down and a scope fails open: the purchase journals its intent before the
+    Exchange is asked. The broker dies after the Exchange charged and before the spend was
+    journaled; restarted, it re-sends the journaled request (answered from the Exchange's dedupe
+    record) and records exactly what was charged, once."""
+    scopes, agents = closed_and_open()
+    journal = tmp_path / "journal.jsonl"
+    async with start_exchange(tmp_path, catalog_tree()) as exchange:
+        config = period_config(exchange, redis, journal, scopes=scopes, agents=agents, timeout_ms=200)
+        async with httpx.AsyncClient(timeout=15.0) as client:
+            async with start_broker(tmp_path, config, name="broker-1", env=ADMIN_ENVIRON) as b1:
+                await asyncio.to_thread(redis.kill)
+                await set_knobs(client, exchange, answer_latency_ms=30_000)
+                purchase = asyncio.create_task(connect_call(
+                    client, b1, "BrokerService/Transact", transact("k1"), key=OPENER))
+                try:
+                    async def charged_at_exchange() -> bool:
+                        return int((await exchange_state(client, exchange))["charges"]) >= 1
+                    await eventually(charged_at_exchange, 10.0, "the Exchange charges the purchase")
+                    (entry,) = [json.loads(line) for line in journal.read_text().splitlines()]
+                    assert entry["idempotency_key"] == "opener#k1", entry
+                    assert entry["intent"], entry
+                    assert await b1.kill() == -9
+                finally:
+                    purchase.cancel()
+            await set_knobs(client, exchange, answer_latency_ms=0)
+            await asyncio.to_thread(redis.start)
+            async with start_broker(tmp_path, config, name="broker-2", env=ADMIN_ENVIRON) as b2:
+                await eventually(_journal_empty(journal), 10.0, "the cut-off purchase is rolled forward")
+                view = await read_store(redis)
+                assert view.spent("team:open") == await spent_at_exchange(client, exchange) == 1
+                assert [(e.idempotency_key, e.kind) for e in view.ledger] == [("opener#k1", "journal")]
+                state = await exchange_state(client, exchange)
+                assert (int(state["charges"]), int(state["execute_calls"])) == (1, 2)  # one re-send
+                retry = await connect_call(client, b2, "BrokerService/Transact", transact("k1"), key=OPENER)
+                assert retry.status_code == 200, retry.text
+                assert retry.json().get("replayed") is True, retry.json()
+                assert int((await exchange_state(client, exchange))["charges"]) == 1

@@ -34,7 +34,7 @@ from budget.redis_store import RedisStore
 from budget.store import CounterRef, CounterState, LedgerEntry
 from currency.money import Money
 from ramp.broker.v1 import broker_pb2 as bpb
-from tests.harness import exhausted
+from tests.harness import agent_key, exhausted
 from tests.processes import (
     Child,
     broker_tree,
@@ -119,7 +119,8 @@ def catalog() -> dict[str, Any]:
 def broker_config(exchange: Child, redis_url: str, journal: Path) -> dict[str, Any]:
     return broker_tree(
         exchange,
-        fanout={"discover_timeout_ms": 15000, "overall_timeout_ms": 20000, "execute_timeout_ms": 15000},
+        # execute_timeout_ms 14000: the 60 s reservation TTL must outlive two calls twice over.
+        fanout={"discover_timeout_ms": 15000, "overall_timeout_ms": 20000, "execute_timeout_ms": 14000},
         rates={"EUR": {"USD": "1.10"}},
         session={"default_limit": {"amount": "1000000.00", "currency": "USD"}},
         period_budgets={
@@ -474,7 +475,7 @@ async def _run_and_check(
     # 6. Every purchase is charged to each of its agent's scopes, line for line.
     keys_by_scope: dict[str, Counter[str]] = defaultdict(Counter)
     for e in ledger:
-        keys_by_scope[e.scope][e.idempotency_key] += 1
+        keys_by_scope[e.scope][agent_key(e.idempotency_key)] += 1
     for key, a in originals.items():
         n = len(a.body["items"])
         for scope in AGENT_SCOPES[a.purchase.agent]:
@@ -497,7 +498,7 @@ async def _run_and_check(
             f"{cur}: exchange charged {charged_by_cur[cur]}, org:acme ledger {ledger_by_cur[cur]}, "
             f"200 answers {answered_by_cur[cur]}\n{summary}")
     assert books["charges"] == len(org) == sum(len(a.body["items"]) for a in originals.values()), summary
-    org_keys = Counter(e.idempotency_key for e in org)
+    org_keys = Counter(agent_key(e.idempotency_key) for e in org)
     assert set(org_keys) == set(originals), (
         f"keys in the ledger and not answered 200: {sorted(set(org_keys) - set(originals))[:5]}; "
         f"answered 200 and not in the ledger: {sorted(set(originals) - set(org_keys))[:5]}\n{summary}")

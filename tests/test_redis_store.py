@@ -25,9 +25,12 @@ from budget.store import (
     Hold,
     InFlight,
     Line,
+    Lost,
     Reserved,
     ReserveOutcome,
     Settled,
+    StoreIdentity,
+    StoreLost,
     StoreUnavailable,
 )
 from tests.redis_server import RedisServer, redis_server
@@ -232,7 +235,7 @@ async def test_reserve_retry_recognises_its_own_reservation(store: RedisStore) -
     from budget.redis_store import _ReserveRequest
 
     acct = account()
-    request = _ReserveRequest(uuid.uuid4().hex, (hold(10, 100),), 60_000, "k", now_ms(), 0)
+    request = _ReserveRequest(uuid.uuid4().hex, (hold(10, 100),), 60_000, "k", now_ms(), 0, b"", "", None)
     first = await store._reserve_batch(acct, [request])
     second = await store._reserve_batch(acct, [request])
     assert first == second
@@ -438,3 +441,66 @@ async def test_aof_keeps_a_commit_through_a_crash() -> None:
             assert await store.read(acct, [ref()]) == [CounterState(spent=120, count=1)]
         finally:
             await store.close()
+
+
+# --- identity -------------------------------------------------------------------------------
+
+
+async def test_identity_key_never_expires_and_shares_the_account_slot(store: RedisStore) -> None:
+    acct = account()
+    seen = await store.set_identity(acct, StoreIdentity("id-1", 2))
+    key = f"{store.account_prefix(acct)}id"
+    assert await store.client.hgetall(key) == {b"id": b"id-1", b"gen": b"2"}
+    assert await store.client.pttl(key) == -1  # unlike counters and reservations: never dropped
+    assert keyslot(key.encode()) == keyslot(acct.encode())
+    assert isinstance(await store.reserve(acct, [hold(1, 10)], ttl_ms=60_000, idempotency_key="k",
+                                          now_ms=now_ms(), limits_version=0, identity=seen), Reserved)
+
+
+async def test_a_lost_commit_in_a_coalesced_batch_fails_alone(store: RedisStore) -> None:
+    acct = account()
+    seen = await store.set_identity(acct, StoreIdentity("id-1"))
+    holds = [hold(10, 10**6)]
+    rs = [await reserve(store, acct, holds, f"k{i}") for i in range(6)]
+    assert all(isinstance(r, Reserved) for r in rs)
+
+    async def settle(i: int, r: ReserveOutcome) -> Committed | StoreLost:
+        assert isinstance(r, Reserved)
+        identity = StoreIdentity("id-2") if i % 3 == 1 else seen
+        try:
+            return await store.commit(acct, r.reservation_id, holds, [line(4)], idempotency_key=f"k{i}",
+                                      result=b"r", now_ms=now_ms(), identity=identity)
+        except StoreLost as exc:
+            return exc
+
+    await store.client.config_resetstat()
+    done = await asyncio.gather(*(settle(i, r) for i, r in enumerate(rs)))
+    assert await command_calls(store, "evalsha") == 1  # one batch
+    assert [isinstance(d, StoreLost) for d in done] == [False, True, False, False, True, False]
+    assert await store.read(acct, [ref()]) == [CounterState(spent=16, reserved=20, count=4)]
+
+
+async def test_a_server_restarted_empty_is_lost_to_callers_that_saw_it(server: RedisServer) -> None:
+    store = await RedisStore.open(server.url, timeout_ms=1000)
+    acct = account()
+    try:
+        seen = await store.set_identity(acct, StoreIdentity("id-1"))
+        holds = [hold(100, 1000)]
+        r = await store.reserve(acct, holds, ttl_ms=60_000, idempotency_key="k", now_ms=now_ms(),
+                                limits_version=0, intent=b"intent", owner="a", identity=seen)
+        assert isinstance(r, Reserved)
+        server.kill()
+        server.start()  # no persistence: everything is gone, the identity too
+        assert await store.identity(acct) is None
+        out = await store.reserve(acct, holds, ttl_ms=60_000, idempotency_key="k", now_ms=now_ms(),
+                                  limits_version=0, identity=seen)
+        assert isinstance(out, Lost), out
+        with pytest.raises(StoreLost):
+            await store.commit(acct, r.reservation_id, holds, [line(100)], idempotency_key="k", result=b"",
+                               now_ms=now_ms(), identity=seen)
+        with pytest.raises(StoreLost):
+            await store.record_spend(acct, holds, [line(100)], idempotency_key="k", now_ms=now_ms(),
+                                     kind="journal", identity=seen)
+        assert await store.client.keys(f"{store.account_prefix(acct)}*") == []
+    finally:
+        await store.close()

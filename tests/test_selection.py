@@ -133,6 +133,7 @@ def candidate(price: Money, name: str = "a.test", offer_id: str = "o") -> Candid
     return Candidate(
         uri=f"https://x.test/{offer_id}", offer=offer(offer_id, price.text(), price.currency),
         exchange=exchange(name), price=price, unit_cost=price, preferred=False,
+        trust=exchange(name).setting.trust,
     )
 
 
@@ -592,71 +593,84 @@ async def test_commit_above_the_hold_records_full_actual() -> None:
 
 async def test_session_budgets_redeclare_keeps_spent() -> None:
     budgets = SessionBudgets(ManualClock(), None)
-    acct = budgets.declare("s1", usd("10"))
+    acct = budgets.declare("alice", "s1", usd("10"))
     await (await acct.reserve(usd("4"))).commit(usd("4"))
-    again = budgets.declare("s1", usd("20"))
+    again = budgets.declare("alice", "s1", usd("20"))
     assert again is acct
     assert again.limit == usd("20")
     assert again.spent == usd("4")
     assert again.snap().remaining == usd("16")
     # Lowering below what was spent leaves no room, but forgets nothing.
-    budgets.declare("s1", usd("1"))
+    budgets.declare("alice", "s1", usd("1"))
     assert acct.spent == usd("4")
     assert acct.snap().remaining == usd("0")
 
 
 async def test_session_budgets_change_currency_only_before_spending() -> None:
     budgets = SessionBudgets(ManualClock(), None)
-    acct = budgets.declare("s1", usd("10"))
-    switched = budgets.declare("s1", Money(Decimal(8), "EUR"))
+    acct = budgets.declare("alice", "s1", usd("10"))
+    switched = budgets.declare("alice", "s1", Money(Decimal(8), "EUR"))
     assert switched.currency == "EUR"
     assert switched.spent == Money.zero("EUR")
     assert switched.reserved == Money.zero("EUR")
     await (await acct.reserve(Money(Decimal(1), "EUR"))).commit(Money(Decimal(1), "EUR"))
     with pytest.raises(SessionError):
-        budgets.declare("s1", usd("10"))
+        budgets.declare("alice", "s1", usd("10"))
     assert acct.currency == "EUR"
     assert acct.spent == Money(Decimal(1), "EUR")
 
 
 async def test_session_budgets_change_currency_refused_while_held() -> None:
     budgets = SessionBudgets(ManualClock(), None)
-    acct = budgets.declare("s1", usd("10"))
+    acct = budgets.declare("alice", "s1", usd("10"))
     hold = await acct.reserve(usd("1"))
     with pytest.raises(SessionError):
-        budgets.declare("s1", Money(Decimal(10), "EUR"))
+        budgets.declare("alice", "s1", Money(Decimal(10), "EUR"))
     await hold.release()
-    assert budgets.declare("s1", Money(Decimal(10), "EUR")).currency == "EUR"
+    assert budgets.declare("alice", "s1", Money(Decimal(10), "EUR")).currency == "EUR"
 
 
 def test_undeclared_session_without_default_raises() -> None:
     budgets = SessionBudgets(ManualClock(), None)
     with pytest.raises(SessionError, match="no budget"):
-        budgets.get("nobody")
-    assert budgets.peek("nobody") is None
+        budgets.get("alice", "nobody")
+    assert budgets.peek("alice", "nobody") is None
     assert len(budgets) == 0
 
 
 def test_undeclared_session_gets_the_default() -> None:
     budgets = SessionBudgets(ManualClock(), usd("5"))
-    acct = budgets.get("new")
+    acct = budgets.get("alice", "new")
     assert acct.limit == usd("5")
-    assert budgets.get("new") is acct
-    assert budgets.peek("new") is acct
+    assert budgets.get("alice", "new") is acct
+    assert budgets.peek("alice", "new") is acct
     assert len(budgets) == 1
 
 
 async def test_idle_sessions_are_forgotten_unless_holding() -> None:
     clock = ManualClock()
     budgets = SessionBudgets(clock, None, idle_seconds=50)
-    budgets.declare("idle", usd("1"))
-    busy = budgets.declare("busy", usd("1"))
+    budgets.declare("alice", "idle", usd("1"))
+    busy = budgets.declare("alice", "busy", usd("1"))
     await busy.reserve(usd("1"))
     clock.advance(100)
-    budgets.declare("fresh", usd("1"))
-    assert budgets.peek("idle") is None
-    assert budgets.peek("busy") is busy
-    assert budgets.peek("fresh") is not None
+    budgets.declare("alice", "fresh", usd("1"))
+    assert budgets.peek("alice", "idle") is None
+    assert budgets.peek("alice", "busy") is busy
+    assert budgets.peek("alice", "fresh") is not None
+
+
+def test_sessions_belong_to_their_owner() -> None:
+    budgets = SessionBudgets(ManualClock(), usd("5"))
+    mine = budgets.declare("alice", "s1", usd("1"))
+    # Another owner's "s1" is another session: alice's is neither seen nor changed.
+    assert budgets.peek("bob", "s1") is None
+    theirs = budgets.declare("bob", "s1", usd("700"))
+    assert theirs is not mine
+    assert mine.limit == usd("1")
+    assert budgets.get("bob", "s1") is theirs
+    assert budgets.view("carol", "s1").limit == usd("5")
+    assert budgets.peek("carol", "s1") is None  # view creates nothing
 
 
 ops = st.lists(

@@ -98,7 +98,7 @@ async def test_history_is_the_newest_entries_oldest_first(broker: RunningBroker,
     assert (first["scope"], first["period"], first["window"], first["kind"]) == (
         "user:alice", "month", "2026-11", "commit")
     assert first["amount"] == {"amount": "1.00", "currency": "USD"}
-    assert (first["idempotencyKey"], first["exchange"], first["offerId"]) == ("k1", "ref.test", "a")
+    assert (first["idempotencyKey"], first["exchange"], first["offerId"]) == ("alice#k1", "ref.test", "a")
     (eur,) = [e for e in entries if e["uri"] == EUR]
     # Charged 1.00 EUR; counted 1.10 USD at the configured EUR/USD rate.
     assert eur["original"] == {"amount": "1.00", "currency": "EUR"}
@@ -108,7 +108,7 @@ async def test_history_is_the_newest_entries_oldest_first(broker: RunningBroker,
     assert code == 200, body
     assert int(body["total"]) == 6
     assert len(body["entries"]) == 2
-    assert all(e["idempotencyKey"] == "k2" for e in body["entries"])
+    assert all(e["idempotencyKey"] == "alice#k2" for e in body["entries"])
 
     code, body = await history(broker, scope="team:eng", period="month")
     assert (code, body.get("entries", []), int(body.get("total", "0"))) == (200, [], 0)

@@ -6,6 +6,7 @@ Generic Store behaviour is in test_store_conformance.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import sys
 import textwrap
@@ -27,7 +28,10 @@ from budget.store import (
     Reserved,
     Settled,
     Store,
+    StoreIdentity,
     StoreUnavailable,
+    Swept,
+    UnsettledHold,
 )
 
 ACCOUNT = "acme"
@@ -67,7 +71,7 @@ async def test_satisfies_the_store_protocol(store: SqliteStore) -> None:
 async def test_open_creates_directory_schema_and_wal(db: Path, store: SqliteStore) -> None:
     with sqlite3.connect(db) as raw:  # would create an empty file if open() had not
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     raw.close()
     assert tables >= TABLES
@@ -153,9 +157,9 @@ async def test_sweep_drops_expired_counters_that_hold_nothing(store: SqliteStore
     held = await store.reserve(ACCOUNT, [Hold(USER, 10, 1_000, 200)], ttl_ms=1_000_000,
                                idempotency_key="k", now_ms=0, limits_version=0)
     assert isinstance(held, Reserved)
-    assert await store.sweep(ACCOUNT, now_ms=200) == 0
+    assert (await store.sweep(ACCOUNT, now_ms=200)).refunded == 0
     assert {ref.scope async for ref, _ in store.counters(ACCOUNT)} == {"user:bob", "user:alice"}
-    assert await store.sweep(ACCOUNT, now_ms=201) == 0
+    assert (await store.sweep(ACCOUNT, now_ms=201)).refunded == 0
     # user:alice still holds a reservation, so it stays however old it is.
     assert {ref.scope async for ref, _ in store.counters(ACCOUNT)} == {"user:alice"}
 
@@ -318,3 +322,201 @@ def test_default_path_falls_back_to_local_state(
     else:
         monkeypatch.setenv("XDG_STATE_HOME", xdg)
     assert default_path() == tmp_path / ".local" / "state" / "ramp-broker" / "budget.sqlite3"
+
+
+# --- schema version 1 (before intents and identities) ---------------------------------------
+
+# The version-1 schema exactly as the store created it (git history: budget/sqlite_store.py).
+_V1_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS counters (
+        account      TEXT NOT NULL,
+        "key"        TEXT NOT NULL,
+        scope        TEXT NOT NULL,
+        period       TEXT NOT NULL,
+        "window"     TEXT NOT NULL,
+        currency     TEXT NOT NULL,
+        start_ms     INTEGER NOT NULL CHECK (typeof(start_ms) = 'integer'),
+        end_ms       INTEGER NOT NULL CHECK (typeof(end_ms) = 'integer'),
+        spent        INTEGER NOT NULL CHECK (typeof(spent) = 'integer'),
+        reserved     INTEGER NOT NULL CHECK (typeof(reserved) = 'integer' AND reserved >= 0),
+        credit       INTEGER NOT NULL CHECK (typeof(credit) = 'integer'),
+        count        INTEGER NOT NULL CHECK (typeof(count) = 'integer'),
+        expire_at_ms INTEGER NOT NULL CHECK (typeof(expire_at_ms) = 'integer'),
+        PRIMARY KEY (account, "key")
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS reservations (
+        account         TEXT NOT NULL,
+        id              TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        created_ms      INTEGER NOT NULL CHECK (typeof(created_ms) = 'integer'),
+        expires_ms      INTEGER NOT NULL CHECK (typeof(expires_ms) = 'integer'),
+        holds           TEXT NOT NULL,  -- JSON [[counter key, amount], ...], one per Hold, in order
+        PRIMARY KEY (account, id)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX IF NOT EXISTS reservations_by_expiry ON reservations (account, expires_ms)",
+    """
+    CREATE TABLE IF NOT EXISTS idempotency (
+        account        TEXT NOT NULL,
+        "key"          TEXT NOT NULL,
+        state          TEXT NOT NULL CHECK (state IN ('open', 'committed')),
+        reservation_id TEXT NOT NULL,
+        result         BLOB,
+        PRIMARY KEY (account, "key")
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS ledger (
+        id                INTEGER PRIMARY KEY AUTOINCREMENT,
+        account           TEXT NOT NULL,
+        scope             TEXT NOT NULL,
+        period            TEXT NOT NULL,
+        "window"          TEXT NOT NULL,
+        amount            INTEGER NOT NULL CHECK (typeof(amount) = 'integer'),
+        currency          TEXT NOT NULL,
+        original_amount   TEXT NOT NULL,
+        original_currency TEXT NOT NULL,
+        idempotency_key   TEXT NOT NULL,
+        reservation_id    TEXT NOT NULL,
+        exchange          TEXT NOT NULL,
+        offer_id          TEXT NOT NULL,
+        uri               TEXT NOT NULL,
+        reserved_at_ms    INTEGER NOT NULL CHECK (typeof(reserved_at_ms) = 'integer'),
+        committed_at_ms   INTEGER NOT NULL CHECK (typeof(committed_at_ms) = 'integer'),
+        kind              TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS ledger_by_account ON ledger (account, id)",
+    "CREATE INDEX IF NOT EXISTS ledger_by_scope ON ledger (account, scope, id)",
+    """
+    CREATE TABLE IF NOT EXISTS limits (
+        account  TEXT NOT NULL,
+        scope    TEXT NOT NULL,
+        period   TEXT NOT NULL,
+        currency TEXT,
+        units    INTEGER CHECK (units IS NULL OR typeof(units) = 'integer'),
+        CHECK ((currency IS NULL) = (units IS NULL)),
+        PRIMARY KEY (account, scope, period)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS limits_version (
+        account TEXT PRIMARY KEY,
+        version INTEGER NOT NULL CHECK (typeof(version) = 'integer')
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS claims (
+        account      TEXT NOT NULL,
+        name         TEXT NOT NULL,
+        expire_at_ms INTEGER NOT NULL CHECK (typeof(expire_at_ms) = 'integer'),
+        PRIMARY KEY (account, name)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX IF NOT EXISTS claims_by_expiry ON claims (account, expire_at_ms)",
+    """
+    CREATE TABLE IF NOT EXISTS blobs (
+        name       TEXT PRIMARY KEY,
+        data       BLOB NOT NULL,
+        expires_ms INTEGER NOT NULL CHECK (typeof(expires_ms) = 'integer')
+    )
+    """,
+)
+
+
+def _write_version_1_file(path: Path) -> None:
+    """A version-1 store as a broker of that version left it: a counter, two open reservations
+    (one about to expire), a committed key with its ledger row, a limit, a claim and a blob."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert raw.execute("PRAGMA journal_mode = WAL").fetchone()[0] == "wal"
+        raw.execute("BEGIN")
+        for statement in _V1_SCHEMA:
+            raw.execute(statement)
+        raw.execute("INSERT INTO counters VALUES (?, ?, 'user:alice', 'month', '2026-01', 'USD', 0, 1000000, "
+                    "300, 150, 50, 2, 2000000)", (ACCOUNT, USER.key))
+        raw.executemany("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?)", [
+            (ACCOUNT, "r-open", "k-open", 1_000, 61_000, f'[["{USER.key}",100]]'),
+            (ACCOUNT, "r-old", "k-old", 1_000, 1_500, f'[["{USER.key}",50]]'),
+        ])
+        raw.executemany("INSERT INTO idempotency VALUES (?, ?, ?, ?, ?)", [
+            (ACCOUNT, "k-open", "open", "r-open", None), (ACCOUNT, "k-old", "open", "r-old", None),
+            (ACCOUNT, "k-done", "committed", "r-done", b"receipt\x00"),
+        ])
+        raw.execute(
+            "INSERT INTO ledger (account, scope, period, \"window\", amount, currency, original_amount, "
+            "original_currency, idempotency_key, reservation_id, exchange, offer_id, uri, reserved_at_ms, "
+            "committed_at_ms, kind) VALUES (?, 'user:alice', 'month', '2026-01', 300, 'USD', '0.000000300', "
+            "'USD', 'k-done', 'r-done', 'ex', 'o1', 'ramp://ex/o1', 500, 900, 'commit')", (ACCOUNT,))
+        raw.execute("INSERT INTO limits VALUES (?, 'user:alice', 'month', 'USD', 1000)", (ACCOUNT,))
+        raw.execute("INSERT INTO limits_version VALUES (?, 3)", (ACCOUNT,))
+        raw.execute("INSERT INTO claims VALUES (?, 'alert|a', 5000000)", (ACCOUNT,))
+        raw.execute("INSERT INTO blobs VALUES ('ecb', x'3c2f3e', 9000000)")
+        raw.execute("PRAGMA user_version = 1")
+        raw.execute("COMMIT")
+    finally:
+        raw.close()
+
+
+async def test_a_version_1_file_is_migrated_and_keeps_its_data(db: Path) -> None:
+    _write_version_1_file(db)
+    s = await SqliteStore.open(db)
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as raw:
+            assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+            columns = {row[1] for row in raw.execute("PRAGMA table_info(reservations)")}
+            assert columns >= {"intent", "owner", "done", "attempts"}
+            tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            assert tables >= TABLES | {"claims", "identity"}
+        # The data is all there.
+        assert await s.read(ACCOUNT, [USER]) == [CounterState(spent=300, reserved=150, credit=50, count=2)]
+        assert [(ref, st) async for ref, st in s.counters(ACCOUNT)] == [
+            (USER, CounterState(spent=300, reserved=150, credit=50, count=2))]
+        entries = [e async for e in s.ledger(ACCOUNT)]
+        assert [(e.scope, e.amount, e.idempotency_key, e.reservation_id, e.reserved_at_ms, e.committed_at_ms,
+                 e.kind) for e in entries] == [("user:alice", 300, "k-done", "r-done", 500, 900, "commit")]
+        assert await s.limits(ACCOUNT) == Limits(3, {("user:alice", "month"): ("USD", 1000)})
+        assert await s.get_blob("ecb", now_ms=2_000) == b"</>"
+        assert await s.claim(ACCOUNT, "alert|a", expire_at_ms=6_000_000, now_ms=2_000) is False
+        assert await s.settled(ACCOUNT, "k-done") == b"receipt\x00"
+        # Old reservations have no intent: none is listed, and an expired one is refunded by a sweep.
+        assert await s.holds(ACCOUNT) == []
+        assert await s.identity(ACCOUNT) is None
+        assert await s.reserve(ACCOUNT, holds(1), ttl_ms=60_000, idempotency_key="k-open", now_ms=2_000,
+                               limits_version=3) == InFlight("r-open")
+        assert await s.reserve(ACCOUNT, holds(1), ttl_ms=60_000, idempotency_key="k-done", now_ms=2_000,
+                               limits_version=3) == Settled(b"receipt\x00")
+        assert await s.sweep(ACCOUNT, now_ms=2_000) == Swept(1, ())
+        assert await s.read(ACCOUNT, [USER]) == [CounterState(spent=300, reserved=100, credit=50, count=2)]
+        # An old reservation is committed part by part like a new one.
+        one = [Hold(USER, 100, 1_000, 2_000_000)]
+        part = await s.commit(ACCOUNT, "r-open", one, [line(0, 30)], idempotency_key="k-open", result=b"p0",
+                              now_ms=3_000, part=0, release=[40], final=False)
+        assert part.states == (CounterState(spent=330, reserved=60, credit=50, count=2),)
+        await s.commit(ACCOUNT, "r-open", one, [line(0, 20)], idempotency_key="k-open", result=b"all",
+                       now_ms=4_000, part=1)
+        assert await s.read(ACCOUNT, [USER]) == [CounterState(spent=350, reserved=0, credit=50, count=3)]
+        assert await s.settled(ACCOUNT, "k-open") == b"all"
+        # And the new features work on the migrated file.
+        seen = await s.set_identity(ACCOUNT, StoreIdentity("id-1"))
+        r = await s.reserve(ACCOUNT, one, ttl_ms=1_000, idempotency_key="k-new", now_ms=5_000,
+                            limits_version=3, intent=b"\x00intent", owner="a", identity=seen)
+        assert isinstance(r, Reserved)
+        assert await s.sweep(ACCOUNT, now_ms=6_000, lease_ms=500, taker="b") == Swept(0, (
+            UnsettledHold(r.reservation_id, "k-new", b"\x00intent", 5_000, 6_500, "b", 1, {}),))
+    finally:
+        await s.close()
+    # Opening it again migrates nothing twice.
+    s = await SqliteStore.open(db)
+    try:
+        assert await s.identity(ACCOUNT) == StoreIdentity("id-1")
+        assert await s.read(ACCOUNT, [USER]) == [CounterState(spent=350, reserved=100, credit=50, count=3)]
+        assert len([e async for e in s.ledger(ACCOUNT)]) == 3
+    finally:
+        await s.close()
+    with contextlib.closing(sqlite3.connect(db)) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2

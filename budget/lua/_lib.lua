@@ -76,6 +76,59 @@ local function forget_open(prefix, ik, rid)
   if v[1] == 'open' and v[2] == rid then redis.call('DEL', key) end
 end
 
+-- Why the account's data is not what the caller has seen of it (nil if it is). The identity hash
+-- `<prefix>id` (id, gen) is written once, when the account's data is first initialised; an empty
+-- want_id means the caller has seen none yet and checks nothing.
+local function identity_problem(prefix, want_id, want_gen)
+  if want_id == '' then return nil end
+  local v = redis.call('HMGET', prefix .. 'id', 'id', 'gen')
+  if not v[1] then return 'the store has no identity for this account (emptied, or a new store)' end
+  if v[1] ~= want_id then return "the store's identity is " .. v[1] .. ', not ' .. want_id .. ' (another store)' end
+  if tonumber(v[2]) < tonumber(want_gen) then
+    return 'the store is at generation ' .. v[2] .. ', older than generation ' .. want_gen ..
+      ' seen before (restored from an older copy)'
+  end
+  return nil
+end
+
+-- A counter whose spent is below the floor the caller has seen (nil if none is).
+local function floor_problem(key, floor)
+  local spent = redis.call('HGET', key, 'spent') or '0'
+  local sh, sl = split(spent)
+  local fh, fl = split(floor)
+  if sign(sh - fh, sl - fl) < 0 then
+    return 'counter ' .. key .. ' shows ' .. spent .. ' spent, below the ' .. floor .. ' seen before'
+  end
+  return nil
+end
+
+-- A reservation with an intent, as handed over to roll it forward:
+-- {rid, ik, intent, created, expires, owner, attempts, number of done parts, then part, answer...}
+local function unsettled_reply(prefix, rid)
+  local r = redis.call('HMGET', prefix .. 'r:' .. rid, 'ik', 'intent', 'created', 'expires', 'owner',
+    'attempts', 'done')
+  local out = {rid, r[1], r[2], r[3], r[4], r[5] or '', r[6] or '0'}
+  local parts = {}
+  for part in string.gmatch(r[7] or '', '%S+') do parts[#parts + 1] = part end
+  out[#out + 1] = tostring(#parts)
+  for _, part in ipairs(parts) do
+    out[#out + 1] = part
+    out[#out + 1] = redis.call('HGET', prefix .. 'r:' .. rid, 'd:' .. part) or ''
+  end
+  return out
+end
+
+-- Give an expired reservation with an intent to the caller: a lease until `expires`. The taker
+-- owns it from now on (a restart of the broker that made it must not reclaim it any more).
+local function hand_over(prefix, rid, exp_key, expires, taker)
+  local rkey = prefix .. 'r:' .. rid
+  redis.call('HSET', rkey, 'expires', expires)
+  if taker and taker ~= '' then redis.call('HSET', rkey, 'owner', taker) end
+  redis.call('HINCRBY', rkey, 'attempts', '1')
+  redis.call('ZADD', exp_key, expires, rid)
+  return unsettled_reply(prefix, rid)
+end
+
 -- Give back everything a reservation holds and forget it (and its open idempotency record).
 -- Returns the reservation's fields {ik, created, holds} or nil if it was already gone.
 local function refund(prefix, rid, exp_key)

@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .broker_pb2 import AddCreditRequest, DeclareSessionBudgetRequest, DeclareSessionBudgetResponse, GetBudgetStatusRequest, GetBudgetStatusResponse, GetScopeHistoryRequest, GetScopeHistoryResponse, GetScopeStatusRequest, ResolveRequest, ResolveResponse, ScopeStatusResponse, SetPeriodLimitRequest, TransactRequest, TransactResponse
+from .broker_pb2 import AddCreditRequest, DeclareSessionBudgetRequest, DeclareSessionBudgetResponse, GetBudgetStatusRequest, GetBudgetStatusResponse, GetScopeHistoryRequest, GetScopeHistoryResponse, GetScopeStatusRequest, ListHoldsRequest, ListHoldsResponse, ResolveRequest, ResolveResponse, ScopeStatusResponse, SetPeriodLimitRequest, SettleHoldRequest, SettleHoldResponse, TransactRequest, TransactResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -631,6 +631,20 @@ class BudgetAdminService(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    async def list_holds(self, request: ListHoldsRequest, ctx: RequestContext[ListHoldsRequest, ListHoldsResponse], /) -> ListHoldsResponse:
+        """
+        Open holds whose purchase may have reached an Exchange, with what each
+        part asked and holds.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def settle_hold(self, request: SettleHoldRequest, ctx: RequestContext[SettleHoldRequest, SettleHoldResponse], /) -> SettleHoldResponse:
+        """
+        Settle one such hold now: retry it with its Exchanges, or on the
+        operator's word that they charged (or did not charge) the quotes.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
 
 class BudgetAdminServiceASGIApplication(ConnectASGIApplication[BudgetAdminService]):
     def __init__(
@@ -688,6 +702,28 @@ class BudgetAdminServiceASGIApplication(ConnectASGIApplication[BudgetAdminServic
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.get_scope_history,
+                ),
+                "/ramp.broker.v1.BudgetAdminService/ListHolds": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListHolds",
+                        service_name="ramp.broker.v1.BudgetAdminService",
+                        input=ListHoldsRequest,
+                        output=ListHoldsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_holds,
+                ),
+                "/ramp.broker.v1.BudgetAdminService/SettleHold": Endpoint.unary(
+                    method=MethodInfo(
+                        name="SettleHold",
+                        service_name="ramp.broker.v1.BudgetAdminService",
+                        input=SettleHoldRequest,
+                        output=SettleHoldResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.settle_hold,
                 ),
             },
             interceptors=interceptors,
@@ -814,6 +850,54 @@ class BudgetAdminServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def list_holds(
+        self,
+        request: ListHoldsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListHoldsResponse:
+        """
+        Open holds whose purchase may have reached an Exchange, with what each
+        part asked and holds.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListHolds",
+                service_name="ramp.broker.v1.BudgetAdminService",
+                input=ListHoldsRequest,
+                output=ListHoldsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def settle_hold(
+        self,
+        request: SettleHoldRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SettleHoldResponse:
+        """
+        Settle one such hold now: retry it with its Exchanges, or on the
+        operator's word that they charged (or did not charge) the quotes.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SettleHold",
+                service_name="ramp.broker.v1.BudgetAdminService",
+                input=SettleHoldRequest,
+                output=SettleHoldResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class BudgetAdminServiceSync(Protocol):
     """
@@ -832,6 +916,20 @@ class BudgetAdminServiceSync(Protocol):
     def get_scope_history(self, request: GetScopeHistoryRequest, ctx: RequestContext[GetScopeHistoryRequest, GetScopeHistoryResponse], /) -> GetScopeHistoryResponse:
         """
         The scope's ledger, newest entries.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_holds(self, request: ListHoldsRequest, ctx: RequestContext[ListHoldsRequest, ListHoldsResponse], /) -> ListHoldsResponse:
+        """
+        Open holds whose purchase may have reached an Exchange, with what each
+        part asked and holds.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def settle_hold(self, request: SettleHoldRequest, ctx: RequestContext[SettleHoldRequest, SettleHoldResponse], /) -> SettleHoldResponse:
+        """
+        Settle one such hold now: retry it with its Exchanges, or on the
+        operator's word that they charged (or did not charge) the quotes.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -890,6 +988,28 @@ class BudgetAdminServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.get_scope_history,
+                ),
+                "/ramp.broker.v1.BudgetAdminService/ListHolds": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListHolds",
+                        service_name="ramp.broker.v1.BudgetAdminService",
+                        input=ListHoldsRequest,
+                        output=ListHoldsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_holds,
+                ),
+                "/ramp.broker.v1.BudgetAdminService/SettleHold": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="SettleHold",
+                        service_name="ramp.broker.v1.BudgetAdminService",
+                        input=SettleHoldRequest,
+                        output=SettleHoldResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.settle_hold,
                 ),
             },
             interceptors=interceptors,
@@ -1010,6 +1130,54 @@ class BudgetAdminServiceClientSync(ConnectClientSync):
                 service_name="ramp.broker.v1.BudgetAdminService",
                 input=GetScopeHistoryRequest,
                 output=GetScopeHistoryResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_holds(
+        self,
+        request: ListHoldsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListHoldsResponse:
+        """
+        Open holds whose purchase may have reached an Exchange, with what each
+        part asked and holds.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListHolds",
+                service_name="ramp.broker.v1.BudgetAdminService",
+                input=ListHoldsRequest,
+                output=ListHoldsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def settle_hold(
+        self,
+        request: SettleHoldRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SettleHoldResponse:
+        """
+        Settle one such hold now: retry it with its Exchanges, or on the
+        operator's word that they charged (or did not charge) the quotes.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SettleHold",
+                service_name="ramp.broker.v1.BudgetAdminService",
+                input=SettleHoldRequest,
+                output=SettleHoldResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

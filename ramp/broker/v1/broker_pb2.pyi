@@ -50,6 +50,20 @@ class ItemStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ITEM_STATUS_DENIED: _ClassVar[ItemStatus]
     ITEM_STATUS_FAILED: _ClassVar[ItemStatus]
     ITEM_STATUS_UNKNOWN: _ClassVar[ItemStatus]
+
+class SettleAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SETTLE_ACTION_UNSPECIFIED: _ClassVar[SettleAction]
+    SETTLE_ACTION_RETRY: _ClassVar[SettleAction]
+    SETTLE_ACTION_CHARGED: _ClassVar[SettleAction]
+    SETTLE_ACTION_REFUNDED: _ClassVar[SettleAction]
+
+class SettleOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SETTLE_OUTCOME_UNSPECIFIED: _ClassVar[SettleOutcome]
+    SETTLE_OUTCOME_SETTLED: _ClassVar[SettleOutcome]
+    SETTLE_OUTCOME_UNSETTLED: _ClassVar[SettleOutcome]
+    SETTLE_OUTCOME_NOT_FOUND: _ClassVar[SettleOutcome]
 BUDGET_LAYER_UNSPECIFIED: BudgetLayer
 BUDGET_LAYER_TRANSACTION: BudgetLayer
 BUDGET_LAYER_SESSION: BudgetLayer
@@ -74,6 +88,14 @@ ITEM_STATUS_PURCHASED: ItemStatus
 ITEM_STATUS_DENIED: ItemStatus
 ITEM_STATUS_FAILED: ItemStatus
 ITEM_STATUS_UNKNOWN: ItemStatus
+SETTLE_ACTION_UNSPECIFIED: SettleAction
+SETTLE_ACTION_RETRY: SettleAction
+SETTLE_ACTION_CHARGED: SettleAction
+SETTLE_ACTION_REFUNDED: SettleAction
+SETTLE_OUTCOME_UNSPECIFIED: SettleOutcome
+SETTLE_OUTCOME_SETTLED: SettleOutcome
+SETTLE_OUTCOME_UNSETTLED: SettleOutcome
+SETTLE_OUTCOME_NOT_FOUND: SettleOutcome
 
 class BudgetState(_message.Message):
     __slots__ = ("layer", "scope", "limit", "spent", "reserved", "remaining", "period_start", "period_end", "mode", "transaction_count", "as_of", "period", "failure_policy", "projected_exhaustion", "spend_rate_per_hour")
@@ -388,3 +410,97 @@ class ScopeStatusResponse(_message.Message):
     BUDGETS_FIELD_NUMBER: _ClassVar[int]
     budgets: _containers.RepeatedCompositeFieldContainer[BudgetState]
     def __init__(self, budgets: _Optional[_Iterable[_Union[BudgetState, _Mapping]]] = ...) -> None: ...
+
+class ListHoldsRequest(_message.Message):
+    __slots__ = ("account", "scope")
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    account: str
+    scope: str
+    def __init__(self, account: _Optional[str] = ..., scope: _Optional[str] = ...) -> None: ...
+
+class HoldItem(_message.Message):
+    __slots__ = ("uri", "offer_id", "quoted")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    OFFER_ID_FIELD_NUMBER: _ClassVar[int]
+    QUOTED_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    offer_id: str
+    quoted: _ramp_pb2.Cost
+    def __init__(self, uri: _Optional[str] = ..., offer_id: _Optional[str] = ..., quoted: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ...) -> None: ...
+
+class CounterHold(_message.Message):
+    __slots__ = ("scope", "period", "window", "amount")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    period: str
+    window: str
+    amount: _ramp_pb2.Cost
+    def __init__(self, scope: _Optional[str] = ..., period: _Optional[str] = ..., window: _Optional[str] = ..., amount: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ...) -> None: ...
+
+class HoldPart(_message.Message):
+    __slots__ = ("exchange", "exchange_key", "items", "done", "holds")
+    EXCHANGE_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_KEY_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_FIELD_NUMBER: _ClassVar[int]
+    exchange: str
+    exchange_key: str
+    items: _containers.RepeatedCompositeFieldContainer[HoldItem]
+    done: bool
+    holds: _containers.RepeatedCompositeFieldContainer[CounterHold]
+    def __init__(self, exchange: _Optional[str] = ..., exchange_key: _Optional[str] = ..., items: _Optional[_Iterable[_Union[HoldItem, _Mapping]]] = ..., done: _Optional[bool] = ..., holds: _Optional[_Iterable[_Union[CounterHold, _Mapping]]] = ...) -> None: ...
+
+class PurchaseHold(_message.Message):
+    __slots__ = ("account", "reservation_id", "idempotency_key", "created_at", "expires_at", "owner", "attempts", "parts", "problem")
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    account: str
+    reservation_id: str
+    idempotency_key: str
+    created_at: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    owner: str
+    attempts: int
+    parts: _containers.RepeatedCompositeFieldContainer[HoldPart]
+    problem: str
+    def __init__(self, account: _Optional[str] = ..., reservation_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., attempts: _Optional[int] = ..., parts: _Optional[_Iterable[_Union[HoldPart, _Mapping]]] = ..., problem: _Optional[str] = ...) -> None: ...
+
+class ListHoldsResponse(_message.Message):
+    __slots__ = ("holds",)
+    HOLDS_FIELD_NUMBER: _ClassVar[int]
+    holds: _containers.RepeatedCompositeFieldContainer[PurchaseHold]
+    def __init__(self, holds: _Optional[_Iterable[_Union[PurchaseHold, _Mapping]]] = ...) -> None: ...
+
+class SettleHoldRequest(_message.Message):
+    __slots__ = ("account", "reservation_id", "action")
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    account: str
+    reservation_id: str
+    action: SettleAction
+    def __init__(self, account: _Optional[str] = ..., reservation_id: _Optional[str] = ..., action: _Optional[_Union[SettleAction, str]] = ...) -> None: ...
+
+class SettleHoldResponse(_message.Message):
+    __slots__ = ("outcome", "detail", "items", "total_cost")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_COST_FIELD_NUMBER: _ClassVar[int]
+    outcome: SettleOutcome
+    detail: str
+    items: _containers.RepeatedCompositeFieldContainer[ItemResult]
+    total_cost: _ramp_pb2.Cost
+    def __init__(self, outcome: _Optional[_Union[SettleOutcome, str]] = ..., detail: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ItemResult, _Mapping]]] = ..., total_cost: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ...) -> None: ...

@@ -301,6 +301,16 @@ class BudgetAdminServiceStub:
                 request_serializer=ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeHistoryRequest.SerializeToString,
                 response_deserializer=ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeHistoryResponse.FromString,
                 _registered_method=True)
+        self.ListHolds = channel.unary_unary(
+                '/ramp.broker.v1.BudgetAdminService/ListHolds',
+                request_serializer=ramp_dot_broker_dot_v1_dot_broker__pb2.ListHoldsRequest.SerializeToString,
+                response_deserializer=ramp_dot_broker_dot_v1_dot_broker__pb2.ListHoldsResponse.FromString,
+                _registered_method=True)
+        self.SettleHold = channel.unary_unary(
+                '/ramp.broker.v1.BudgetAdminService/SettleHold',
+                request_serializer=ramp_dot_broker_dot_v1_dot_broker__pb2.SettleHoldRequest.SerializeToString,
+                response_deserializer=ramp_dot_broker_dot_v1_dot_broker__pb2.SettleHoldResponse.FromString,
+                _registered_method=True)
 
 
 class BudgetAdminServiceServicer:
@@ -333,6 +343,22 @@ class BudgetAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListHolds(self, request, context):
+        """Open holds whose purchase may have reached an Exchange, with what each
+        part asked and holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SettleHold(self, request, context):
+        """Settle one such hold now: retry it with its Exchanges, or on the
+        operator's word that they charged (or did not charge) the quotes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BudgetAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -355,6 +381,16 @@ def add_BudgetAdminServiceServicer_to_server(servicer, server):
                     servicer.GetScopeHistory,
                     request_deserializer=ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeHistoryRequest.FromString,
                     response_serializer=ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeHistoryResponse.SerializeToString,
+            ),
+            'ListHolds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHolds,
+                    request_deserializer=ramp_dot_broker_dot_v1_dot_broker__pb2.ListHoldsRequest.FromString,
+                    response_serializer=ramp_dot_broker_dot_v1_dot_broker__pb2.ListHoldsResponse.SerializeToString,
+            ),
+            'SettleHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.SettleHold,
+                    request_deserializer=ramp_dot_broker_dot_v1_dot_broker__pb2.SettleHoldRequest.FromString,
+                    response_serializer=ramp_dot_broker_dot_v1_dot_broker__pb2.SettleHoldResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -467,6 +503,60 @@ class BudgetAdminService:
             '/ramp.broker.v1.BudgetAdminService/GetScopeHistory',
             ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeHistoryRequest.SerializeToString,
             ramp_dot_broker_dot_v1_dot_broker__pb2.GetScopeHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHolds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ramp.broker.v1.BudgetAdminService/ListHolds',
+            ramp_dot_broker_dot_v1_dot_broker__pb2.ListHoldsRequest.SerializeToString,
+            ramp_dot_broker_dot_v1_dot_broker__pb2.ListHoldsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SettleHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ramp.broker.v1.BudgetAdminService/SettleHold',
+            ramp_dot_broker_dot_v1_dot_broker__pb2.SettleHoldRequest.SerializeToString,
+            ramp_dot_broker_dot_v1_dot_broker__pb2.SettleHoldResponse.FromString,
             options,
             channel_credentials,
             insecure,
