@@ -107,6 +107,20 @@ def _file(configured: str | None, default: Path) -> Path:
     return Path(configured).expanduser() if configured else default
 
 
+async def load_converter(
+    config: BrokerConfig, clock: Clock, store: Store | None
+) -> tuple[Converter, EcbConverter | None]:
+    """build_converter, with the ECB rates (if configured) loaded once."""
+    converter, ecb = build_converter(config, clock, store)
+    if ecb is not None:
+        try:
+            await ecb.refresh()
+        except ConversionError as exc:
+            # Conversions are refused until a refresh succeeds; same-currency purchases go on.
+            log.error("ECB reference rates not loaded: %s", exc)
+    return converter, ecb
+
+
 def build_converter(
     config: BrokerConfig, clock: Clock, store: Store | None
 ) -> tuple[Converter, EcbConverter | None]:
@@ -159,13 +173,8 @@ async def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Brok
     store: Store | None = None
     if owners:
         store = TimedStore(await open_store(config.period_budgets.store), metrics.store_call)
-    converter, ecb = build_converter(config, clock, store)
+    converter, ecb = await load_converter(config, clock, store)
     if ecb is not None:
-        try:
-            await ecb.refresh()
-        except ConversionError as exc:
-            # Conversions are refused until a refresh succeeds; same-currency purchases go on.
-            log.error("ECB reference rates not loaded: %s", exc)
         metrics.rate_age(lambda: _age_seconds(ecb, clock))
     period = (build_period_layer(config, owners, clock, converter, store, metrics)
               if store is not None else None)

@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from broker.app import build_converter, scope_owners, scope_rules
+from broker.app import load_converter, scope_owners, scope_rules
 from broker.auth import Agent
 from broker.config import BrokerConfig
 from broker.execute import Buyer
@@ -23,7 +23,6 @@ from budget.clock import SystemClock
 from budget.period import PeriodLayer
 from budget.periods import time_zone
 from budget.store import Store
-from currency.convert import ConversionError
 from exchange_client.connect_adapter import ConnectExchange
 from ramp.v1 import ramp_pb2 as rpb
 
@@ -34,12 +33,7 @@ log = logging.getLogger(__name__)
 async def exchange_recovery(config: BrokerConfig, store: Store) -> AsyncIterator[Recovery]:
     """A Recovery reaching the config's Exchanges, committing into `store`; adapters closed on exit."""
     clock = SystemClock()
-    converter, ecb = build_converter(config, clock, store)
-    if ecb is not None:
-        try:
-            await ecb.refresh()
-        except ConversionError as exc:
-            log.error("ECB reference rates not loaded: %s", exc)
+    converter, _ = await load_converter(config, clock, store)
     pb = config.period_budgets
     period = PeriodLayer(
         store, scope_rules(config, scope_owners(config)), clock=clock,

@@ -181,10 +181,10 @@ class Purchaser:
         if not replay:
             return answer
         self._watch.metrics.purchase("replayed")
-        replayed = bpb.TransactResponse()
-        replayed.CopyFrom(answer)
-        replayed.replayed = True
-        return replayed
+        again = bpb.TransactResponse()
+        again.CopyFrom(answer)
+        again.replayed = True
+        return again
 
     async def _run(self, order: Order) -> bpb.TransactResponse:
         """One purchase, its outcome counted and logged whether or not its caller still waits."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -29,6 +28,7 @@ from typing import Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 from budget.clock import Clock
+from budget.guard import StoreGuard
 from budget.intents import Intent, IntentPart, PartOrder
 from budget.journal import Journal, JournalEntry
 from budget.layers import (
@@ -55,7 +55,6 @@ from budget.store import (
     Settled,
     StaleLimits,
     Store,
-    StoreIdentity,
     StoreLost,
     StoreUnavailable,
     Unsettled,
@@ -257,10 +256,8 @@ class PeriodLayer:
         # After a store failure, purchases skip the store for a moment instead of each
         # waiting out its own timeout; upkeep keeps probing.
         self._skip_until = 0.0
-        # What this broker has seen of the store (None: nothing is checked), and the accounts
-        # whose store shows less: refused until an operator adopts or restores it.
-        self._memory = memory
-        self._lost: dict[str, str] = {}
+        # What this broker has seen of the store, and the accounts whose store shows less.
+        self.guard = StoreGuard(store, memory, self.events, self._guarded)
         # How long a sweeper may work on a hold handed to it before another may take it (the
         # store doubles it on each further hand-over).
         self._lease_ms = int(lease_s * 1000) or self._ttl_ms
@@ -273,66 +270,10 @@ class PeriodLayer:
     @property
     def instance(self) -> str:
         """This broker's id as the owner of the holds it makes."""
-        return self._memory.instance if self._memory else ""
-
-    # --- the store's identity ----------------------------------------------------------------
-
-    async def _identity(self, account: str) -> StoreIdentity | None:
-        """The identity this broker has seen the account's store at; learnt (or, for a store that
-        has none and a broker that has seen none, created) on first use."""
-        if self._memory is None:
-            return None
-        memory = self._memory.account(account)
-        if memory.identity is None:
-            found = await self._guarded(self.store.identity(account))
-            if found is None:
-                found = await self._guarded(self.store.set_identity(account, StoreIdentity(uuid.uuid4().hex)))
-            self._memory.saw_identity(account, found)
-            await self._memory.save()
-        return memory.identity
-
-    async def check_identity(self, account: str) -> None:
-        """Compare the store's identity with what this broker has seen (upkeep): flag a loss, clear
-        it when the store is back as it was, take a newer generation (adopted) as the baseline."""
-        if self._memory is None:
-            return
-        seen = await self._identity(account)
-        found = await self.store.identity(account)
-        same = seen is not None and found is not None and found.id == seen.id
-        if same and found is not None and seen is not None and found.generation > seen.generation:
-            self._memory.saw_identity(account, found)
-            log.warning("budget store of account %s was adopted at generation %d: its numbers are the "
-                        "baseline now", account, found.generation)
-            self._lost.pop(account, None)
-            await self._load_limits(account)
-        elif found is None or seen is None or found.id != seen.id or found.generation < seen.generation:
-            self._mark_lost(account, "the store has no identity for this account (emptied, or a new store)"
-                            if found is None else f"the store shows identity {found.id} generation "
-                            f"{found.generation}, not what this broker saw")
-        elif account in self._lost and not await self._below_floors(account):
-            log.warning("budget store of account %s is back as it was: purchases resume", account)
-            self._lost.pop(account, None)
-
-    async def _below_floors(self, account: str) -> bool:
-        if self._memory is None:
-            return False
-        marks = list(self._memory.account(account).counters.values())
-        states = await self.store.read(account, [m.counter for m in marks]) if marks else []
-        low = [m for m, st in zip(marks, states, strict=True) if st.spent < m.spent]
-        if low:
-            self._mark_lost(account, f"counter {low[0].counter.key} shows less spent than seen before")
-        return bool(low)
-
-    def _mark_lost(self, account: str, problem: str) -> None:
-        if account not in self._lost:
-            log.error("budget store of account %s lost data: %s. Purchases charged to it are refused "
-                      "until an operator restores the store or adopts it (ramp-broker store adopt)",
-                      account, problem)
-            self.events.store_lost()
-        self._lost[account] = problem
+        return self.guard.instance
 
     def _check_lost(self, plan: Plan) -> None:
-        problem = self._lost.get(plan.account)
+        problem = self.guard.problem(plan.account)
         if problem is not None and plan.counters:
             raise StoreDown(
                 f"the budget store lost data ({problem}); purchases charged to "
@@ -340,8 +281,7 @@ class PeriodLayer:
                 plan.scopes, reason="store_lost")
 
     def _saw(self, account: str, c: Counter, state: CounterState) -> None:
-        if self._memory is not None:
-            self._memory.saw_spent(account, c.ref, state.spent, c.window.end_ms + self._grace_ms)
+        self.guard.saw(account, c.ref, state, c.window.end_ms + self._grace_ms)
 
     async def _guarded(self, call: Awaitable[T]) -> T:
         if self._clock.monotonic() < self._skip_until:
@@ -360,12 +300,7 @@ class PeriodLayer:
 
     async def _load_limits(self, account: str) -> Limits:
         limits = await self.store.limits(account)
-        if self._memory is not None:
-            seen = self._memory.account(account).limits_version
-            if limits.version < seen:
-                self._mark_lost(account, f"operator limits are at version {limits.version}, older than "
-                                f"version {seen} seen before")
-            self._memory.saw_limits(account, limits.version, limits.values)
+        self.guard.saw_limits(account, limits)
         self._limits[account] = limits
         return limits
 
@@ -558,7 +493,7 @@ class PeriodLayer:
                 for c in costs)
             holds = tuple(
                 Hold(c.ref, sum(p[i] for p in part_holds), c.limit.units(), c.window.end_ms + self._grace_ms,
-                     floor=self._memory.floor(plan.account, c.ref) if self._memory else 0)
+                     floor=self.guard.floor(plan.account, c.ref))
                 for i, c in enumerate(plan.counters)
             )
             intent = Intent(
@@ -567,7 +502,7 @@ class PeriodLayer:
                                                                                     strict=True)),
             ).encode() if parts else b""
             try:
-                identity = await self._identity(plan.account)
+                identity = await self.guard.identity(plan.account)
                 outcome = await self._guarded(self.store.reserve(
                     plan.account, holds, ttl_ms=self._ttl_ms, idempotency_key=key, now_ms=now_ms,
                     limits_version=plan.version, intent=intent, owner=self.instance, identity=identity,
@@ -594,7 +529,7 @@ class PeriodLayer:
             if isinstance(outcome, Unsettled):
                 raise HoldUnsettled(plan.account, outcome.hold)
             if isinstance(outcome, Lost):
-                self._mark_lost(plan.account, outcome.problem)
+                self.guard.mark_lost(plan.account, outcome.problem)
                 self._check_lost(plan)
             assert isinstance(outcome, StaleLimits)
             plan = self._plan(charge, await self._load_limits(plan.account))
@@ -678,17 +613,15 @@ class PeriodLayer:
             return None
         assert hold.reservation_id is not None
         release = hold.part_holds[part] if len(hold.part_holds) > 1 else ()
-        memory = self._memory
-        floors = tuple(replace(h, floor=memory.floor(hold.plan.account, h.counter)) if memory else h
-                       for h in hold.holds)
+        floors = tuple(replace(h, floor=self.guard.floor(hold.plan.account, h.counter)) for h in hold.holds)
         try:
             done = await self.store.commit(
                 hold.plan.account, hold.reservation_id, floors, lines, idempotency_key=hold.key,
                 result=result, now_ms=now_ms, part=part, release=release, final=final,
-                identity=self._memory.account(hold.plan.account).identity if self._memory else None,
+                identity=self.guard.seen_identity(hold.plan.account),
             )
         except StoreLost as exc:
-            self._mark_lost(hold.plan.account, str(exc))
+            self.guard.mark_lost(hold.plan.account, str(exc))
             hold.settled = final
             if lines:
                 # Its intent went with the store's memory: the journal keeps the spend.
@@ -783,7 +716,7 @@ class PeriodLayer:
         sent = 0
         live = {h.journal_id for h in self._local_holds}
         for entry in self._journal.pending():
-            if entry.account in self._lost or entry.id in live:
+            if self.guard.problem(entry.account) is not None or entry.id in live:
                 continue  # a lost store waits for adoption; a purchase in flight settles itself
             lines = entry.lines
             if entry.intent:
@@ -791,14 +724,14 @@ class PeriodLayer:
                 if rolled is None:
                     continue  # an Exchange has not answered: it stays counted, tried again later
                 lines = rolled
-            identity = self._memory.account(entry.account).identity if self._memory else None
+            identity = self.guard.seen_identity(entry.account)
             try:
                 await self.store.record_spend(
                     entry.account, entry.holds, lines, idempotency_key=entry.store_key,
                     now_ms=entry.at_ms, kind="journal", identity=identity,
                 )
             except StoreLost as exc:
-                self._mark_lost(entry.account, str(exc))
+                self.guard.mark_lost(entry.account, str(exc))
                 continue
             await self._journal.ack(entry.id)
             sent += 1
@@ -810,7 +743,8 @@ class PeriodLayer:
         journal, refresh limits."""
         now_ms = to_ms(self._clock.now())
         for account in self.accounts:
-            await self.check_identity(account)
+            if await self.guard.check(account):
+                await self._load_limits(account)  # adopted: its limits are the baseline too
             swept = await self.store.sweep(
                 account, now_ms=now_ms, lease_ms=self._lease_ms, taker=self.instance,
                 # After a restart nothing of this broker's own is in flight: reclaim it at once.
@@ -827,9 +761,7 @@ class PeriodLayer:
             log.info("replayed %d journaled spend(s) into the store", replayed)
         for account in list(self._limits):
             await self._load_limits(account)
-        if self._memory is not None:
-            self._memory.forget_expired(now_ms)
-            await self._memory.save()
+        await self.guard.save(now_ms)
 
     async def _roll_forward(self, account: str, hold: UnsettledHold) -> None:
         if self.recover is None:
@@ -892,8 +824,7 @@ class PeriodLayer:
     async def close(self) -> None:
         """Keep what this broker has seen (the next start compares the store with it), then close."""
         try:
-            if self._memory is not None:
-                await self._memory.save()
+            await self.guard.save()
         finally:
             await self.store.close()
 
