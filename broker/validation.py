@@ -40,8 +40,9 @@ def check_uris(uris: Sequence[str], field: str = "uris") -> list[str]:
     for i, uri in enumerate(uris):
         if not uri:
             raise InvalidField(f"{field}[{i}]", "is empty")
-        if len(uri) > MAX_URI_LENGTH:
-            raise InvalidField(f"{field}[{i}]", f"is longer than {MAX_URI_LENGTH} characters")
+        # In bytes (UTF-8), so a request's size is bounded by what it may contain.
+        if len(uri) > MAX_URI_LENGTH or len(uri.encode("utf-8", "surrogatepass")) > MAX_URI_LENGTH:
+            raise InvalidField(f"{field}[{i}]", f"is longer than {MAX_URI_LENGTH} bytes (UTF-8)")
         if not _URI.fullmatch(uri):
             raise InvalidField(f"{field}[{i}]", "is not an absolute URI (scheme:rest, no spaces)")
     return list(uris)

@@ -454,3 +454,15 @@ async def test_a_purchase_whose_caller_gave_up_is_still_counted_and_logged(
                                  {"sessionId": "s", "idempotencyKey": "k", "uris": [A]})
             assert again.json()["replayed"] is True
             assert (await slow.state())["charges"] == 1
+
+
+async def test_a_uri_is_bounded_in_bytes_not_characters(
+    ex: Exchange, tmp_path: Path, clock: ManualClock,
+) -> None:
+    # 700 three-byte characters: 700 characters, 2100 bytes.
+    wide = "https://x.test/" + "€" * 700
+    async with agents_broker(ex, tmp_path, clock) as b:
+        r = await b.post("BrokerService/Resolve", {"uris": [wide]}, CAROL)
+        assert r.status_code == 400, r.text
+        assert r.json()["message"] == "uris[0]: is longer than 2048 bytes (UTF-8)"
+        assert (await ex.state())["discover_calls"] == 0
