@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run gen check-gen lint tools test bench bench-purchases bench-budget clean
+.PHONY: setup run gen check-gen lint tools test bench bench-purchases bench-budget bench-scaleout clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -43,8 +43,8 @@ tools:
 test: check-gen lint tools
 	$(BIN)/python -m pytest -q
 
-## bench: both benchmarks below
-bench: bench-purchases bench-budget
+## bench: the three benchmarks below (bench/README.md explains what each prints)
+bench: bench-purchases bench-budget bench-scaleout
 
 ## bench-purchases: purchases/s and latency through the broker, per protocol
 bench-purchases: setup
@@ -53,6 +53,11 @@ bench-purchases: setup
 ## bench-budget: the Redis store against redis-benchmark, and what the period layer adds per purchase
 bench-budget: setup tools
 	$(BIN)/python -m bench.budget
+
+## bench-scaleout: 1, 2 and 4 brokers on one Redis spend one budget to exhaustion, strict vs lease mode
+# (make bench-scaleout SCALEOUT_ARGS="--quick --json": under 2 minutes, one JSON object per line)
+bench-scaleout: setup tools
+	$(BIN)/python -m bench.scaleout $(SCALEOUT_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -12,10 +12,11 @@ no persistence), the reference Exchange and two brokers as separate processes.
    accounts (RedisStore coalesces concurrent calls per account into batches of up to 16, up to
    4 batches in flight).
 2. redis-benchmark (the C client) on the same server runs the same reserve script, by EVALSHA
-   of the SHA the store loaded, with the same 8 keys and the arguments RedisStore builds for one
-   reservation (under another account; the idempotency key and reservation id are
-   `__rand_int__`, redrawn per call). Then the commit script the same way. Its reservations are
-   checked afterwards on the counters, so error replies cannot pass for throughput.
+   of the SHA the store loaded, with the keys and arguments RedisStore sent for one real
+   reservation (captured from the call, under another account; the idempotency key and
+   reservation id become `__rand_int__`, redrawn per call). Then the commit script the same way.
+   Its reservations are checked afterwards on the counters, so error replies cannot pass for
+   throughput.
    The figure of merit compares like with like (target >= 0.5): store reserves/s against
    redis-benchmark's reserve calls/s, and store reserve+commit pairs/s against redis-benchmark
    running the same two scripts one after the other. Pairs/s against reserve calls/s alone is
@@ -38,7 +39,6 @@ import asyncio
 import contextlib
 import csv
 import hashlib
-import importlib.resources
 import io
 import os
 import platform
@@ -51,11 +51,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pyqwest import Client, HTTPTransport
@@ -80,8 +80,10 @@ from bench.purchases import (
     _table,
     _wait_healthy,
     bench_catalog,
+    broker_ports,
     cpu_seconds,
     free_port,
+    listen_port,
     run_phase,
 )
 from broker.config import StoreSetting
@@ -106,10 +108,9 @@ RAND = "__rand_int__"  # redis-benchmark replaces it with a random 12-digit numb
 RB_KEYSPACE = 1_000_000_000
 RB_TIMEOUT_S = 120.0
 AGENT_KEY = "bench-agent-key"
-# The RedisStore constants the script arguments depend on (budget/redis_store.py).
-MIN_COUNTER_TTL_MS = 3_600_000
-MIN_IDEMPOTENCY_TTL_MS = 86_400_000
-RESERVATION_SLACK_MS = 86_400_000
+
+
+T = TypeVar("T")
 
 
 class BenchFailed(Exception):
@@ -269,48 +270,41 @@ async def store_phase(
 # --- 2. redis-benchmark ---------------------------------------------------------------------------
 
 
-def script_text(name: str) -> bytes:
-    """A store script as RedisStore loads it: _lib.lua, a newline, the script."""
-    folder = importlib.resources.files("budget").joinpath("lua")
-    return folder.joinpath("_lib.lua").read_bytes() + b"\n" + folder.joinpath(f"{name}.lua").read_bytes()
+async def captured(
+    store: RedisStore, script: str, call: Callable[[], Awaitable[T]],
+) -> tuple[T, list[str], list[str]]:
+    """Make one RedisStore call; return its outcome with the KEYS and ARGV it sent to `script`.
+
+    redis-benchmark then repeats exactly those arguments, so it runs the store's own argument
+    layout whatever it is today (the scripts' arguments change with the store; a copy kept here
+    would drift from them)."""
+    seen: list[tuple[list[str], list[str]]] = []
+    real = store._eval
+
+    async def spy(name: str, keys: Sequence[str], args: Sequence[str | bytes]) -> Any:
+        if name == script:
+            seen.append((list(keys), [a.decode() if isinstance(a, bytes) else a for a in args]))
+        return await real(name, keys, args)
+
+    store._eval = spy  # type: ignore[method-assign]
+    try:
+        outcome = await call()
+    finally:
+        del store._eval  # the class's method again
+    if len(seen) != 1:
+        raise BenchFailed(f"expected one {script} script call from RedisStore, saw {len(seen)}")
+    return outcome, *seen[0]
 
 
-def _counter_args(ref: CounterRef, expire_at_ms: int, now_ms: int) -> list[str]:
-    ttl = max(expire_at_ms - now_ms, MIN_COUNTER_TTL_MS)
-    return [ref.key, str(ttl), str(expire_at_ms), ref.scope, ref.period, ref.window, ref.currency,
-            str(ref.start_ms), str(ref.end_ms)]
-
-
-def reserve_call(
-    prefix: str, holds: Sequence[Hold], rid: str, ik: str, now_ms: int
-) -> tuple[list[str], list[str]]:
-    """KEYS and ARGV of the reserve script for one reservation, as RedisStore builds them."""
-    keys = [f"{prefix}limits:v", f"{prefix}exp", f"{prefix}counters", f"{prefix}i:{ik}", f"{prefix}r:{rid}"]
-    keys += [f"{prefix}c:{h.counter.key}" for h in holds]
-    rttl = max([h.expire_at_ms - now_ms for h in holds] + [RESERVATION_TTL_MS]) + RESERVATION_SLACK_MS
-    args = [prefix, "1", rid, ik, "0", str(now_ms), str(now_ms + RESERVATION_TTL_MS), str(rttl),
-            str(len(holds))]
-    for h in holds:
-        args += [*_counter_args(h.counter, h.expire_at_ms, now_ms), str(h.amount), str(h.limit)]
-    return keys, args
-
-
-def commit_call(
-    prefix: str, holds: Sequence[Hold], lines: Sequence[Line], rid: str, ik: str, now_ms: int
-) -> tuple[list[str], list[str]]:
-    """KEYS and ARGV of the commit script for one request, as RedisStore builds them."""
-    keys = [f"{prefix}exp", f"{prefix}ledger", f"{prefix}counters", f"{prefix}i:{ik}", f"{prefix}r:{rid}"]
-    keys += [f"{prefix}c:{h.counter.key}" for h in holds]
-    ittl = max([h.expire_at_ms - now_ms for h in holds] + [MIN_IDEMPOTENCY_TTL_MS])
-    args = [prefix, "1", rid, ik, RESULT.decode(), str(now_ms), str(ittl), str(len(holds)), str(len(lines))]
-    for i, h in enumerate(holds):
-        spend = sum(ln.amount for ln in lines if ln.hold_index == i)
-        args += [*_counter_args(h.counter, h.expire_at_ms, now_ms), str(spend)]
-    for ln in lines:
-        c = holds[ln.hold_index].counter
-        args += [c.scope, c.period, c.window, c.currency, str(ln.amount), ln.original_amount,
-                 ln.original_currency, ln.exchange, ln.offer_id, ln.uri]
-    return keys, args
+def randomized(values: list[str], ids: Sequence[str]) -> list[str]:
+    """`values` with each of `ids` (a reservation id, an idempotency key) replaced by one that
+    redis-benchmark redraws for every call."""
+    out = []
+    for value in values:
+        for old in ids:
+            value = value.replace(old, f"rb-{RAND}")
+        out.append(value)
+    return out
 
 
 @dataclass
@@ -385,29 +379,26 @@ async def redis_benchmark_phases(
     lines = lines_for(holds)
     prefix = store.account_prefix(RB_ACCOUNT)
     now_ms = wall_ms()  # fixed for the whole run, as a caller's clock within one request
+    # One reservation and its commit through RedisStore itself: the arguments redis-benchmark repeats.
+    ik = f"probe-{uuid.uuid4().hex}"
+    reserved, reserve_keys, reserve_args = await captured(store, "reserve", lambda: store.reserve(
+        RB_ACCOUNT, holds, ttl_ms=RESERVATION_TTL_MS, idempotency_key=ik, now_ms=now_ms, limits_version=0))
+    if not isinstance(reserved, Reserved):
+        raise BenchFailed(f"reserve probe: {reserved!r}"[:300])
+    rid = reserved.reservation_id
+    done, commit_keys, commit_args = await captured(store, "commit", lambda: store.commit(
+        RB_ACCOUNT, rid, holds, lines, idempotency_key=ik, result=RESULT, now_ms=now_ms))
+    if done != Committed(overage=(0, 0, 0)):
+        raise BenchFailed(f"commit probe: {done!r}"[:300])
+    calls = {"reserve": (reserve_keys, reserve_args), "commit": (commit_keys, commit_args)}
     results: list[RbResult] = []
     for name in ("reserve", "commit"):
-        text = script_text(name)
-        sha = hashlib.sha1(text).hexdigest()
-        # The store loaded its scripts at open: the same SHA must already be there.
-        loaded = (await admin.script_exists(sha))[0]
-        state = "already loaded by RedisStore" if loaded else "NOT loaded by RedisStore (text differs?)"
-        notes.append(f"{name}.lua (_lib.lua prepended) sha {sha[:12]}: {state}")
-        if not loaded:
-            await admin.script_load(text)
-        # One call by hand first: the argument layout must give the ordinary answer.
-        if name == "reserve":
-            keys, args = reserve_call(prefix, holds, "probe-rid", "probe-ik", now_ms)
-            reply = await admin.evalsha(sha, len(keys), *keys, *args)
-            if not reply or reply[0][0] != b"ok":
-                raise BenchFailed(f"reserve script probe replied {reply!r}")
-            keys, args = reserve_call(prefix, holds, f"rb-{RAND}", f"rb-{RAND}", now_ms)
-        else:
-            keys, args = commit_call(prefix, holds, lines, "probe-rid", "probe-ik", now_ms)
-            reply = await admin.evalsha(sha, len(keys), *keys, *args)
-            if not reply or reply[0][:2] != [b"ok", b"0"]:
-                raise BenchFailed(f"commit script probe replied {reply!r}")
-            keys, args = commit_call(prefix, holds, lines, f"rb-{RAND}", f"rb-{RAND}", now_ms)
+        sha = store._scripts[name].sha
+        if not sha or not (await admin.script_exists(sha))[0]:
+            raise BenchFailed(f"{name}.lua: RedisStore's script is not loaded in redis-server")
+        notes.append(f"{name}.lua: EVALSHA {sha[:12]}, the script RedisStore ran, with the arguments it sent "
+                     "for one purchase (reservation id and idempotency key redrawn per call)")
+        keys, args = (randomized(values, (rid, ik)) for values in calls[name])
         command = ["EVALSHA", sha, str(len(keys)), *keys, *args]
         before = await admin.hmget(f"{prefix}c:{holds[0].counter.key}", ["reserved", "count"])
         await reset_stats(admin)
@@ -438,14 +429,15 @@ def _limit(period: str) -> dict[str, str]:
 @contextlib.contextmanager
 def purchase_servers(workdir: Path, redis_url: str) -> Iterator[tuple[Child, Child, Child]]:
     """The reference Exchange and two brokers on it: (exchange, without period layer, with it)."""
-    xport, plain_port, period_port = free_port(), free_port(), free_port()
+    xport = free_port()
     catalog = bench_catalog(xport)
     digest = hashlib.sha256(AGENT_KEY.encode()).hexdigest()
     agent: dict[str, Any] = {"id": "bench-agent", "key_sha256": digest, "account": BROKER_ACCOUNT}
 
-    def broker_config(port: int, period: bool) -> dict[str, Any]:
+    def broker_config(period: bool) -> dict[str, Any]:
         config: dict[str, Any] = {
-            "listen": f"127.0.0.1:{port}",
+            # Its own free ports for the RPCs and for /metrics: two brokers run side by side.
+            **broker_ports(),
             "default_currency": "USD",
             "exchanges": [{"name": EXCHANGE_NAME, "endpoint": f"http://127.0.0.1:{xport}",
                            "trust": 80, "priority": 10}],
@@ -458,15 +450,17 @@ def purchase_servers(workdir: Path, redis_url: str) -> Iterator[tuple[Child, Chi
             config["period_budgets"] = {
                 "store": {"kind": "redis", "url": redis_url},
                 "journal_path": str(workdir / "journal.jsonl"),
+                "memory_path": str(workdir / "memory.json"),
                 "accounts": {BROKER_ACCOUNT: {"scopes": {
                     scope: {"limits": [_limit(spec)]} for scope, spec in zip(SCOPES, PERIODS, strict=True)
                 }}},
             }
         return config
 
+    plain_config, period_config = broker_config(False), broker_config(True)
     (workdir / "catalog.yaml").write_text(yaml.safe_dump(catalog), encoding="utf-8")
-    (workdir / "plain.yaml").write_text(yaml.safe_dump(broker_config(plain_port, False)), encoding="utf-8")
-    (workdir / "period.yaml").write_text(yaml.safe_dump(broker_config(period_port, True)), encoding="utf-8")
+    (workdir / "plain.yaml").write_text(yaml.safe_dump(plain_config), encoding="utf-8")
+    (workdir / "period.yaml").write_text(yaml.safe_dump(period_config), encoding="utf-8")
     children: list[Child] = []
     try:
         exchange = _start("exchange", ["exchange", "--catalog", str(workdir / "catalog.yaml")], workdir,
@@ -474,10 +468,10 @@ def purchase_servers(workdir: Path, redis_url: str) -> Iterator[tuple[Child, Chi
         children.append(exchange)
         _wait_healthy(exchange)
         plain = _start("broker-plain", ["serve", "--config", str(workdir / "plain.yaml")], workdir,
-                       plain_port)
+                       listen_port(plain_config))
         children.append(plain)
         period = _start("broker-period", ["serve", "--config", str(workdir / "period.yaml")], workdir,
-                        period_port)
+                        listen_port(period_config))
         children.append(period)
         _wait_healthy(plain)
         _wait_healthy(period)

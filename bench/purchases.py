@@ -120,19 +120,37 @@ class Child:
         return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(state: Path | None = None) -> dict[str, str]:
     # RAMP_BROKER_* / RAMP_EXCHANGE_* overrides in the caller's environment would
     # silently change the listen ports or limits written below: leave them out.
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("RAMP_BROKER_", "RAMP_EXCHANGE_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAMP_BROKER_", "RAMP_EXCHANGE_"))}
+    if state is not None:
+        # A broker's default files (journals, store memory, named after its port) go to the
+        # bench's temporary directory, never the user's ~/.local/state/ramp-broker.
+        env["XDG_STATE_HOME"] = str(state)
+    return env
+
+
+def broker_ports() -> dict[str, Any]:
+    """The config settings of everything a broker listens on, each on its own free loopback port:
+    `listen` and `metrics.listen` (never the shared default 9091, so brokers can run side by side)."""
+    return {"listen": f"127.0.0.1:{free_port()}", "metrics": {"listen": f"127.0.0.1:{free_port()}"}}
+
+
+def listen_port(config: dict[str, Any]) -> int:
+    address: str = config["listen"]
+    return int(address.rsplit(":", 1)[1])
 
 
 def _start(name: str, args: list[str], workdir: Path, port: int) -> Child:
     log_path = workdir / f"{name}.log"
+    state = workdir / "state"
+    state.mkdir(exist_ok=True)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "broker.cli", "--log-level", "WARNING", *args],
-            cwd=REPO, env=_child_env(), stdin=subprocess.DEVNULL, stdout=log,
+            cwd=REPO, env=_child_env(state), stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT,
         )
     return Child(name, proc, log_path, f"http://127.0.0.1:{port}")
@@ -176,10 +194,10 @@ def running_servers() -> Iterator[tuple[Child, Child]]:
     children: list[Child] = []
     with tempfile.TemporaryDirectory(prefix="ramp-bench-") as tmp:
         workdir = Path(tmp)
-        xport, bport = free_port(), free_port()
+        xport = free_port()
         catalog = bench_catalog(xport)
         config = {
-            "listen": f"127.0.0.1:{bport}",
+            **broker_ports(),
             "default_currency": "USD",
             "exchanges": [{"name": EXCHANGE_NAME, "endpoint": f"http://127.0.0.1:{xport}",
                            "trust": 80, "priority": 10}],
@@ -194,7 +212,7 @@ def running_servers() -> Iterator[tuple[Child, Child]]:
             children.append(exchange)
             _wait_healthy(exchange)
             broker = _start("broker", ["serve", "--config", str(workdir / "broker.yaml")],
-                            workdir, bport)
+                            workdir, listen_port(config))
             children.append(broker)
             _wait_healthy(broker)
             yield exchange, broker
@@ -517,7 +535,7 @@ def report(results: list[PhaseResult], s: Settings, exchange_charges: int | None
     return "\n".join(out)
 
 
-def _exchange_charges(exchange_url: str) -> int | None:
+def exchange_charges(exchange_url: str) -> int | None:
     try:
         with httpx.Client(timeout=5.0, trust_env=False) as client:
             r = client.get(f"{exchange_url}/admin/state")
@@ -556,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             s.pids = {"broker": broker.proc.pid, "exchange": exchange.proc.pid, "bench": None,
                       "machine": MACHINE}
             results = asyncio.run(run_all(broker.url, port, s))
-            charges = _exchange_charges(exchange.url)
+            charges = exchange_charges(exchange.url)
     except TimeoutError:
         print(f"bench: a phase ran {PHASE_GRACE_S:g} s past --seconds and was abandoned",
               file=sys.stderr)

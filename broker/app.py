@@ -16,17 +16,21 @@ from broker.auth import AdminToken, Authenticate, Authenticator, RequireAdmin
 from broker.codecs import MAX_BODY_BYTES, server_codecs, server_compressions
 from broker.config import BrokerConfig, StoreSetting
 from broker.errors import ErrorMapping
+from broker.health import HEALTH_SERVICE, Readiness, health_apps, readyz
 from broker.instrument import TimedExchange, TimedStore
 from broker.logs import RequestIds
 from broker.metrics import Metrics, PeriodEventMetrics
 from broker.purchase import Purchaser
+from broker.reflection import REFLECTION_SERVICES, reflection_apps
 from broker.selection import Exchange
 from broker.service import AdminHandlers, BrokerHandlers, BudgetHandlers
 from broker.watch import BudgetWatch
 from budget.clock import Clock, SystemClock
 from budget.forecast import SpendRates
 from budget.journal import Journal
+from budget.leases import LeaseBook
 from budget.memory import StoreMemory
+from budget.pacing import Pacer
 from budget.period import PeriodLayer, ScopeRule
 from budget.periods import Period, time_zone
 from budget.scopes import billing_scope
@@ -56,6 +60,10 @@ class Broker:
     period: PeriodLayer | None = None
     ecb: EcbConverter | None = None
     alerter: Alerter | None = None
+    readiness: Readiness | None = None
+    purchaser: Purchaser | None = None
+    # Set when the server starts draining (SIGTERM): readiness turns NOT_SERVING, Watch streams end.
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -68,18 +76,26 @@ class Broker:
         if self.period is not None:
             self._tasks.append(asyncio.create_task(self.period.run_upkeep(
                 self.config.period_budgets.sweep_interval_seconds, self._stop)))
+            if self.period.leases is not None:
+                self._tasks.append(asyncio.create_task(self.period.leases.run(self._stop)))
         if self.ecb is not None and self.config.ecb_rates is not None:
             self._tasks.append(asyncio.create_task(run_refresher(
                 self.ecb, self.config.ecb_rates.refresh_seconds, self._stop)))
+        if self.readiness is not None:
+            self._tasks.append(asyncio.create_task(self.readiness.run(self._stop, self.draining)))
 
     async def close(self) -> None:
+        if self.purchaser is not None:
+            await self.purchaser.drain(self.config.shutdown_grace_seconds)
         self._stop.set()
         for task in self._tasks:
             await task
-        for ex in self.exchanges.values():
-            await ex.adapter.close()
-        if self.period is not None:
-            await self.period.close()
+        try:
+            if self.period is not None:
+                await self.period.close()  # may still ask the Exchanges (settling leases)
+        finally:
+            for ex in self.exchanges.values():
+                await ex.adapter.close()
 
 
 def scope_owners(config: BrokerConfig) -> dict[str, str]:
@@ -142,6 +158,7 @@ def scope_rules(config: BrokerConfig, owners: dict[str, str]) -> dict[str, dict[
                 limits={lim.period: (Period.parse(lim.period, "period"), lim.money()) for lim in s.limits},
                 failure=s.failure,
                 open_allowance=s.open_allowance.money() if s.open_allowance else None,
+                mode=s.mode, tier=s.tier, pacing=s.pacing == "even",
             )
     return rules
 
@@ -150,18 +167,33 @@ def build_period_layer(
     config: BrokerConfig, owners: dict[str, str], clock: Clock, converter: Converter, store: Store,
     metrics: Metrics | None = None,
 ) -> PeriodLayer:
+    def refreshed(ok: bool) -> None:
+        if metrics is not None:
+            metrics.lease_refreshes.labels("ok" if ok else "failed").inc()
+
     pb = config.period_budgets
     rules = scope_rules(config, owners)
     # One journal and one memory per broker: the defaults are named after its port.
     port = config.listen.rsplit(":", 1)[1]
     journal_path = _file(pb.journal_path, state_dir() / f"journal-{port}.jsonl")
     memory_path = _file(pb.memory_path, state_dir() / f"memory-{port}.json")
-    return PeriodLayer(
+    period = PeriodLayer(
         store, rules, clock=clock, tz=time_zone(pb.time_zone, "period_budgets.time_zone"),
         converter=converter, ttl_s=pb.reservation_ttl_seconds, grace_s=pb.grace_seconds,
         journal=Journal(journal_path), events=PeriodEventMetrics(metrics) if metrics else None,
         memory=StoreMemory(memory_path),
     )
+    leasing = [account for account, scopes in rules.items()
+               if any(rule.mode == "lease" for rule in scopes.values())]
+    if leasing:
+        ls = pb.leases
+        period.leases = LeaseBook(
+            store, clock=clock, broker=period.instance,
+            journal=Journal(_file(ls.journal_path, state_dir() / f"leases-{port}.jsonl")),
+            identity=period.guard.identity, floor=period.guard.floor, on_lost=period.guard.mark_lost,
+            refresh_s=ls.refresh_seconds, ttl_s=ls.ttl_seconds, rate_half_life_s=ls.rate_half_life_seconds,
+            on_refresh=refreshed, accounts=leasing)
+    return period
 
 
 async def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Broker:
@@ -182,7 +214,8 @@ async def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Brok
     if store is not None:
         alerter = Alerter(config.alerts, store, clock, metrics,
                           grace_ms=config.period_budgets.grace_seconds * 1000, instance=config.listen)
-    watch = BudgetWatch(SpendRates(config.forecast.half_life_seconds), metrics, alerter)
+    watch = BudgetWatch(SpendRates(config.forecast.half_life_seconds), metrics, alerter,
+                        Pacer(clock.now))
     default = config.session.default_limit.money() if config.session.default_limit else None
     sessions = SessionBudgets(clock, default, idle_seconds=config.session.idle_seconds)
     exchanges = {
@@ -210,12 +243,22 @@ async def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Brok
             interceptors=[RequestIds(), RequireAdmin(admin_token, errors), errors], codecs=codecs,
             compressions=compressions, read_max_bytes=MAX_BODY_BYTES)
         apps[admin_app.path] = admin_app
+    # For tools and probes, without keys: grpc.health.v1 and server reflection (issue 14).
+    served = [*(path[1:] for path in apps), HEALTH_SERVICE, *REFLECTION_SERVICES]
+    readiness = Readiness(
+        config.readiness, served, store=period.store if period else None,
+        account=min(period.accounts, default=None) if period else None,
+        closed_scopes=period is not None and any(
+            period.rule(account, scope).failure == "closed" for scope, account in owners.items()),
+        exchanges={e.name: e.endpoint for e in config.exchanges})
+    apps.update(health_apps(readiness, [RequestIds()]))
+    apps.update(reflection_apps(served, [RequestIds()]))
 
     async def healthz(method: str, body: Any) -> tuple[int, Any]:
         return 200, {"status": "ok", "exchanges": sorted(exchanges), "sessions": len(sessions)}
 
-    router = Router(apps, {"/healthz": healthz})
-    return Broker(config, router, exchanges, sessions, metrics, period, ecb, alerter)
+    router = Router(apps, {"/healthz": healthz, "/readyz": readyz(readiness)})
+    return Broker(config, router, exchanges, sessions, metrics, period, ecb, alerter, readiness, purchaser)
 
 
 def _age_seconds(ecb: EcbConverter, clock: Clock) -> float | None:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from broker import console
+from broker import console, leases_cli, mcp_cli
 from broker.config import BrokerConfig, load_broker_config
 from broker.configfile import ConfigError
 from broker.logs import configure
@@ -38,7 +38,9 @@ async def _serve(config_path: str | None, log_format: str | None, log_level: str
     broker.start()
     log.info("starting broker on %s (Connect, gRPC-Web, gRPC); exchanges: %s",
              config.listen, ", ".join(broker.exchanges) or "none")
-    stop = asyncio.Event()
+    # SIGTERM/SIGINT set it: readiness turns NOT_SERVING and health Watch streams end while
+    # in-flight requests finish.
+    stop = broker.draining
     servers = [_listening("listen", config.listen, serve_until_signalled(
         broker.app, config.listen, config.shutdown_grace_seconds, stop), stop)]
     if config.metrics.enabled:
@@ -320,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd.add_argument("--empty", action="store_true",
                              help="adopt the store as it is when no memory file is found")
     console.add_commands(sub)
+    mcp_cli.add_command(sub)
+    leases_cli.add_command(sub)
     args = parser.parse_args(argv)
     configure(args.log_format or "text", args.log_level or "INFO")
     try:
@@ -331,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_store_command(args))
         elif args.command in ("budget", "holds"):
             return console.run(args)
+        elif args.command == "mcp":
+            return mcp_cli.run(args)
+        elif args.command == "leases":
+            return leases_cli.run(args)
         else:
             asyncio.run(_exchange(args.catalog))
     except ConfigError as exc:

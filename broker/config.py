@@ -120,6 +120,15 @@ class ScopeSetting(_Strict):
     # open_allowance per broker, journaled locally and replayed on recovery.
     failure: Literal["closed", "open"] = "closed"
     open_allowance: MoneySetting | None = None
+    # strict: every purchase reserves in the store. lease: spent from this broker's pre-debited
+    # leases, refreshed in batches (budget.leases); synchronous near exhaustion.
+    mode: Literal["strict", "lease"] = "strict"
+    # How strict a lease's end game is: prepaid goes synchronous from 5% of the limit left,
+    # postpaid leases twice the headroom (the bound stays zero overspend: leases are pre-debited).
+    tier: Literal["standard", "prepaid", "postpaid"] = "standard"
+    # even: when the forecast says the budget runs out before its period ends, admit purchases
+    # with the probability that keeps spend on an even curve to the period's end (budget.pacing).
+    pacing: Literal["off", "even"] = "off"
 
     @model_validator(mode="after")
     def _check(self) -> ScopeSetting:
@@ -149,6 +158,19 @@ class StoreSetting(_Strict):
     timeout_ms: int = Field(default=250, gt=0, le=30000)
 
 
+class LeaseSetting(_Strict):
+    # A broker reports its spend and renews its leases this often (sooner when half used).
+    refresh_seconds: float = Field(default=1.0, gt=0, le=300)
+    # A broker that has not refreshed for this long may not spend its leases any more (it stops
+    # at half of it); the store keeps them counted until the broker reports or an operator
+    # releases them.
+    ttl_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # The smoothing of spend rates behind lease sizes and phases (a short burst does not count).
+    rate_half_life_seconds: float = Field(default=60.0, gt=0, le=86400)
+    # This broker's lease journal; default under the user's state directory, after `listen`'s port.
+    journal_path: str | None = None
+
+
 class EcbSetting(_Strict):
     # A file path or an http(s) URL of an ECB eurofxref XML document.
     source: str = Field(min_length=1)
@@ -171,6 +193,7 @@ class PeriodBudgetsSetting(_Strict):
     # What this broker has seen of the store (identity, limits version, spend high-water marks)
     # and its instance id; default under the user's state directory, named after `listen`'s port.
     memory_path: str | None = None
+    leases: LeaseSetting = LeaseSetting()
     accounts: dict[str, AccountSetting] = Field(default_factory=dict)
 
     @field_validator("time_zone")
@@ -288,6 +311,15 @@ class LoggingSetting(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class ReadinessSetting(_Strict):
+    """The background probes behind grpc.health.v1.Health and GET /readyz."""
+
+    # How often the budget store and every Exchange are probed.
+    interval_seconds: float = Field(default=2.0, gt=0, le=300)
+    # How long one probe may take before it counts as a failure.
+    timeout_ms: int = Field(default=1000, gt=0, le=30000)
+
+
 def _extra_currency(code: str) -> str:
     if not (len(code) == 3 and code.isascii() and code.isalpha() and code.isupper()):
         raise ValueError(f"{code[:16]!r} is not three uppercase letters (an ISO 4217 code such as XAU)")
@@ -339,6 +371,7 @@ class BrokerConfig(_Strict):
     alerts: AlertsSetting = AlertsSetting()
     forecast: ForecastSetting = ForecastSetting()
     logging: LoggingSetting = LoggingSetting()
+    readiness: ReadinessSetting = ReadinessSetting()
 
     _check_listen = field_validator("listen")(check_address)
 

@@ -76,18 +76,26 @@ class Answer:
     body: dict[str, Any]
 
 
-def broker_url(given: str | None) -> str:
-    """`--broker`, else $RAMP_ADMIN_URL, else the default; checked to be an http(s) URL."""
-    text = given or os.environ.get(URL_ENV) or DEFAULT_URL
-    where = "--broker" if given else URL_ENV if os.environ.get(URL_ENV) else "default"
+def http_url(given: str | None, env: str, default: str) -> str:
+    """`--broker`, else $`env`, else `default`; checked to be an http(s) URL (ValueError naming
+    where it came from)."""
+    text = given or os.environ.get(env) or default
+    where = "--broker" if given else env if os.environ.get(env) else "default"
     try:
         url = httpx.URL(text)
     except (httpx.InvalidURL, TypeError):
         url = None
     if url is None or url.scheme not in ("http", "https") or not url.host:
-        raise CliError(f"{where}: {text[:100]!r} is not an http:// or https:// URL "
-                       f"(such as {DEFAULT_URL})", EXIT_USAGE)
+        raise ValueError(f"{where}: {text[:100]!r} is not an http:// or https:// URL (such as {default})")
     return text.rstrip("/")
+
+
+def broker_url(given: str | None) -> str:
+    """`--broker`, else $RAMP_ADMIN_URL, else the default."""
+    try:
+        return http_url(given, URL_ENV, DEFAULT_URL)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
 
 
 def admin_token(env_name: str) -> str:

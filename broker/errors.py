@@ -179,8 +179,8 @@ def denial_of(exc: BaseException) -> bpb.Denial | None:
     if isinstance(exc, BudgetExhausted):
         d = bpb.Denial(reason=exc.reason, layer=_BUDGET_LAYER[exc.layer], scope=exc.scope,
                        next_action=exc.next_action, budget=exhausted_detail(exc))
-        if exc.period_end is not None:
-            d.retry_at.CopyFrom(wire.timestamp(exc.period_end))
+        if exc.retry_at is not None:
+            d.retry_at.CopyFrom(wire.timestamp(exc.retry_at))
         return d
     if isinstance(exc, NothingToBuy):
         return bpb.Denial(reason=exc.reason, layer=_NOTHING_LAYER[exc.reason],

@@ -10,10 +10,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from budget.store import (
+    BrokerLease,
     Committed,
     CounterRef,
     CounterState,
     Hold,
+    LeaseAsk,
+    LeaseOutcome,
+    LeaseSpend,
     LedgerEntry,
     Limits,
     Line,
@@ -80,6 +84,22 @@ class TimedStore:
     ) -> Swept:
         return await self._timed("sweep", self.inner.sweep(
             account, now_ms=now_ms, batch=batch, lease_ms=lease_ms, taker=taker, reclaim=reclaim))
+
+    async def lease(
+        self, account: str, broker: str, seq: int, asks: Sequence[LeaseAsk],
+        spends: Sequence[LeaseSpend], *, ttl_ms: int, now_ms: int, limits_version: int,
+        identity: StoreIdentity | None = None,
+    ) -> LeaseOutcome:
+        return await self._timed("lease", self.inner.lease(
+            account, broker, seq, asks, spends, ttl_ms=ttl_ms, now_ms=now_ms,
+            limits_version=limits_version, identity=identity))
+
+    async def leases(self, account: str) -> list[BrokerLease]:
+        return await self._timed("leases", self.inner.leases(account))
+
+    async def release_leases(self, account: str, broker: str, *, as_spent: bool, now_ms: int) -> int:
+        return await self._timed("release_leases", self.inner.release_leases(
+            account, broker, as_spent=as_spent, now_ms=now_ms))
 
     async def holds(self, account: str) -> list[UnsettledHold]:
         return await self._timed("holds", self.inner.holds(account))

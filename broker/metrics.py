@@ -9,6 +9,7 @@ because Prometheus has nothing else; it is for graphs, never for enforcement.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from decimal import Decimal
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
@@ -69,6 +70,17 @@ class Metrics:
         self.overages = Counter(
             "broker_overages", "Commits that recorded more than was reserved (the Exchange "
             "charged above the offer).", registry=r)
+        self.mode = Gauge(
+            "broker_budget_mode", "1 for how each scope in metrics.export_scopes is enforced now: strict "
+            "(strict mode), or lease mode and its phase (lease_generous ... lease_exhausted).",
+            ["scope", "period", "currency", "mode"], registry=r)
+        self.lease_refreshes = Counter(
+            "broker_lease_refreshes", "Lease refreshes this broker sent to the store, by outcome (ok, "
+            "failed).", ["outcome"], registry=r)
+        self.admission = Gauge(
+            "broker_pacing_admission_probability", "Share of purchases a paced budget admits now "
+            "(1: not pacing), for the scopes in metrics.export_scopes.", ["scope", "period", "currency"],
+            registry=r)
         self.over_limit = Counter(
             "broker_counters_over_limit", "Commits that left a counter's spend above its limit (an "
             "overage or a late commit; logged as an error, the counter denies until raised).", registry=r)
@@ -106,6 +118,11 @@ class Metrics:
     def purchase(self, outcome: str) -> None:
         self.purchases.labels(outcome).inc()
 
+    def paced(self, scope: str, period: str, currency: str, probability: Decimal) -> None:
+        """A paced budget's admission probability, for the exported scopes."""
+        if scope in self._export:
+            self.admission.labels(scope, period, currency).set(float(probability))
+
     def overcharged(self, exchange: str) -> None:
         self.overcharges.labels(exchange).inc()
 
@@ -131,6 +148,9 @@ class Metrics:
                 labels = (s.scope, s.period, s.limit.currency)
                 self.remaining.labels(*labels).set(float(s.remaining.text()))
                 self.limit.labels(*labels).set(float(s.limit.text()))
+                state = f"lease_{s.phase}" if s.mode == "lease" and s.phase else s.mode
+                for name in _MODES:
+                    self.mode.labels(*labels, name).set(1 if name == state else 0)
 
     # --- calls out of the broker ---------------------------------------------------------
 
@@ -196,6 +216,8 @@ class PeriodEventMetrics:
 
 
 _BUDGET_LAYERS = frozenset(layer.value for layer in Layer)
+_MODES = ("strict", "lease", "lease_generous", "lease_tightening", "lease_strict", "lease_synchronous",
+          "lease_exhausted")
 
 
 def _is_exhaustion(reason: str) -> bool:

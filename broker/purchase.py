@@ -75,7 +75,7 @@ from budget.period import (
 )
 from budget.session import SessionAccount, SessionBudgets
 from budget.store import StoreUnavailable, UnsettledHold
-from currency.convert import Converter, convert
+from currency.convert import ConversionError, Converter, convert
 from currency.money import Money, total
 from ramp.broker.v1 import broker_pb2 as bpb
 from ramp.v1 import ramp_pb2 as rpb
@@ -104,6 +104,7 @@ class Purchaser:
         self._period = period
         self._watch = watch or BudgetWatch(SpendRates(config.forecast.half_life_seconds), Metrics())
         self._idem = IdempotencyCache(config.idempotency_cache_size)
+        self._running: set[asyncio.Task[bpb.TransactResponse]] = set()
         self._quotes = QuoteBook(clock, config.quotes.max_age_seconds, config.quotes.cache_size)
         self._penalties = TrustPenalties()
         self._requester = rpb.Requester(
@@ -169,6 +170,8 @@ class Purchaser:
             # The purchase runs in its own task: an agent that hangs up mid-purchase
             # does not cancel money in flight, and its retry joins the same task.
             entry = Entry(order.fingerprint, asyncio.create_task(self._run(order)))
+            self._running.add(entry.task)
+            entry.task.add_done_callback(self._running.discard)
             self._idem.add((agent.id, order.key), entry)
         try:
             answer = await asyncio.shield(entry.task)
@@ -185,6 +188,12 @@ class Purchaser:
         again.CopyFrom(answer)
         again.replayed = True
         return again
+
+    async def drain(self, within_s: float) -> None:
+        """At shutdown: let the purchases still running finish (their callers may have hung up), so
+        what they hold is committed or released before the budget store is closed."""
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=within_s)
 
     async def _run(self, order: Order) -> bpb.TransactResponse:
         """One purchase, its outcome counted and logged whether or not its caller still waits."""
@@ -292,6 +301,34 @@ class Purchaser:
         """The period counters a purchase is charged to now (None: no period layer)."""
         return await self._period.plan(charge) if charge and self._period else None
 
+    def _pace(self, plan: Plan, cost: Money) -> None:
+        """Draw admission for every paced budget of the purchase (BudgetExhausted budget_paced)."""
+        pacer = self._watch.pacer
+        if pacer is None:
+            return
+        paced = [((plan.account, c.ref.scope, c.ref.period, c.ref.currency),
+                  convert(cost, c.ref.currency, self._converter)) for c in plan.counters if c.pacing]
+        for key, _ in paced:
+            admission = pacer.admission(key)
+            if admission is not None:
+                self._watch.metrics.paced(key[1], key[2], key[3], admission.probability)
+        pacer.admit(paced)
+
+    def tightest(self, budgets: Sequence[bpb.BudgetState]) -> bpb.BudgetState | None:
+        """The budget with the least left, compared in the first one's currency (rounded down)."""
+        if not budgets:
+            return None
+        currency = budgets[0].remaining.currency
+
+        def left(b: bpb.BudgetState) -> Money:
+            money = Money.parse(b.remaining.amount, b.remaining.currency, "remaining")
+            return convert(money, currency, self._converter, round_up=False)
+
+        try:
+            return min(budgets, key=lambda b: left(b).amount)
+        except ConversionError:
+            return None
+
     async def plan(self, agent: Agent, c: Constraints, prefix: str = "constraints.") -> Plan | None:
         """The period counters a caller's purchase with constraints `c` would be charged to."""
         return await self._plan(charge_for(agent, c, prefix))
@@ -361,6 +398,8 @@ class Purchaser:
         parts = [_Part(i, cands[0].exchange, self._buyer.request(cands, order.exchange_key), cands)
                  for i, cands in enumerate(by_exchange.values())]
         cost = total((cand.price for cand in kept), account.currency)
+        if plan is not None:
+            self._pace(plan, cost)  # a paced budget may turn this purchase away: nothing held yet
         account, session = self._sessions.hold(order.caller.id, account, cost)
         if plan is None or order.charge is None or self._period is None:
             return _Held(account, session, None, parts)
@@ -399,6 +438,8 @@ class Purchaser:
         except BaseException:
             # Unknown how far the purchase got: the session counts the whole hold, and the period
             # hold stays with its intent for whoever rolls it forward. Nothing is refunded blindly.
+            if held.period is not None and self._period is not None:
+                self._period.hand_over(held.period)
             await held.session.commit(held.session.amount)
             raise
         outcomes = [o for part in held.parts for o in results[part.index].outcomes]
@@ -423,6 +464,8 @@ class Purchaser:
         response.budgets.extend(wire.budget_state(s) for s in watched)
         if held.period is not None and not all(r.answered for r in results.values()):
             # Not settled yet: a retry must go to the store (and roll it forward), not this answer.
+            assert self._period is not None
+            self._period.hand_over(held.period)
             self._idem.forget((order.caller.id, order.key))
         return response
 

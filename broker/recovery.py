@@ -42,6 +42,7 @@ class Recovery:
             log.error("hold %s in account %s has an unreadable intent (%s): it stays counted until an "
                       "operator settles it", unsettled.reservation_id, account, exc)
             return None
+        key = unsettled.idempotency_key
         answers: dict[int, list[bpb.ItemResult]] = {
             p: list(bpb.TransactResponse.FromString(raw).items) for p, raw in unsettled.done.items()}
         charged_before = any(
@@ -61,14 +62,14 @@ class Recovery:
         if not charged_before and all(o.charged.is_zero() for o in outcomes):
             await self._period.release(hold)
             log.info("hold %s settled: nothing was charged", unsettled.reservation_id)
-            return stored_answer(intent.fingerprint, self._answer(intent, unsettled, answers, results))
+            return stored_answer(intent.fingerprint, self._answer(intent, key, answers, results))
         for p in todo[:-1]:
             spent = [o.spend() for o in results[p].charged()]
             if spent:
                 part_answer = bpb.TransactResponse(items=[o.item for o in results[p].outcomes])
                 await self._period.commit(hold, spent, part_answer.SerializeToString(), part=p, final=False)
         last = todo[-1] if todo else 0
-        stored = stored_answer(intent.fingerprint, self._answer(intent, unsettled, answers, results))
+        stored = stored_answer(intent.fingerprint, self._answer(intent, key, answers, results))
         await self._period.commit(hold, [o.spend() for o in results[last].charged()] if todo else [], stored,
                                   part=last, final=True)
         log.info("hold %s rolled forward: %d part(s) settled with their Exchanges", unsettled.reservation_id,
@@ -79,21 +80,23 @@ class Recovery:
         """What `items` say was charged, in `currency` (an operator's settlement builds its answer)."""
         return self._buyer.total_charged(items, currency)
 
-    async def roll_forward_local(self, account: str, raw: bytes) -> list[ItemSpend] | None:
-        """A fail-open purchase whose intent the journal kept: re-send every part, and return what
-        the Exchanges say they charged (None while one has not answered)."""
+    async def roll_forward_local(self, account: str, raw: bytes) -> tuple[list[ItemSpend], bytes] | None:
+        """A fail-open or lease purchase whose intent the journal kept: re-send every part, and
+        return what the Exchanges say they charged with the key's stored answer (None while one
+        has not answered)."""
         try:
             intent = Intent.decode(raw)
         except IntentError as exc:
             log.error("a journaled intent in account %s is unreadable (%s): it stays counted", account, exc)
             return None
-        charged: list[ItemSpend] = []
+        results: dict[int, PartResult] = {}
         for p in range(len(intent.parts)):
             result = await self._resend(intent, p)
             if result is None or not result.answered:
                 return None
-            charged += [o.spend() for o in result.charged()]
-        return charged
+            results[p] = result
+        charged = [o.spend() for r in results.values() for o in r.charged()]
+        return charged, stored_answer(intent.fingerprint, self._answer(intent, intent.key, {}, results))
 
     async def _resend(self, intent: Intent, p: int) -> PartResult | None:
         part = intent.parts[p]
@@ -110,11 +113,12 @@ class Recovery:
         return await self._buyer.buy(ex, request, cands, intent.currency)
 
     def _answer(
-        self, intent: Intent, unsettled: UnsettledHold, earlier: dict[int, list[bpb.ItemResult]],
+        self, intent: Intent, key: str, earlier: dict[int, list[bpb.ItemResult]],
         results: dict[int, PartResult],
     ) -> bpb.TransactResponse:
-        """The key's answer, as the purchase would have given it: every part's items, in order."""
-        response = bpb.TransactResponse(idempotency_key=unsettled.idempotency_key.partition("#")[2])
+        """The key's answer, as the purchase would have given it: every part's items, in order.
+        `key` is the store's (`<agent id>#<key>`); the answer carries the agent's part."""
+        response = bpb.TransactResponse(idempotency_key=key.partition("#")[2])
         for p in range(len(intent.parts)):
             if p in results:
                 response.items.extend(o.item for o in results[p].outcomes)

@@ -46,7 +46,18 @@ class BrokerHandlers:
         return await self._purchaser.resolve(request, caller())
 
     async def transact(self, request: bpb.TransactRequest, ctx: Ctx) -> bpb.TransactResponse:
-        return await self._purchaser.transact(request, caller())
+        answer = await self._purchaser.transact(request, caller())
+        # How the tightest budget is enforced, and what it has left: clients can react to a
+        # scope near its end (synchronous mode, small remaining) without parsing the body.
+        tightest = self._purchaser.tightest(answer.budgets)
+        if tightest is not None:
+            mode = "lease" if tightest.mode == bpb.ENFORCEMENT_MODE_LEASE else "strict"
+            if tightest.phase:
+                mode += f"; phase={tightest.phase}"
+            ctx.response_headers["x-budget-mode"] = mode
+            ctx.response_headers["x-budget-remaining"] = (
+                f"{tightest.remaining.amount} {tightest.remaining.currency}; scope={tightest.scope}")
+        return answer
 
 
 class BudgetHandlers:

@@ -13,6 +13,7 @@ from typing import Protocol
 from broker.metrics import Metrics
 from budget.forecast import SpendRates
 from budget.layers import Snapshot
+from budget.pacing import Pacer
 
 
 class AlertSink(Protocol):
@@ -21,15 +22,21 @@ class AlertSink(Protocol):
 
 
 class BudgetWatch:
-    def __init__(self, rates: SpendRates, metrics: Metrics, alerts: AlertSink | None = None) -> None:
+    def __init__(
+        self, rates: SpendRates, metrics: Metrics, alerts: AlertSink | None = None,
+        pacer: Pacer | None = None,
+    ) -> None:
         self.rates = rates
         self.metrics = metrics
         self.alerts = alerts
+        self.pacer = pacer
 
     def seen(self, snaps: Sequence[Snapshot]) -> list[Snapshot]:
         """Numbers read from the budgets: returned with their forecast."""
         out = self.rates.observe_all(snaps)
         self.metrics.seen(out)
+        if self.pacer is not None:
+            self.pacer.observe(out)
         return out
 
     def committed(self, snaps: Sequence[Snapshot]) -> list[Snapshot]:

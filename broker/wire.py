@@ -11,6 +11,7 @@ from currency.money import Money
 from ramp.broker.v1 import broker_pb2 as bpb
 from ramp.v1 import ramp_pb2 as rpb
 
+MODES = {"strict": bpb.ENFORCEMENT_MODE_STRICT, "lease": bpb.ENFORCEMENT_MODE_LEASE}
 LAYERS = {
     Layer.TRANSACTION: bpb.BUDGET_LAYER_TRANSACTION,
     Layer.SESSION: bpb.BUDGET_LAYER_SESSION,
@@ -32,8 +33,9 @@ def budget_state(snap: Snapshot) -> bpb.BudgetState:
     state = bpb.BudgetState(
         layer=LAYERS[snap.layer], scope=snap.scope, limit=cost(snap.limit),
         spent=cost(snap.spent), reserved=cost(snap.reserved), remaining=cost(snap.remaining),
-        mode=bpb.ENFORCEMENT_MODE_STRICT, transaction_count=snap.transaction_count,
+        mode=MODES.get(snap.mode, bpb.ENFORCEMENT_MODE_STRICT), transaction_count=snap.transaction_count,
         as_of=timestamp(snap.as_of), period=snap.period, failure_policy=snap.failure_policy,
+        phase=snap.phase,
     )
     if snap.period_start is not None:
         state.period_start.CopyFrom(timestamp(snap.period_start))

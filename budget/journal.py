@@ -42,6 +42,7 @@ class JournalEntry:
     lines: tuple[Line, ...]
     at_ms: int
     intent: bytes = b""  # an intent entry (no lines yet): roll it forward if it is still pending
+    result: bytes = b""  # the purchase's stored answer (a retry of its key is shown it), if known
 
     @property
     def store_key(self) -> str:
@@ -55,10 +56,19 @@ def _hold(d: dict[str, Any]) -> Hold:
 
 
 class Journal:
+    """The journal file. Writes are group-committed: every append or ack made while a write is
+    under way goes out in the next one, with a single fsync, and each returns once its own
+    record is on disk. What `pending()` shows is updated at once (a record may be in it shortly
+    before it is durable: a crash then only means the spend is offered to the store again, or
+    an ack written again)."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = asyncio.Lock()
         self._pending: dict[str, JournalEntry] = {}
+        self._lines: list[str] = []  # for the next write
+        self._truncate = False  # the next write starts the file afresh (everything was acked)
+        self._waiters: list[asyncio.Future[None]] = []
+        self._writer: asyncio.Task[None] | None = None
         self._load()
 
     def _load(self) -> None:
@@ -72,11 +82,13 @@ class Journal:
             if "ack" in d:
                 self._pending.pop(d["ack"], None)
                 continue
+            if "settles" in d:
+                self._pending.pop(d["settles"], None)
             self._pending[d["id"]] = JournalEntry(
                 id=d["id"], account=d["account"], idempotency_key=d["idempotency_key"],
                 holds=tuple(_hold(h) for h in d["holds"]),
                 lines=tuple(Line(**ln) for ln in d["lines"]), at_ms=d["at_ms"],
-                intent=base64.b64decode(d.get("intent", "")),
+                intent=base64.b64decode(d.get("intent", "")), result=base64.b64decode(d.get("result", "")),
             )
 
     def pending(self) -> list[JournalEntry]:
@@ -84,34 +96,69 @@ class Journal:
 
     async def append(
         self, account: str, idempotency_key: str, holds: tuple[Hold, ...], lines: tuple[Line, ...],
-        at_ms: int, intent: bytes = b"",
+        at_ms: int, intent: bytes = b"", result: bytes = b"", settles: str | None = None,
     ) -> JournalEntry:
-        entry = JournalEntry(uuid.uuid4().hex, account, idempotency_key, holds, lines, at_ms, intent)
+        """Journal a spend (or, with `intent`, a purchase about to be sent). `settles`: the intent
+        this spend ends, acknowledged in the same write."""
+        entry = JournalEntry(uuid.uuid4().hex, account, idempotency_key, holds, lines, at_ms, intent, result)
         record = {"id": entry.id, "account": account, "idempotency_key": idempotency_key,
                   "holds": [asdict(h) for h in holds], "lines": [asdict(ln) for ln in lines],
-                  "at_ms": at_ms, **({"intent": base64.b64encode(intent).decode()} if intent else {})}
-        async with self._lock:
-            await asyncio.to_thread(self._write, json.dumps(record, separators=(",", ":")))
-            self._pending[entry.id] = entry
+                  "at_ms": at_ms, **({"intent": base64.b64encode(intent).decode()} if intent else {}),
+                  **({"result": base64.b64encode(result).decode()} if result else {}),
+                  **({"settles": settles} if settles else {})}
+        self._pending[entry.id] = entry
+        if settles:
+            self._pending.pop(settles, None)
+        await self._persist([json.dumps(record, separators=(",", ":"))])
         return entry
 
-    async def ack(self, entry_id: str) -> None:
-        async with self._lock:
+    async def ack(self, *entry_ids: str) -> None:
+        """The entries are recorded elsewhere (or came to nothing): one write for all of them."""
+        if not entry_ids:
+            return
+        for entry_id in entry_ids:
             self._pending.pop(entry_id, None)
-            if self._pending:
-                await asyncio.to_thread(self._write, json.dumps({"ack": entry_id}))
-            else:
-                await asyncio.to_thread(self._truncate)
+        await self._persist([json.dumps({"ack": e}) for e in entry_ids])
 
-    def _write(self, line: str) -> None:
+    async def _persist(self, lines: list[str]) -> None:
+        """Queue `lines` (or, with nothing pending any more, a fresh start) for the next write,
+        and wait until it is on disk."""
+        if self._pending:
+            self._lines += lines
+        else:
+            self._lines, self._truncate = [], True
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_queued())
+        await waiter
+
+    async def _write_queued(self) -> None:
+        try:
+            while self._waiters:
+                waiters, self._waiters = self._waiters, []
+                lines, truncate = self._lines, self._truncate
+                self._lines, self._truncate = [], False
+                try:
+                    await asyncio.to_thread(self._write, lines, truncate)
+                except Exception as exc:  # the disk refused: every caller of this write hears of it
+                    for w in waiters:
+                        if not w.done():
+                            w.set_exception(exc)
+                except BaseException:
+                    for w in waiters:
+                        w.cancel()
+                    raise
+                else:
+                    for w in waiters:
+                        if not w.done():
+                            w.set_result(None)
+        finally:
+            self._writer = None
+
+    def _write(self, lines: list[str], truncate: bool) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        with self.path.open("w" if truncate else "a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
             f.flush()
             os.fsync(f.fileno())
-
-    def _truncate(self) -> None:
-        if self.path.exists():
-            with self.path.open("w", encoding="utf-8") as f:
-                f.flush()
-                os.fsync(f.fileno())

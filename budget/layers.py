@@ -43,6 +43,10 @@ class Snapshot:
     # From the spend-rate forecast (budget.forecast), when one is known.
     spend_rate_per_hour: Money | None = None
     projected_exhaustion: datetime | None = None
+    # Period layer: "strict" (every purchase reserves in the store) or "lease" (budget.leases),
+    # and for a lease, its phase ("generous" ... "exhausted").
+    mode: str = "strict"
+    phase: str = ""
 
     @property
     def remaining(self) -> Money:
@@ -64,6 +68,7 @@ class BudgetExhausted(Exception):
         reason: str,
         next_action: str,
         period_end: datetime | None = None,
+        retry_at: datetime | None = None,
     ) -> None:
         self.layer = layer
         self.scope = scope
@@ -74,6 +79,8 @@ class BudgetExhausted(Exception):
         self.reason = reason
         self.next_action = next_action
         self.period_end = period_end
+        # When a retry can succeed: the period's end unless said otherwise (pacing knows sooner).
+        self.retry_at = retry_at or period_end
         super().__init__(
             f"{layer} budget {scope!r} exhausted: cost {cost} does not fit; "
             f"spent {spent}, reserved {reserved}, limit {limit}, remaining {self.remaining}"

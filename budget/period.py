@@ -39,6 +39,7 @@ from budget.layers import (
     exhausted_reason,
     next_action,
 )
+from budget.leases import TIERS, LeaseBook, LeaseHold
 from budget.memory import StoreMemory
 from budget.periods import Period, PeriodError, Window, from_ms, to_ms
 from budget.store import (
@@ -67,6 +68,8 @@ log = logging.getLogger(__name__)
 
 _STALE_RETRIES = 3
 _SKIP_AFTER_FAILURE_S = 1.0
+# How long a clean shutdown waits for Exchanges to settle lease purchases a crash cut off.
+_SETTLE_AT_CLOSE_S = 5.0
 T = TypeVar("T")
 
 
@@ -98,6 +101,10 @@ class AlreadySettled(Exception):
     def __init__(self, result: bytes) -> None:
         super().__init__("already settled")
         self.result = result
+
+
+def in_flight(key: str) -> KeyInFlight:
+    return KeyInFlight(f"a purchase with idempotency key {key!r} is still in progress; retry shortly", key)
 
 
 class HoldUnsettled(Exception):
@@ -169,6 +176,9 @@ class ScopeRule:
     limits: Mapping[str, tuple[Period, Money]] = field(default_factory=dict)
     failure: str = "closed"
     open_allowance: Money | None = None
+    mode: str = "strict"  # or "lease": spent from this broker's pre-debited leases (budget.leases)
+    tier: str = "standard"  # how strict a lease's end game is: standard, prepaid, postpaid
+    pacing: bool = False  # purchases admitted to keep spend on an even curve (budget.pacing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +199,9 @@ class Counter:
     window: Window
     limit: Money  # before the window's credit
     failure: str
+    mode: str = "strict"
+    tier: str = "standard"
+    pacing: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +213,10 @@ class Plan:
 
     def fails_open(self) -> bool:
         return bool(self.counters) and all(c.failure == "open" for c in self.counters)
+
+    def leased(self) -> bool:
+        """Every counter is spent from leases (a plan that mixes modes reserves in the store)."""
+        return bool(self.counters) and all(c.mode == "lease" for c in self.counters)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +230,10 @@ class ItemSpend:
     charged: Money  # in the currency the reservation was made in (rounded up)
 
 
+# A journaled intent settled with its Exchanges: what they charged, and the key's stored answer.
+LocalSettlement = tuple[list[ItemSpend], bytes]
+
+
 @dataclass
 class PeriodHold:
     plan: Plan
@@ -223,12 +244,14 @@ class PeriodHold:
     # Per part (one per Exchange), what it holds on each counter; one part when no intent.
     part_holds: tuple[tuple[int, ...], ...] = ()
     done: set[int] = field(default_factory=set)  # parts committed
-    local_lines: tuple[Line, ...] = ()  # a fail-open hold's spend, journaled at its final commit
+    local_lines: tuple[Line, ...] = ()  # a fail-open or lease hold's spend, journaled at its final commit
     journal_id: str | None = None  # a fail-open hold's intent entry in the journal
+    lease: LeaseHold | None = None  # held on this broker's leases, not in the store
 
     @property
     def local(self) -> bool:
-        return self.reservation_id is None
+        """Held on the fail-open allowance (nothing of it in the store)."""
+        return self.reservation_id is None and self.lease is None
 
     @property
     def parts(self) -> int:
@@ -240,6 +263,7 @@ class PeriodLayer:
         self, store: Store, accounts: Mapping[str, Mapping[str, ScopeRule]], *, clock: Clock,
         tz: ZoneInfo, converter: Converter, ttl_s: int, grace_s: int, journal: Journal | None,
         events: PeriodEvents | None = None, memory: StoreMemory | None = None, lease_s: float = 0.0,
+        leases: LeaseBook | None = None,
     ) -> None:
         self.store = store
         self.events = events or NoEvents()
@@ -258,13 +282,15 @@ class PeriodLayer:
         self._skip_until = 0.0
         # What this broker has seen of the store, and the accounts whose store shows less.
         self.guard = StoreGuard(store, memory, self.events, self._guarded)
+        # Pre-debited leases for scopes in lease mode (None: every scope is strict).
+        self.leases = leases
         # How long a sweeper may work on a hold handed to it before another may take it (the
         # store doubles it on each further hand-over).
         self._lease_ms = int(lease_s * 1000) or self._ttl_ms
         # Roll an unsettled hold (a journaled fail-open intent) forward: set by the broker, which
         # can reach the Exchanges.
         self.recover: Callable[[str, UnsettledHold], Awaitable[None]] | None = None
-        self.recover_local: Callable[[str, bytes], Awaitable[list[ItemSpend] | None]] | None = None
+        self.recover_local: Callable[[str, bytes], Awaitable[LocalSettlement | None]] | None = None
         self._reclaimed = False
 
     @property
@@ -378,7 +404,7 @@ class PeriodLayer:
             for spec in sorted(own):
                 period, limit = own[spec]
                 ref, window = self._counter(scope, period, limit.currency, at)
-                counters.append(Counter(ref, window, limit, rule.failure))
+                counters.append(Counter(ref, window, limit, rule.failure, rule.mode, rule.tier, rule.pacing))
         return Plan(charge.account, tuple(counters), limits.version, charge.scopes)
 
     def _counter(self, scope: str, period: Period, currency: str, at: datetime) -> tuple[CounterRef, Window]:
@@ -411,6 +437,10 @@ class PeriodLayer:
         if not plan.counters:
             return []
         self._check_lost(plan)
+        if plan.leased():
+            local = self._lease_snapshots(plan)
+            if local is not None:
+                return local  # as of this broker's last refresh, plus its own spend since
         try:
             states = await self._guarded(self.store.read(plan.account, [c.ref for c in plan.counters]))
         except StoreUnavailable:
@@ -421,7 +451,7 @@ class PeriodLayer:
             self._saw(plan.account, c, st)
         return [self._snapshot(plan.account, c, s) for c, s in zip(plan.counters, states, strict=True)]
 
-    def _snapshot(self, account: str, c: Counter, s: CounterState) -> Snapshot:
+    def _snapshot(self, account: str, c: Counter, s: CounterState, phase: str = "") -> Snapshot:
         cur = c.ref.currency
         return Snapshot(
             account=account, layer=Layer.PERIOD, scope=c.ref.scope,
@@ -429,7 +459,18 @@ class PeriodLayer:
             spent=Money.from_units(s.spent, cur), reserved=Money.from_units(s.reserved, cur),
             transaction_count=s.count, as_of=self._clock.now(), period_start=c.window.start,
             period_end=c.window.end, period=c.ref.period, failure_policy=c.failure,
+            mode=c.mode, phase=phase,
         )
+
+    def _lease_snapshots(self, plan: Plan) -> list[Snapshot] | None:
+        """Every counter as this broker's leases know it, or None if one is not leased yet."""
+        if self.leases is None:
+            return None
+        views = [self.leases.view(plan.account, c.ref) for c in plan.counters]
+        if any(v is None for v in views):
+            return None
+        return [self._snapshot(plan.account, c, v[0], v[1].value)
+                for c, v in zip(plan.counters, views, strict=True) if v is not None]
 
     def _local_snapshots(self, plan: Plan) -> list[Snapshot]:
         """While the store is down: what this broker may still spend on each fail-open scope."""
@@ -501,6 +542,10 @@ class PeriodLayer:
                 tuple(IntentPart(p.exchange, p.request, p.items, ph) for p, ph in zip(parts, part_holds,
                                                                                     strict=True)),
             ).encode() if parts else b""
+            if self.leases is not None and plan.leased() and self.guard.problem(plan.account) is None:
+                leased = await self._hold_on_leases(plan, holds, part_holds, key, intent)
+                if leased is not None:
+                    return leased  # else synchronous: this purchase reserves in the store
             try:
                 identity = await self.guard.identity(plan.account)
                 outcome = await self._guarded(self.store.reserve(
@@ -524,8 +569,7 @@ class PeriodLayer:
             if isinstance(outcome, Settled):
                 raise AlreadySettled(outcome.result)
             if isinstance(outcome, InFlight):
-                raise KeyInFlight(
-                    f"a purchase with idempotency key {key!r} is still in progress; retry shortly", key)
+                raise in_flight(key)
             if isinstance(outcome, Unsettled):
                 raise HoldUnsettled(plan.account, outcome.hold)
             if isinstance(outcome, Lost):
@@ -535,6 +579,35 @@ class PeriodLayer:
             plan = self._plan(charge, await self._load_limits(plan.account))
         raise StoreDown("operator limits kept changing during the reservation; retry", plan.scopes,
                         reason="limits_kept_changing")
+
+    async def _hold_on_leases(
+        self, plan: Plan, holds: tuple[Hold, ...], part_holds: tuple[tuple[int, ...], ...], key: str,
+        intent: bytes,
+    ) -> PeriodHold | None:
+        """Hold on this broker's leases (growing them once if a purchase does not fit); None when
+        the leases cannot take it: near exhaustion, or the store unreachable and the leases spent."""
+        assert self.leases is not None
+        recovered = self.leases.recovered(plan.account, key)
+        if recovered is not None:
+            raise AlreadySettled(recovered)
+        if self.leases.cut_off(plan.account, key):
+            raise in_flight(key)  # its roll-forward settles it
+        tiers = [TIERS.get(c.tier, TIERS["standard"]) for c in plan.counters]
+        lease = self.leases.try_hold(plan.account, holds, tiers)
+        if lease is None:
+            try:
+                lease = await self.leases.grow(plan.account, holds, tiers)
+            except StoreUnavailable:
+                lease = None
+        if lease is None:
+            return None
+        if intent:
+            try:
+                lease = await self.leases.journal_intent(lease, key, holds, intent)
+            except BaseException:
+                self.leases.release(lease)
+                raise
+        return PeriodHold(plan, holds, key, None, part_holds=part_holds, lease=lease)
 
     async def replay_if_settled(self, plan: Plan, key: str) -> None:
         """Raise AlreadySettled when `key` was committed before: a retry is answered, not denied."""
@@ -597,6 +670,17 @@ class PeriodLayer:
             return None
         lines = self._lines(hold.holds, items)
         now_ms = to_ms(self._clock.now())
+        if hold.lease is not None:
+            assert self.leases is not None
+            hold.local_lines += lines
+            if not final:
+                return None
+            hold.settled = True
+            if hold.local_lines:
+                await self.leases.commit(hold.lease, hold.key, hold.holds, hold.local_lines, result)
+            else:
+                await self.leases.release_journaled(hold.lease)
+            return self._lease_snapshots(hold.plan)
         if hold.local:
             # Fail-open: nothing of it is in the store; the journal takes the whole purchase at once.
             hold.local_lines += lines
@@ -605,10 +689,12 @@ class PeriodLayer:
             hold.settled = True
             assert self._journal is not None
             if hold.local_lines:
-                await self._journal.append(hold.plan.account, hold.key, hold.holds, hold.local_lines, now_ms)
+                # Its spend is journaled, and its intent with it: nothing to roll forward.
+                await self._journal.append(hold.plan.account, hold.key, hold.holds, hold.local_lines, now_ms,
+                                           settles=hold.journal_id)
                 self.events.fail_open_spend()
-            if hold.journal_id is not None:
-                await self._journal.ack(hold.journal_id)  # its spend is journaled: nothing to roll
+            elif hold.journal_id is not None:
+                await self._journal.ack(hold.journal_id)
             self._local_holds.remove(hold)
             return None
         assert hold.reservation_id is not None
@@ -688,10 +774,29 @@ class PeriodLayer:
         shares[-1] += exact_total - sum(shares)
         return shares
 
+    def hand_over(self, hold: PeriodHold) -> None:
+        """The purchase gives up on settling `hold` (an Exchange did not answer, or it was cut
+        short): its intent is for the roll-forward now. A store hold is the sweepers' after its
+        TTL; a lease or fail-open hold, journaled here, is this broker's upkeep's."""
+        if hold.settled:
+            return
+        if hold.lease is not None and hold.lease.intent_id is not None:
+            assert self.leases is not None
+            hold.settled = True  # a late commit of it would count it twice: the roll-forward's now
+            self.leases.hand_over(hold.lease, hold.key)
+        elif hold.local and hold.journal_id is not None:
+            hold.settled = True
+            self._local_holds.remove(hold)  # its journaled intent is replayed (rolled forward)
+        # Else nothing journaled to roll forward: it stays held (counted) until a restart.
+
     async def release(self, hold: PeriodHold) -> None:
         if hold.settled:
             raise RuntimeError("period reservation settled twice")
         hold.settled = True
+        if hold.lease is not None:
+            assert self.leases is not None
+            await self.leases.release_journaled(hold.lease)
+            return
         if hold.local:
             if hold.journal_id is not None and self._journal is not None:
                 await self._journal.ack(hold.journal_id)  # the Exchanges refused it: nothing spent
@@ -723,7 +828,7 @@ class PeriodLayer:
                 rolled = await self._roll_forward_local(entry)
                 if rolled is None:
                     continue  # an Exchange has not answered: it stays counted, tried again later
-                lines = rolled
+                lines, _ = rolled
             identity = self.guard.seen_identity(entry.account)
             try:
                 await self.store.record_spend(
@@ -756,6 +861,7 @@ class PeriodLayer:
                 await self._roll_forward(account, unsettled)
         self._reclaimed = True
         self._skip_until = 0.0  # the store answered the sweep: purchases may use it again
+        await self._roll_leases_forward()
         replayed = await self.replay_journal()
         if replayed:
             log.info("replayed %d journaled spend(s) into the store", replayed)
@@ -779,22 +885,48 @@ class PeriodLayer:
             log.exception("rolling forward hold %s failed; it stays counted and is retried",
                           hold.reservation_id)
 
-    async def _roll_forward_local(self, entry: JournalEntry) -> tuple[Line, ...] | None:
-        """A fail-open purchase cut off after its intent was journaled: what its Exchanges say
-        they charged, as lines on its holds (None while one has not answered)."""
+    async def _roll_leases_forward(self) -> None:
+        """Lease purchases cut off by a restart after their intent was journaled: settled with their
+        Exchanges, their spend then reported at the next lease refresh."""
+        if self.leases is None:
+            return
+        for entry in self.leases.pending_intents():
+            rolled = await self._roll_forward_local(entry)
+            if rolled is not None:
+                await self.leases.rolled_forward(entry, *rolled)
+
+    async def _settle_leases(self, within_s: float) -> None:
+        """Before a clean shutdown gives the leases back: settle the purchases a crash cut off, so
+        what they hold goes back too. Bounded: what is still unsettled stays leased (counted)
+        until the next start rolls it forward."""
+        assert self.leases is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_s):
+                while self.leases.pending_intents():
+                    await self._roll_leases_forward()
+                    if self.leases.pending_intents():
+                        await asyncio.sleep(0.2)  # an Exchange still executing the cut-off call
+        if left := len(self.leases.pending_intents()):
+            log.warning("%d journaled purchase(s) not settled at shutdown: their share of the leases "
+                        "stays counted until this broker starts again", left)
+
+    async def _roll_forward_local(self, entry: JournalEntry) -> tuple[tuple[Line, ...], bytes] | None:
+        """A fail-open or lease purchase cut off after its intent was journaled: what its Exchanges
+        say they charged, as lines on its holds, and its answer (None while one has not answered)."""
         if self.recover_local is None:
             return None
         try:
-            items = await self.recover_local(entry.account, entry.intent)
+            settled = await self.recover_local(entry.account, entry.intent)
         except Exception:
             log.exception("rolling forward the journaled purchase %r failed; retried later",
                           entry.idempotency_key)
             return None
-        if items is None:
+        if settled is None:
             return None
+        items, answer = settled
         log.info("rolled forward the journaled purchase %r: %d item(s) charged", entry.idempotency_key,
                  len(items))
-        return self._lines(entry.holds, items)
+        return self._lines(entry.holds, items), answer
 
     def _lines(self, holds: Sequence[Hold], items: Sequence[ItemSpend]) -> tuple[Line, ...]:
         """Each item's share on each hold's counter (see _split)."""
@@ -822,8 +954,12 @@ class PeriodLayer:
         return intent, period_hold
 
     async def close(self) -> None:
-        """Keep what this broker has seen (the next start compares the store with it), then close."""
+        """Give the leases back, keep what this broker has seen (the next start compares the store
+        with it), then close."""
         try:
+            if self.leases is not None:
+                await self._settle_leases(_SETTLE_AT_CLOSE_S)
+                await self.leases.close()
             await self.guard.save()
         finally:
             await self.store.close()

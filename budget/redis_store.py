@@ -4,7 +4,9 @@ Key layout, for prefix `ramp` and account `acme` (the `{acme}` hash tag keeps ev
 account in one Redis Cluster slot, so each multi-key script stays in one slot):
 
     ramp:{acme}:c:<scope>|<period>|<window>  hash: spent reserved credit count + scope period window
-                                             currency start_ms end_ms (to rebuild the CounterRef)
+                 |<currency>                 currency start_ms end_ms (to rebuild the CounterRef)
+                                             + leased (the part of reserved leased to brokers) and
+                                             reclaim_until (lease holders asked to give back until)
     ramp:{acme}:r:<reservation id>           hash: ik created expires holds ("<counter> <amount> ..."),
                                              intent owner attempts done ("<part> ...") d:<part>
     ramp:{acme}:id                           hash: id gen (the account's identity; never expires)
@@ -15,12 +17,17 @@ account in one Redis Cluster slot, so each multi-key script stays in one slot):
     ramp:{acme}:limits:v                     string: limits version (missing = 0)
     ramp:{acme}:counters                     zset: counter key by expire_at_ms, for counters()
     ramp:{acme}:k:<name>                     hash: expire_at (a claim: Store.claim)
+    ramp:{acme}:lh:<counter key>             hash: broker -> its lease on the counter (> 0 only; the
+                                             field count is the counter's lease holders)
+    ramp:{acme}:lb:<broker>                  hash: seq expires (the broker's last lease refresh)
+    ramp:{acme}:lc:<broker>                  set: counter keys the broker holds a lease on
     ramp:blob:<name>                         hash: data expires_ms (not per account)
 
 Every change runs as one Lua script (budget/lua/, each prefixed with _lib.lua), called with
 EVALSHA and reloaded on NOSCRIPT, e.g. after a Redis restart. Scripts take every input as
 KEYS/ARGV; the few keys they can only learn inside Redis (a reservation's counters, the
-idempotency record it points back to) are built from the account prefix and so share its slot.
+idempotency record it points back to, a broker's leased counters, a lease holder's record) are
+built from the account prefix and so share its slot.
 
 Time. Semantics use only the callers' now_ms. Key lifetimes are cleanup, and are set relative
 (PEXPIRE expire_at_ms - now_ms, never shortened) rather than PEXPIREAT: with an injected clock
@@ -41,6 +48,13 @@ id and reports it as Reserved. Other writes are never retried.
 Coalescing. Concurrent `reserve` (and `commit`) calls for one account are sent as one EVALSHA
 that processes them in arrival order, each exactly as if alone: up to MAX_IN_FLIGHT batches of
 at most MAX_BATCH go out at once, and callers arriving meanwhile form the next ones.
+
+Leases. `lease`, `leases` and `release_leases` are one script each (lease.lua, leases.lua,
+release_leases.lua). A lease counts in its counter's reserved and leased. An lh hash lives as long
+as its counter, a broker's lb and lc at least as long as the counters it asked for and at least a
+day (like idempotency records; TTLs relative and only ever extended): the store never expires a
+lease (sweep does not touch them), it is only given back by its broker or released by an operator.
+`leases` walks the account's counter index.
 """
 
 from __future__ import annotations
@@ -68,12 +82,19 @@ from redis.typing import EncodableT
 
 from budget.store import (
     LEASE_DOUBLINGS,
+    RECLAIM_MS,
+    BrokerLease,
     Committed,
     CounterRef,
     CounterState,
     Denied,
     Hold,
     InFlight,
+    LeaseAsk,
+    Leased,
+    LeaseGrant,
+    LeaseOutcome,
+    LeaseSpend,
     LedgerEntry,
     Limits,
     Line,
@@ -115,7 +136,13 @@ _UNAVAILABLE_REPLIES: Final = ("LOADING", "BUSY", "OOM", "MASTERDOWN", "NOREPLIC
                                "CLUSTERDOWN", "READONLY")
 
 _SCRIPTS: Final = ("reserve", "commit", "release", "sweep", "record_spend", "set_limit", "add_credit",
-                   "overwrite_spent", "prune_counters", "claim", "set_identity")
+                   "overwrite_spent", "prune_counters", "claim", "set_identity", "lease", "leases",
+                   "release_leases")
+# Fields of a LeaseGrant in lease.lua's reply: granted, spent, reserved, credit, count, leased,
+# holders, reclaim.
+_GRANT_FIELDS: Final = 8
+# Fields of one lease in leases.lua's reply.
+_LEASE_FIELDS: Final = 10
 
 T = TypeVar("T")
 Req = TypeVar("Req")
@@ -471,7 +498,8 @@ class RedisStore:
             keys += [f"{p}c:{h.counter.key}" for h in r.holds]
             rttl = max([h.expire_at_ms - r.now_ms for h in r.holds] + [r.ttl_ms]) + _RESERVATION_SLACK_MS
             args += [r.rid, r.idempotency_key, str(r.limits_version), str(r.now_ms), str(r.now_ms + r.ttl_ms),
-                     str(rttl), str(len(r.holds)), r.intent, r.owner, *_identity_args(r.identity)]
+                     str(rttl), str(len(r.holds)), r.intent, r.owner, *_identity_args(r.identity),
+                     str(r.now_ms + RECLAIM_MS)]
             for h in r.holds:
                 args += self._counter_args(h.counter, h.expire_at_ms, r.now_ms)
                 args += [str(h.amount), str(h.limit), str(h.floor)]
@@ -494,8 +522,7 @@ class RedisStore:
         if kind == b"settled":
             return Settled(bytes(reply[1]))
         if kind == b"denied":
-            return Denied(int(reply[1]), CounterState(int(reply[2]), int(reply[3]), int(reply[4]),
-                                                      int(reply[5])))
+            return Denied(int(reply[1]), CounterState(*(int(v) for v in reply[2:7])))
         if kind == b"unsettled":
             return Unsettled(_unsettled(reply[1:]))
         if kind == b"lost":
@@ -575,7 +602,7 @@ class RedisStore:
             for hold, total in zip(request.holds, spent, strict=True)
         )
         states = tuple(
-            CounterState(*(int(v) for v in reply[4 + 4 * i: 8 + 4 * i])) for i in range(len(request.holds)))
+            CounterState(*(int(v) for v in reply[4 + 5 * i: 9 + 5 * i])) for i in range(len(request.holds)))
         return Committed(overage=overage, late=late, states=states)
 
     # --- other writes -----------------------------------------------------------------------
@@ -688,6 +715,69 @@ class RedisStore:
         reply = await self._script("claim", [f"{p}k:{name}"], args, retry=False)
         return int(reply) == 1
 
+    # --- leases -----------------------------------------------------------------------------
+
+    async def lease(
+        self, account: str, broker: str, seq: int, asks: Sequence[LeaseAsk], spends: Sequence[LeaseSpend], *,
+        ttl_ms: int, now_ms: int, limits_version: int, identity: StoreIdentity | None = None,
+    ) -> LeaseOutcome:
+        holds = tuple(a.hold for a in asks)
+        p = self.account_prefix(account)
+        record_ttl = self._idempotency_ttl(holds, now_ms)  # the broker's records and its spends' keys
+        keys = [f"{p}limits:v", f"{p}counters", f"{p}ledger", f"{p}lb:{broker}", f"{p}lc:{broker}"]
+        args: list[str | bytes] = [
+            p, broker, _int64(seq, "lease seq"), str(now_ms), _int64(now_ms + ttl_ms, "lease expiry"),
+            record_ttl, str(now_ms + RECLAIM_MS), str(limits_version), *_identity_args(identity), record_ttl,
+            str(len(asks)), str(len(spends))]
+        for i, ask in enumerate(asks):
+            if ask.want < 0:
+                raise ValueError(f"asks[{i}].want is negative ({ask.want})")
+            h = ask.hold
+            keys += [f"{p}c:{h.counter.key}", f"{p}lh:{h.counter.key}"]
+            args += self._counter_args(h.counter, h.expire_at_ms, now_ms)
+            args += [_int64(ask.want, "lease want"), _int64(h.limit, "hold limit"),
+                     _int64(h.floor, "hold floor")]
+        for spend in spends:
+            keys.append(f"{p}i:{spend.idempotency_key}")
+            args += [spend.idempotency_key, bytes(spend.result), str(len(spend.lines))]
+            for line in spend.lines:
+                args += [str(line.hold_index), *self._line_args(holds, [line])]
+        # Not retried, like other writes. Sending it again is safe: the same seq answers with the current
+        # grants, a later one finds its spends recorded (duplicates).
+        reply = await self._script("lease", keys, args, retry=False)
+        kind = reply[0]
+        if kind == b"lost":
+            return Lost(_text(reply[1]))
+        if kind == b"stale":
+            return StaleLimits(int(reply[1]))
+        if kind not in (b"ok", b"replay"):
+            raise RuntimeError(f"lease script replied {reply!r}")
+        at = 3 + int(reply[2])
+        duplicates = tuple(_text(k) for k in reply[3:at])
+        grants: list[LeaseGrant] = []
+        for _ in asks:
+            v = reply[at: at + _GRANT_FIELDS]
+            grants.append(LeaseGrant(granted=int(v[0]), state=CounterState(*(int(x) for x in v[1:6])),
+                                     holders=int(v[6]), reclaim=v[7] == b"1"))
+            at += _GRANT_FIELDS
+        return Leased(tuple(grants), duplicates, int(reply[1]), applied=kind == b"ok")
+
+    async def leases(self, account: str) -> list[BrokerLease]:
+        p = self.account_prefix(account)
+        reply = await self._script("leases", [f"{p}counters"], [p], retry=True)
+        out: list[BrokerLease] = []
+        for at in range(0, len(reply), _LEASE_FIELDS):
+            v = [_text(x) for x in reply[at: at + _LEASE_FIELDS]]
+            ref = CounterRef(v[4], v[5], v[6], v[7], int(v[8]), int(v[9]))
+            out.append(BrokerLease(v[0], ref, int(v[1]), int(v[2]), int(v[3])))
+        return sorted(out, key=lambda x: (x.broker, x.counter.key))
+
+    async def release_leases(self, account: str, broker: str, *, as_spent: bool, now_ms: int) -> int:
+        p = self.account_prefix(account)
+        reply = await self._script("release_leases", [f"{p}lb:{broker}", f"{p}lc:{broker}", f"{p}ledger"],
+                                   [p, broker, "1" if as_spent else "0", str(now_ms)], retry=False)
+        return int(reply)
+
     # --- reads ------------------------------------------------------------------------------
 
     async def read(self, account: str, counters: Sequence[CounterRef]) -> list[CounterState]:
@@ -698,7 +788,8 @@ class RedisStore:
             # MULTI/EXEC: one consistent snapshot of all the counters.
             async with self._client.pipeline(transaction=True) as pipe:
                 for counter in counters:
-                    pipe.hmget(self.counter_key(account, counter), ["spent", "reserved", "credit", "count"])
+                    pipe.hmget(self.counter_key(account, counter),
+                               ["spent", "reserved", "credit", "count", "leased"])
                 return await pipe.execute()
 
         rows = await self._call(run, retry=True)
@@ -819,5 +910,5 @@ def _counter_row(raw: dict[Any, Any]) -> tuple[CounterRef, CounterState]:
     ref = CounterRef(f["scope"], f["period"], f["window"], f["currency"], int(f["start_ms"]),
                      int(f["end_ms"]))
     state = CounterState(int(f.get("spent", 0)), int(f.get("reserved", 0)), int(f.get("credit", 0)),
-                         int(f.get("count", 0)))
+                         int(f.get("count", 0)), int(f.get("leased", 0)))
     return ref, state

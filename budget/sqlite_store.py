@@ -29,12 +29,19 @@ from typing import Any, TypeVar
 
 from budget.statedir import state_dir
 from budget.store import (
+    RECLAIM_MS,
+    BrokerLease,
     Committed,
     CounterRef,
     CounterState,
     Denied,
     Hold,
     InFlight,
+    LeaseAsk,
+    Leased,
+    LeaseGrant,
+    LeaseOutcome,
+    LeaseSpend,
     LedgerEntry,
     Limits,
     Line,
@@ -51,16 +58,24 @@ from budget.store import (
     UnsettledHold,
     lease_for,
 )
+from currency.money import Money
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Columns version 2 added to a version 1 file (intents, and the account's identity table).
 _MIGRATE_1_TO_2 = (
     "ALTER TABLE reservations ADD COLUMN intent BLOB NOT NULL DEFAULT x''",
     "ALTER TABLE reservations ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
     "ALTER TABLE reservations ADD COLUMN done TEXT NOT NULL DEFAULT '{}'",
     "ALTER TABLE reservations ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+)
+# Version 3: leases (the leased part of a counter's reserved, and a reclaim flag; tables below).
+_MIGRATE_2_TO_3 = (
+    "ALTER TABLE counters ADD COLUMN leased INTEGER NOT NULL DEFAULT 0 "
+    "CHECK (typeof(leased) = 'integer' AND leased >= 0)",
+    "ALTER TABLE counters ADD COLUMN reclaim_until INTEGER NOT NULL DEFAULT 0 "
+    "CHECK (typeof(reclaim_until) = 'integer')",
 )
 _PAGE = 500  # ledger rows fetched per read transaction
 
@@ -80,6 +95,9 @@ _SCHEMA = (
         credit       INTEGER NOT NULL CHECK (typeof(credit) = 'integer'),
         count        INTEGER NOT NULL CHECK (typeof(count) = 'integer'),
         expire_at_ms INTEGER NOT NULL CHECK (typeof(expire_at_ms) = 'integer'),
+        -- the part of reserved leased to brokers, and until when lease holders are asked to give back
+        leased       INTEGER NOT NULL DEFAULT 0 CHECK (typeof(leased) = 'integer' AND leased >= 0),
+        reclaim_until INTEGER NOT NULL DEFAULT 0 CHECK (typeof(reclaim_until) = 'integer'),
         PRIMARY KEY (account, "key")
     ) WITHOUT ROWID
     """,
@@ -162,6 +180,24 @@ _SCHEMA = (
     """,
     "CREATE INDEX IF NOT EXISTS claims_by_expiry ON claims (account, expire_at_ms)",
     """
+    CREATE TABLE IF NOT EXISTS leases (
+        account TEXT NOT NULL,
+        "key"   TEXT NOT NULL,  -- the counter
+        broker  TEXT NOT NULL,
+        granted INTEGER NOT NULL CHECK (typeof(granted) = 'integer' AND granted >= 0),
+        PRIMARY KEY (account, "key", broker)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS lease_brokers (
+        account    TEXT NOT NULL,
+        broker     TEXT NOT NULL,
+        seq        INTEGER NOT NULL CHECK (typeof(seq) = 'integer'),
+        expires_ms INTEGER NOT NULL CHECK (typeof(expires_ms) = 'integer'),
+        PRIMARY KEY (account, broker)
+    ) WITHOUT ROWID
+    """,
+    """
     CREATE TABLE IF NOT EXISTS identity (
         account    TEXT PRIMARY KEY,
         id         TEXT NOT NULL,
@@ -225,6 +261,9 @@ def _connect(path: Path, timeout_ms: int) -> sqlite3.Connection:
             if version == 1:
                 for statement in _MIGRATE_1_TO_2:
                     conn.execute(statement)
+            if 1 <= version <= 2:
+                for statement in _MIGRATE_2_TO_3:
+                    conn.execute(statement)
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -246,9 +285,12 @@ class _Counter:
     credit: int
     count: int
     expire_at_ms: int
+    leased: int = 0
+    reclaim_until: int = 0
 
     def state(self) -> CounterState:
-        return CounterState(spent=self.spent, reserved=self.reserved, credit=self.credit, count=self.count)
+        return CounterState(spent=self.spent, reserved=self.reserved, credit=self.credit, count=self.count,
+                            leased=self.leased)
 
 
 _LEDGER_COLUMNS = (
@@ -256,14 +298,16 @@ _LEDGER_COLUMNS = (
     "idempotency_key, reservation_id, exchange, offer_id, uri, reserved_at_ms, committed_at_ms, kind"
 )
 _COUNTER_COLUMNS = (
-    'scope, period, "window", currency, start_ms, end_ms, spent, reserved, credit, count, expire_at_ms'
+    'scope, period, "window", currency, start_ms, end_ms, spent, reserved, credit, count, expire_at_ms, '
+    "leased, reclaim_until"
 )
 
 
 def _counter_from_row(row: Sequence[Any]) -> _Counter:
     ref = CounterRef(scope=row[0], period=row[1], window=row[2], currency=row[3],
                      start_ms=row[4], end_ms=row[5])
-    return _Counter(ref, spent=row[6], reserved=row[7], credit=row[8], count=row[9], expire_at_ms=row[10])
+    return _Counter(ref, spent=row[6], reserved=row[7], credit=row[8], count=row[9], expire_at_ms=row[10],
+                    leased=row[11], reclaim_until=row[12])
 
 
 class _Counters:
@@ -295,13 +339,15 @@ class _Counters:
     def save(self) -> None:
         self._conn.executemany(
             f"""INSERT INTO counters (account, "key", {_COUNTER_COLUMNS})
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (account, "key") DO UPDATE SET
                     spent = excluded.spent, reserved = excluded.reserved, credit = excluded.credit,
-                    count = excluded.count, expire_at_ms = excluded.expire_at_ms""",
+                    count = excluded.count, expire_at_ms = excluded.expire_at_ms,
+                    leased = excluded.leased, reclaim_until = excluded.reclaim_until""",
             [
                 (self._account, key, c.ref.scope, c.ref.period, c.ref.window, c.ref.currency,
-                 c.ref.start_ms, c.ref.end_ms, c.spent, c.reserved, c.credit, c.count, c.expire_at_ms)
+                 c.ref.start_ms, c.ref.end_ms, c.spent, c.reserved, c.credit, c.count, c.expire_at_ms,
+                 c.leased, c.reclaim_until)
                 for key, c in self._rows.items() if c is not None
             ],
         )
@@ -411,6 +457,17 @@ def _limits_version(conn: sqlite3.Connection, account: str) -> int:
     return 0 if row is None else int(row[0])
 
 
+def _refused(
+    conn: sqlite3.Connection, account: str, identity: StoreIdentity | None, limits_version: int,
+) -> Lost | StaleLimits | None:
+    """A write checked against what the broker has seen: the store's identity, then the limits."""
+    lost = _identity_problem(conn, account, identity)
+    if lost is not None:
+        return Lost(lost)
+    version = _limits_version(conn, account)
+    return StaleLimits(version) if version != limits_version else None
+
+
 def _idempotency(conn: sqlite3.Connection, account: str, key: str) -> tuple[str, str, bytes | None] | None:
     row = conn.execute(
         'SELECT state, reservation_id, result FROM idempotency WHERE account = ? AND "key" = ?',
@@ -453,6 +510,29 @@ def _spend(
         f"INSERT INTO ledger ({_LEDGER_COLUMNS}) VALUES ({', '.join('?' * 16)})", rows
     )
     return per_hold
+
+
+def _granted(conn: sqlite3.Connection, account: str, key: str, broker: str) -> int:
+    row = conn.execute('SELECT granted FROM leases WHERE account = ? AND "key" = ? AND broker = ?',
+                       (account, key, broker)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _grants(
+    conn: sqlite3.Connection, account: str, broker: str, counters: _Counters, asks: Sequence[LeaseAsk],
+    now_ms: int,
+) -> tuple[LeaseGrant, ...]:
+    out = []
+    for ask in asks:
+        key = ask.hold.counter.key
+        counter = counters.find(key)
+        holders = conn.execute('SELECT COUNT(*) FROM leases WHERE account = ? AND "key" = ? AND granted > 0',
+                               (account, key)).fetchone()[0]
+        out.append(LeaseGrant(
+            granted=_granted(conn, account, key, broker),
+            state=CounterState() if counter is None else counter.state(), holders=int(holders),
+            reclaim=counter is not None and counter.reclaim_until > now_ms))
+    return tuple(out)
 
 
 def _check_holds(holds: Sequence[Hold]) -> None:
@@ -544,12 +624,9 @@ class SqliteStore:
         intent = bytes(intent)
 
         def run(conn: sqlite3.Connection) -> ReserveOutcome:
-            lost = _identity_problem(conn, account, identity)
-            if lost is not None:
-                return Lost(lost)
-            version = _limits_version(conn, account)
-            if version != limits_version:
-                return StaleLimits(version)
+            refused = _refused(conn, account, identity, limits_version)
+            if refused is not None:
+                return refused
             counters = _Counters(conn, account)
             known = _idempotency(conn, account, idempotency_key)
             if known is not None:
@@ -577,6 +654,9 @@ class SqliteStore:
                 state_now = CounterState() if current is None else current.state()
                 wanted = asked.get(key, 0) + hold.amount
                 if state_now.spent + state_now.reserved + wanted > hold.limit + state_now.credit:
+                    if current is not None and current.leased:
+                        # Budget sits in brokers' leases while a purchase is denied: ask them back.
+                        current.reclaim_until = max(current.reclaim_until, now_ms + RECLAIM_MS)
                     # Any refund above is kept: it was due whatever this purchase does.
                     counters.save()
                     return Denied(i, state_now)
@@ -672,7 +752,7 @@ class SqliteStore:
             return Committed(
                 overage=tuple(max(0, s - h) for s, h in zip(spent, held, strict=True)),
                 late=res is None,
-                states=tuple(CounterState(c.spent, c.reserved, c.credit, c.count) if c else CounterState()
+                states=tuple(c.state() if c else CounterState()
                              for c in after),
             )
 
@@ -788,6 +868,114 @@ class SqliteStore:
 
         return await self._run(run, write=True)
 
+    # --- leases ---------------------------------------------------------------------------
+
+    async def lease(
+        self, account: str, broker: str, seq: int, asks: Sequence[LeaseAsk],
+        spends: Sequence[LeaseSpend], *, ttl_ms: int, now_ms: int, limits_version: int,
+        identity: StoreIdentity | None = None,
+    ) -> LeaseOutcome:
+        holds = tuple(a.hold for a in asks)
+        for spend in spends:
+            _check_lines(holds, spend.lines)
+        for i, ask in enumerate(asks):
+            if ask.want < 0:
+                raise ValueError(f"asks[{i}].want is negative ({ask.want})")
+
+        def run(conn: sqlite3.Connection) -> LeaseOutcome:
+            refused = _refused(conn, account, identity, limits_version)
+            if refused is not None:
+                return refused
+            counters = _Counters(conn, account)
+            lost = _below_floor(counters, holds)
+            if lost is not None:
+                return Lost(lost)
+            row = conn.execute("SELECT seq FROM lease_brokers WHERE account = ? AND broker = ?",
+                               (account, broker)).fetchone()
+            if row is not None and seq <= row[0]:
+                grants = _grants(conn, account, broker, counters, asks, now_ms)
+                return Leased(grants, (), row[0], applied=False)
+            duplicates: list[str] = []
+            for spend in spends:
+                known = _idempotency(conn, account, spend.idempotency_key)
+                if known is not None and known[0] == "committed":
+                    duplicates.append(spend.idempotency_key)
+                    continue
+                _spend(conn, account, counters, holds, spend.lines, idempotency_key=spend.idempotency_key,
+                       reservation_id="", reserved_at_ms=now_ms, now_ms=now_ms, kind="lease", count=False)
+                for i in {line.hold_index for line in spend.lines}:
+                    counters.get(holds[i].counter, holds[i].expire_at_ms).count += 1
+                _settle_key(conn, account, spend.idempotency_key, "", bytes(spend.result))
+            for ask in asks:
+                counter = counters.get(ask.hold.counter, ask.hold.expire_at_ms)
+                old = _granted(conn, account, ask.hold.counter.key, broker)
+                counter.reserved -= old
+                counter.leased -= old
+                room = ask.hold.limit + counter.credit - counter.spent - counter.reserved
+                grant = max(0, min(ask.want, room))
+                counter.reserved += grant
+                counter.leased += grant
+                if grant < ask.want and counter.leased > grant:
+                    counter.reclaim_until = max(counter.reclaim_until, now_ms + RECLAIM_MS)
+                if counter.leased == 0:
+                    counter.reclaim_until = 0
+                conn.execute(
+                    'INSERT OR REPLACE INTO leases (account, "key", broker, granted) VALUES (?, ?, ?, ?)',
+                    (account, ask.hold.counter.key, broker, grant))
+            conn.execute("DELETE FROM leases WHERE account = ? AND broker = ? AND granted = 0",
+                         (account, broker))
+            counters.save()
+            conn.execute(
+                "INSERT OR REPLACE INTO lease_brokers (account, broker, seq, expires_ms) VALUES (?, ?, ?, ?)",
+                (account, broker, seq, now_ms + ttl_ms))
+            return Leased(_grants(conn, account, broker, counters, asks, now_ms), tuple(duplicates), seq)
+
+        return await self._run(run, write=True)
+
+    async def leases(self, account: str) -> list[BrokerLease]:
+        def run(conn: sqlite3.Connection) -> list[BrokerLease]:
+            rows = conn.execute(
+                'SELECT l.broker, l.granted, b.seq, b.expires_ms, c.scope, c.period, c."window", c.currency, '
+                "c.start_ms, c.end_ms FROM leases l "
+                "JOIN lease_brokers b ON b.account = l.account AND b.broker = l.broker "
+                'JOIN counters c ON c.account = l.account AND c."key" = l."key" '
+                'WHERE l.account = ? ORDER BY l.broker, l."key"', (account,)).fetchall()
+            return [BrokerLease(r[0], CounterRef(*r[4:10]), r[1], r[2], r[3]) for r in rows]
+
+        return await self._run(run, write=False)
+
+    async def release_leases(self, account: str, broker: str, *, as_spent: bool, now_ms: int) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            counters = _Counters(conn, account)
+            released = 0
+            rows = conn.execute('SELECT "key", granted FROM leases WHERE account = ? AND broker = ?',
+                                (account, broker)).fetchall()
+            for key, granted in rows:
+                counter = counters.find(key)
+                if counter is None:
+                    continue
+                counter.reserved -= granted
+                counter.leased -= granted
+                if counter.leased == 0:
+                    counter.reclaim_until = 0  # nobody holds a lease to give back any more
+                if as_spent and granted:
+                    # One line standing for the whole lease: what the broker may have spent from it.
+                    ref = counter.ref
+                    counter.spent += granted
+                    counter.count += 1
+                    conn.execute(
+                        f"INSERT INTO ledger ({_LEDGER_COLUMNS}) VALUES ({', '.join('?' * 16)})",
+                        (account, ref.scope, ref.period, ref.window, granted, ref.currency,
+                         Money.from_units(granted, ref.currency).text(), ref.currency, f"lease:{broker}", "",
+                         "", "", "", now_ms, now_ms, "lease-expired"))
+                released += granted
+            conn.execute("DELETE FROM leases WHERE account = ? AND broker = ?", (account, broker))
+            conn.execute("DELETE FROM lease_brokers WHERE account = ? AND broker = ?", (account, broker))
+            counters.save()
+            return released
+
+        return await self._run(run, write=True)
+
     async def claim(self, account: str, name: str, *, expire_at_ms: int, now_ms: int) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
             row = conn.execute(
@@ -813,7 +1001,8 @@ class SqliteStore:
             out: list[CounterState] = []
             for key in keys:
                 row = conn.execute(
-                    'SELECT spent, reserved, credit, count FROM counters WHERE account = ? AND "key" = ?',
+                    'SELECT spent, reserved, credit, count, leased FROM counters '
+                    'WHERE account = ? AND "key" = ?',
                     (account, key),
                 ).fetchone()
                 out.append(CounterState() if row is None else CounterState(*row))

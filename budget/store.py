@@ -21,6 +21,16 @@ extending its expiry by a lease so nobody else works on it meanwhile. An intent
 has parts (one per Exchange); each part is committed when its answer arrives and
 the last commit finishes the reservation.
 
+A *lease* is budget pre-debited to one broker: `lease` moves an amount out of a
+counter's remaining into that broker's lease (it counts in the counter's
+`reserved`, and in `leased`), so spent + reserved <= limit + credit still holds
+with every lease counted. The broker spends from it in memory and, at each
+refresh, reports what it spent (ledger lines, once per idempotency key) and gets
+its lease renewed, resized or returned, in the same atomic step. A refresh is
+idempotent by the broker's sequence number. A lease whose broker stops
+refreshing stays counted (fail closed) until the broker reports again or an
+operator releases it.
+
 Each account's data carries an *identity* (id and generation), created once. A
 caller that passes the identity it has seen, and per hold the spent high-water
 mark it has seen (Hold.floor), gets `Lost` (or StoreLost) from a store that shows
@@ -86,9 +96,10 @@ class StoreIdentity:
 @dataclass(frozen=True, slots=True)
 class CounterState:
     spent: int = 0
-    reserved: int = 0
+    reserved: int = 0  # held by reservations and leases
     credit: int = 0
     count: int = 0
+    leased: int = field(default=0, compare=False)  # the part of `reserved` leased to brokers
 
     def remaining(self, limit: int) -> int:
         return max(0, limit + self.credit - self.spent - self.reserved)
@@ -178,6 +189,62 @@ ReserveOutcome = Reserved | Denied | Settled | InFlight | StaleLimits | Unsettle
 class Swept:
     refunded: int  # expired reservations without an intent, refunded
     unsettled: tuple[UnsettledHold, ...] = ()  # expired ones with an intent, handed to the caller
+
+
+# --- leases -------------------------------------------------------------------------
+
+
+# How long a counter asks its lease holders to give back unused budget after a denial.
+RECLAIM_MS = 30_000
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseAsk:
+    """One counter in a lease refresh: what the broker wants leased to it from now on."""
+
+    hold: Hold  # the counter, its effective limit, expiry and floor (`amount` is unused)
+    want: int  # nano-units: the lease after this refresh (0: return it all); granted up to remaining
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseSpend:
+    """One purchase a broker made on its leases: recorded once per idempotency key."""
+
+    idempotency_key: str
+    lines: tuple[Line, ...]  # hold_index: the LeaseAsk it is on
+    result: bytes  # the key's answer, for replay by any broker
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    granted: int  # this broker's lease on the counter now
+    state: CounterState  # the counter after the refresh (its `reserved` includes every lease)
+    holders: int  # brokers holding a lease on this counter now (this one included)
+    reclaim: bool  # a purchase was denied while leases held budget: give back what is unused
+
+
+@dataclass(frozen=True, slots=True)
+class Leased:
+    grants: tuple[LeaseGrant, ...]  # per LeaseAsk
+    duplicates: tuple[str, ...]  # keys already recorded (by another broker, or an earlier refresh)
+    seq: int  # the broker's sequence number now
+    # False: `seq` was not above the broker's last one, nothing of this refresh was applied (its
+    # spends not recorded); the grants are what the store holds. The broker resends above `seq`.
+    applied: bool = True
+
+
+LeaseOutcome = Leased | StaleLimits | Lost
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerLease:
+    """A broker's lease on one counter, as the store keeps it."""
+
+    broker: str
+    counter: CounterRef
+    granted: int
+    seq: int  # the broker's last refresh
+    expires_ms: int  # the broker's leases are due for a refresh by then
 
 
 # --- commit ------------------------------------------------------------------------
@@ -360,6 +427,33 @@ class Store(Protocol):
 
         Returns False, changing nothing, when this key was already recorded.
         """
+        ...
+
+    async def lease(
+        self, account: str, broker: str, seq: int, asks: Sequence[LeaseAsk], spends: Sequence[LeaseSpend], *,
+        ttl_ms: int, now_ms: int, limits_version: int, identity: StoreIdentity | None = None,
+    ) -> LeaseOutcome:
+        """Refresh `broker`'s leases on the asked counters, all in one atomic step.
+
+        In order: identity (Lost), limits version (StaleLimits), floors (Lost); if `seq` is not
+        above the broker's last one, nothing changes and the current grants are returned (a
+        refresh that landed unseen). Else each spend whose key is not yet recorded adds its
+        lines (spent, ledger kind "lease") and records the key with its result; then, per
+        ask, the broker's old lease is given back and min(want, remaining) leased again.
+        The broker's leases are due for a refresh by now_ms + ttl_ms. A denial with leases
+        outstanding (here, a want not granted in full while other brokers hold leases; or a
+        `reserve` Denied on a counter with leases) flags the counter for reclaim for a while.
+        """
+        ...
+
+    async def leases(self, account: str) -> list[BrokerLease]:
+        """Every broker's lease of the account (a read)."""
+        ...
+
+    async def release_leases(self, account: str, broker: str, *, as_spent: bool, now_ms: int) -> int:
+        """An operator ends a broker's leases (a broker that will not come back): given back to the
+        counters, or with `as_spent` counted as spent (ledger kind "lease-expired"). Returns how
+        much was released, in nano-units summed over counters."""
         ...
 
     async def claim(self, account: str, name: str, *, expire_at_ms: int, now_ms: int) -> bool:

@@ -8,6 +8,7 @@ reference Exchange.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import inspect
@@ -22,6 +23,8 @@ import h2.events
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.protocol.h2 import H2Protocol
+
+from exchange_client.content_types import explain_unsupported, grpc_web_text, is_grpc_web_text
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,9 @@ def drain_before_answering(receive: Any, send: Any) -> tuple[Any, Any]:
     answered after a moment with `connection: close`, so it knows not to reuse it.
     """
     ended = False
+    # What the drain read, still owed to the app: a streaming RPC (server reflection over
+    # Connect) answers before its request has ended, and then reads the rest of it.
+    kept: collections.deque[Any] = collections.deque()
 
     async def tracked() -> Any:
         nonlocal ended
@@ -112,13 +118,21 @@ def drain_before_answering(receive: Any, send: Any) -> tuple[Any, Any]:
             ended = True
         return message
 
+    async def ahead() -> Any:
+        message = await tracked()
+        kept.append(message)
+        return message
+
+    async def app_receive() -> Any:
+        return kept.popleft() if kept else await tracked()
+
     async def answer(message: Any) -> None:
         if (message["type"] == "http.response.start" and not ended
-                and not await drain_body(tracked, idle=_DRAIN_IDLE_S)):
+                and not await drain_body(ahead, idle=_DRAIN_IDLE_S)):
             message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
         await send(message)
 
-    return tracked, answer
+    return app_receive, answer
 
 
 # Protocol headers are short; a longer value is refused before connectrpc would quote it whole.
@@ -201,6 +215,9 @@ class Router:
             if overlong is not None:
                 await refuse_overlong_header(scope, send, overlong)
                 return
+            send = explain_unsupported(scope, send)
+            if is_grpc_web_text(scope):
+                scope, receive, send = grpc_web_text(scope, receive, send)
             await app(scope, receive, send)
             return
         route = self._routes.get(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import random
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -35,6 +36,20 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def lasting_port() -> int:
+    """A free port below Linux's ephemeral range (32768-60999), for a server that is killed and
+    started again on it: while it is down, no outgoing connection takes the port as its own."""
+    for _ in range(200):
+        port = random.SystemRandom().randrange(20000, 32768)  # not the seeded generator of the tests
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 async def _wait_listening(port: int) -> None:

@@ -41,7 +41,7 @@ from budget.redis_store import RedisStore
 from budget.sqlite_store import SqliteStore
 from budget.store import CounterRef, CounterState, LedgerEntry, Store, UnsettledHold
 from currency.money import Money
-from tests.harness import agent_key, denial, free_port
+from tests.harness import agent_key, denial, lasting_port
 from tests.processes import (
     Child,
     broker_tree,
@@ -175,14 +175,14 @@ async def read_store(backend: Backend) -> StoreView:
 
 def broker_config(
     exchanges: Sequence[Child], backend: Backend, limits: dict[str, str], *, ttl_s: int = TTL_S,
-    sweep_s: float = SWEEP_S, store_timeout_ms: int = 1000,
+    sweep_s: float = SWEEP_S, store_timeout_ms: int = 1000, mode: str = "strict",
 ) -> dict[str, Any]:
     """A broker on `backend` with its own fixed ports (so it can be restarted as itself), the
     admin API on, and agent alice charged to every scope of SCOPES."""
     return broker_tree(
         *exchanges,
-        listen=f"127.0.0.1:{free_port()}",
-        metrics={"listen": f"127.0.0.1:{free_port()}"},
+        listen=f"127.0.0.1:{lasting_port()}",
+        metrics={"listen": f"127.0.0.1:{lasting_port()}"},
         fanout={"discover_timeout_ms": 2000, "overall_timeout_ms": 4000,
                 "execute_timeout_ms": EXECUTE_TIMEOUT_MS},
         session={"default_limit": {"amount": "1000.00", "currency": "USD"}},
@@ -191,7 +191,8 @@ def broker_config(
             "reservation_ttl_seconds": ttl_s,
             "sweep_interval_seconds": sweep_s,
             "accounts": {ACCOUNT: {"scopes": {
-                scope: {"limits": [{"period": period, "amount": limits[scope], "currency": "USD"}]}
+                scope: {"limits": [{"period": period, "amount": limits[scope], "currency": "USD"}],
+                        "mode": mode}
                 for scope, period in SCOPES.items()}}},
         },
         agents=[{"id": AGENT_ID, "key_sha256": sha(API_KEY), "account": ACCOUNT,
@@ -255,6 +256,20 @@ async def kill_in_window(broker: Child, purchase: asyncio.Task[httpx.Response],
         f"the purchase was answered before the kill (window missed): {answer[0]!r}")
 
 
+async def killed_once_charged(
+    client: httpx.AsyncClient, exchange: Child, broker: Child, key: str,
+) -> dict[str, Any]:
+    """Send a purchase of A under `key` to `broker` and SIGKILL it once the Exchange has charged
+    (its answer held back meanwhile); the purchase's body."""
+    await set_knobs(client, exchange, answer_latency_ms=SLOW_ANSWER_MS)
+    body = transact(key)
+    purchase = asyncio.create_task(connect_call(client, broker, "BrokerService/Transact", body, key=API_KEY))
+    await kill_in_window(broker, purchase, charged_at(client, exchange),
+                         f"the Exchange charges {broker.name}'s purchase")
+    await set_knobs(client, exchange, answer_latency_ms=0)
+    return body
+
+
 def assert_in_window(view: StoreView, spent: Decimal, reserved: Decimal, broker: Child) -> None:
     """The killed broker's hold is in the store as the window left it, on every scope."""
     for scope in SCOPES:
@@ -285,10 +300,14 @@ Line = tuple[str, Decimal, str]  # offer id, amount, currency
 
 async def check_books(
     client: httpx.AsyncClient, backend: Backend, exchanges: dict[str, Child], limits: dict[str, str],
-    bodies: dict[str, dict[str, Any]], survivor: Child,
+    bodies: dict[str, dict[str, Any]], survivor: Child, *, lease: bool = False,
 ) -> tuple[StoreView, dict[str, dict[str, Any]]]:
     """Everything the Exchanges charged is in the ledger, once, and nothing else is; the counters are
-    their ledgers; no limit is exceeded; nothing is held; every key replays without a charge."""
+    their ledgers; no limit is exceeded; nothing is held; every key replays without a charge.
+
+    `lease`: the survivor spends from leases and did not settle these keys itself, so a retry is
+    sent to the Exchange again (no store call), which answers it from its dedupe record: nothing
+    more is charged, and the store counts the key once."""
     view = await read_store(backend)
     context = f"{view.brief()}\n{survivor.name} stderr:\n{survivor.stderr[-3000:]}"
     assert view.holds == [], context
@@ -323,10 +342,10 @@ async def check_books(
         retry = await connect_call(client, survivor, "BrokerService/Transact", body, key=API_KEY)
         assert retry.status_code == 200, retry.text
         replays[key] = retry.json()
-        assert replays[key].get("replayed") is True, replays[key]
+        assert lease or replays[key].get("replayed") is True, replays[key]
     for name, ex in exchanges.items():
         after = await exchange_state(client, ex)
-        for field in ("charges", "execute_calls", "balances"):
+        for field in ("charges", "balances") if lease else ("charges", "execute_calls", "balances"):
             assert after[field] == before[name][field], (name, field, before[name], after)
     return view, replays
 
@@ -345,14 +364,8 @@ async def test_killed_after_the_exchange_charged_before_the_commit(tmp_path: Pat
         configs = [broker_config([exchange], backend, limits) for _ in range(2)]
         async with two_brokers(tmp_path, configs[0], configs[1]) as (b1, b2), \
                 httpx.AsyncClient(timeout=15.0) as client:
-            await set_knobs(client, exchange, answer_latency_ms=SLOW_ANSWER_MS)
-            body = transact("k1")
-            purchase = asyncio.create_task(connect_call(client, b1, "BrokerService/Transact", body,
-                                                        key=API_KEY))
-            await kill_in_window(b1, purchase, charged_at(client, exchange),
-                                 "the Exchange charges broker 1's purchase")
+            body = await killed_once_charged(client, exchange, b1, "k1")
             killed_at = asyncio.get_running_loop().time()
-            await set_knobs(client, exchange, answer_latency_ms=0)
             assert_in_window(await read_store(backend), Decimal(0), Decimal(1), b1)
 
             async def settled() -> bool:
@@ -539,14 +552,8 @@ async def test_retry_after_the_ttl_rolls_the_hold_forward_itself(tmp_path: Path,
         async with two_brokers(tmp_path, c1, c2) as (b1, b2), \
                 httpx.AsyncClient(timeout=15.0) as client:
             loop = asyncio.get_running_loop()
-            await set_knobs(client, exchange, answer_latency_ms=SLOW_ANSWER_MS)
-            body = transact("k3")
-            purchase = asyncio.create_task(connect_call(client, b1, "BrokerService/Transact", body,
-                                                        key=API_KEY))
-            await kill_in_window(b1, purchase, charged_at(client, exchange),
-                                 "the Exchange charges broker 1's purchase")
+            body = await killed_once_charged(client, exchange, b1, "k3")
             killed_at = loop.time()
-            await set_knobs(client, exchange, answer_latency_ms=0)
             assert_in_window(await read_store(backend), Decimal(0), Decimal(1), b1)
             calls = int((await exchange_state(client, exchange))["execute_calls"])
 
@@ -585,13 +592,7 @@ async def test_restarted_broker_reclaims_its_own_hold_at_once(tmp_path: Path, ba
         config = broker_config([exchange], backend, limits, ttl_s=ttl_s)
         port = str(config["listen"]).rsplit(":", 1)[1]
         async with start_broker(tmp_path, config, name="broker-1", env=ADMIN_ENVIRON) as b1:
-            await set_knobs(client, exchange, answer_latency_ms=SLOW_ANSWER_MS)
-            body = transact("k4")
-            purchase = asyncio.create_task(connect_call(client, b1, "BrokerService/Transact", body,
-                                                        key=API_KEY))
-            await kill_in_window(b1, purchase, charged_at(client, exchange),
-                                 "the Exchange charges broker 1's purchase")
-            await set_knobs(client, exchange, answer_latency_ms=0)
+            body = await killed_once_charged(client, exchange, b1, "k4")
             view = await read_store(backend)
             assert_in_window(view, Decimal(0), Decimal(1), b1)
         # Same port, so the same memory file (named after it), which holds the instance that owns
@@ -614,6 +615,72 @@ async def test_restarted_broker_reclaims_its_own_hold_at_once(tmp_path: Path, ba
             assert (await exchange_state(client, exchange))["charges"] == 1
             view, _ = await check_books(client, backend, {"ref.test": exchange}, limits, {"k4": body}, again)
             assert view.spent("user:alice") == 1
+
+
+async def test_lease_broker_killed_after_the_charge_settles_it_even_if_stopped_at_once(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """Lease mode: the hold is in the broker's lease and its intent in its own journal, so only
+    it can roll the purchase forward. Killed after the Exchange charged, restarted, and stopped
+    as soon as it is up: the charge is counted and nothing stays leased."""
+    limits = {"user:alice": "5.00", "team:eng": "5.00"}
+    async with start_exchange(tmp_path, catalog_tree()) as exchange, \
+            httpx.AsyncClient(timeout=15.0) as client:
+        config = broker_config([exchange], backend, limits, mode="lease")
+        async with start_broker(tmp_path, config, name="broker-1", env=ADMIN_ENVIRON) as b1:
+            body = await killed_once_charged(client, exchange, b1, "k7")
+        view = await read_store(backend)
+        for scope in SCOPES:  # the dead broker's lease, not yet reported: counted, not spent
+            assert view.spent(scope) == 0, view.brief()
+            assert view.reserved(scope) >= 1, view.brief()
+        async with start_broker(tmp_path, config, name="broker-1", env=ADMIN_ENVIRON) as again:
+            pass
+        assert (await exchange_state(client, exchange))["charges"] == 1
+        async with start_broker(tmp_path, config, name="broker-1", env=ADMIN_ENVIRON) as again:
+            view, replays = await check_books(client, backend, {"ref.test": exchange}, limits,
+                                              {"k7": body}, again, lease=True)
+        assert view.spent("user:alice") == view.spent("team:eng") == 1
+        assert purchased(replays["k7"]) == [(A, Decimal("1.00"))], replays
+        # The retry's spend, reported when the broker stopped, was found recorded: counted once.
+        after = await read_store(backend)
+        assert after.spent("user:alice") == after.spent("team:eng") == 1, after.brief()
+        assert after.reserved() == 0, after.brief()
+
+
+async def test_lease_purchase_the_exchange_did_not_answer_is_rolled_forward_without_a_restart(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """Lease mode, nobody killed: the Exchange executes too slowly to answer in time, so the
+    purchase ends with its part unanswered. Its journaled intent is handed to the broker's own upkeep, which
+    rolls it forward (answered from the dedupe record); the charge reaches the ledger, and a
+    clean shutdown leaves nothing leased."""
+    limits = {"user:alice": "5.00", "team:eng": "5.00"}
+    async with start_exchange(tmp_path, catalog_tree()) as exchange, \
+            httpx.AsyncClient(timeout=15.0) as client:
+        config = broker_config([exchange], backend, limits, mode="lease")
+        async with start_broker(tmp_path, config, name="broker-1", env=ADMIN_ENVIRON) as b1:
+            # Slow to execute: the broker's call and its retry both time out before the charge.
+            await set_knobs(client, exchange, execute_latency_ms=SLOW_ANSWER_MS)
+            body = transact("k8")
+            answer = await connect_call(client, b1, "BrokerService/Transact", body, key=API_KEY)
+            await set_knobs(client, exchange, execute_latency_ms=0)
+            assert answer.status_code == 200, answer.text
+            assert purchased(answer.json()) == [], answer.text  # unknown: the Exchange has not said
+
+            async def counted() -> bool:
+                return (await read_store(backend)).spent("user:alice") == 1
+            await eventually(counted, SETTLE_S, "the broker rolls its unanswered purchase forward")
+            assert "rolled forward the journaled purchase" in b1.stderr, b1.stderr[-3000:]
+            retry = await connect_call(client, b1, "BrokerService/Transact", body, key=API_KEY)
+            assert retry.status_code == 200, retry.text
+            assert purchased(retry.json()) == [(A, Decimal("1.00"))], retry.text
+        view = await read_store(backend)
+        assert view.reserved() == 0, view.brief()
+        assert (await exchange_state(client, exchange))["charges"] == 1
+        async with start_broker(tmp_path, config, name="broker-1", env=ADMIN_ENVIRON) as again:
+            view, _ = await check_books(client, backend, {"ref.test": exchange}, limits, {"k8": body}, again,
+                                        lease=True)
+        assert view.spent("user:alice") == view.spent("team:eng") == 1
 
 
 # --- 6. a broker frozen past its TTL comes back to find its purchase rolled forward ----------------------

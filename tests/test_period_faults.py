@@ -411,10 +411,10 @@ async def test_redis_killed_mid_load_closed_denies_open_spends_allowance_then_re
             # not journaled: its hold and intent are in the store, and it is rolled forward.)
             entries = [json.loads(line) for line in journal.read_text().splitlines()]
             spends = {e["id"]: e for e in entries if "ack" not in e and "intent" not in e}
-            # Every fail-open purchase journaled its intent before asking the Exchange, and
-            # acknowledged it once its spend was journaled: none was cut off.
+            # Every fail-open purchase journaled its intent before asking the Exchange, and its
+            # spend settled it: none was cut off.
             intents = {e["id"] for e in entries if "intent" in e}
-            assert intents == {e["ack"] for e in entries if "ack" in e}
+            assert intents == {e["settles"] for e in spends.values()}
             assert len(intents) == len(spends)
             open_journaled = sum(
                 (Decimal(ln["original_amount"]) for e in spends.values() for ln in e["lines"]
@@ -553,14 +553,14 @@ async def test_frozen_redis_denies_closed_within_the_store_timeout(
                 assert status == 200, body
                 assert seconds < 2.0, seconds
                 entries = [json.loads(line) for line in journal.read_text().splitlines()]
-                # Its intent first (before the Exchange was asked), then its spend; the intent is
-                # acknowledged once the spend is journaled.
-                intent, spend, ack = entries
+                # Its intent first (before the Exchange was asked), then its spend, which settles
+                # the intent in the same write.
+                intent, spend = entries
                 assert (intent["idempotency_key"], spend["idempotency_key"]) == ("opener#open-frozen",) * 2
                 assert intent["intent"]
                 assert not intent["lines"]
                 assert spend["lines"]
-                assert ack == {"ack": intent["id"]}
+                assert spend["settles"] == intent["id"]
             finally:
                 redis.proc.send_signal(signal.SIGCONT)
 
@@ -665,6 +665,33 @@ async def test_retry_on_another_broker_during_an_outage_is_counted_once(
 
 
 # --- g: a fail-open purchase cut off after its charge is rolled forward from the journal ---------
+
+
+async def test_fail_open_purchase_the_exchange_did_not_answer_is_rolled_forward_by_its_broker(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """The store is down, a scope fails open, and the Exchange executes too slowly to answer in
+    time: the purchase ends unanswered. Its journaled intent goes to the same broker's upkeep,
+    which rolls it forward (answered from the dedupe record) and, once the store is back, records
+    the charge once. No restart needed."""
+    scopes, agents = closed_and_open()
+    journal = tmp_path / "journal.jsonl"
+    async with start_exchange(tmp_path, catalog_tree()) as exchange, \
+            httpx.AsyncClient(timeout=15.0) as client:
+        config = period_config(exchange, redis, journal, scopes=scopes, agents=agents, timeout_ms=200,
+                               execute_timeout_ms=250, ttl_s=2)
+        async with start_broker(tmp_path, config, name="broker-1", env=ADMIN_ENVIRON) as b1:
+            await asyncio.to_thread(redis.kill)
+            await set_knobs(client, exchange, execute_latency_ms=2000)
+            answer = await connect_call(client, b1, "BrokerService/Transact", transact("k2"), key=OPENER)
+            await set_knobs(client, exchange, execute_latency_ms=0)
+            assert answer.status_code == 200, answer.text
+            assert all(i["status"] != "ITEM_STATUS_PURCHASED" for i in answer.json()["items"]), answer.text
+            await asyncio.to_thread(redis.start)
+            await eventually(_journal_empty(journal), 15.0, "the unanswered purchase is rolled forward")
+            view = await read_store(redis)
+            assert view.spent("team:open") == await spent_at_exchange(client, exchange) == 1
+            assert [(e.idempotency_key, e.kind) for e in view.ledger] == [("opener#k2", "journal")]
 
 
 async def test_fail_open_purchase_killed_after_the_charge_is_rolled_forward_from_the_journal(

@@ -137,6 +137,50 @@ async def test_journal_survives_a_restart_and_a_torn_line(tmp_path: Path) -> Non
     assert Journal(path).pending() == []
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["append", "intent", "settle", "ack"]), st.integers(0, 30)),
+                min_size=1, max_size=40))
+def test_journal_writes_together_what_comes_together_and_reloads_as_it_was(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int]],
+) -> None:
+    """Appends and acks made at once are group-committed (fewer writes than calls), and each
+    returns only once its record is on disk: the file always reloads to what the journal had."""
+    path = tmp_path_factory.mktemp("journal") / "j.jsonl"
+
+    async def run() -> None:
+        j = Journal(path)
+        writes = 0
+        write = j._write
+
+        def counted(lines: list[str], truncate: bool) -> None:
+            nonlocal writes
+            writes += 1
+            write(lines, truncate)
+
+        j._write = counted  # type: ignore[method-assign]
+        made: list[str] = []
+
+        async def op(kind: str, n: int) -> None:
+            pick = made[n % len(made)] if made else None
+            if kind == "append":
+                made.append((await j.append("acme", f"k{n}", (HOLD,), (LINE,), n)).id)
+            elif kind == "intent":
+                made.append((await j.append("acme", f"k{n}", (HOLD,), (), n, intent=b"i")).id)
+            elif kind == "settle":
+                made.append((await j.append("acme", f"k{n}", (HOLD,), (LINE,), n, settles=pick)).id)
+            elif pick is not None:
+                await j.ack(pick)
+
+        for batch in (ops[i:i + 8] for i in range(0, len(ops), 8)):
+            await asyncio.gather(*(op(kind, n) for kind, n in batch))
+            assert [e.id for e in Journal(path).pending()] == [e.id for e in j.pending()]
+        assert writes <= len(ops)
+        if len(ops) >= 8 and all(kind in ("append", "intent") for kind, _ in ops[:8]):
+            assert writes < len(ops)  # eight appends at once: fewer than eight writes
+
+    asyncio.run(run())
+
+
 # --- reconcile -------------------------------------------------------------------------------------
 
 

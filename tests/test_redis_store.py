@@ -24,6 +24,9 @@ from budget.store import (
     Denied,
     Hold,
     InFlight,
+    LeaseAsk,
+    Leased,
+    LeaseSpend,
     Line,
     Lost,
     Reserved,
@@ -504,3 +507,68 @@ async def test_a_server_restarted_empty_is_lost_to_callers_that_saw_it(server: R
         assert await store.client.keys(f"{store.account_prefix(acct)}*") == []
     finally:
         await store.close()
+
+
+# --- leases ---------------------------------------------------------------------------------
+
+
+async def lease(store: RedisStore, acct: str, broker: str, seq: int, asks: list[LeaseAsk],
+                spends: tuple[LeaseSpend, ...] = (), *, at: int | None = None) -> Leased:
+    out = await store.lease(acct, broker, seq, asks, spends, ttl_ms=30_000,
+                            now_ms=at if at is not None else now_ms(), limits_version=0)
+    assert isinstance(out, Leased), out
+    return out
+
+
+async def test_lease_keys_share_the_account_slot_and_live_as_long_as_the_counters(store: RedisStore) -> None:
+    acct, now = account(), now_ms()
+    expire_at = now + 40 * DAY_MS
+    broker = "{evil} broker"  # braces and spaces in a broker name stay in the account's slot
+    asks = [LeaseAsk(hold(0, 1000, expire_at_ms=expire_at), 300),
+            LeaseAsk(hold(0, 1000, scope="team:eng", expire_at_ms=expire_at), 200)]
+    await lease(store, acct, broker, 1, asks, (LeaseSpend("p1", (line(5),), b"ok"),), at=now)
+    p = store.account_prefix(acct)
+    alice, eng = "user:alice|month|2026-11|USD", "team:eng|month|2026-11|USD"
+    keys = sorted(k.decode() if isinstance(k, bytes) else k for k in await store.client.keys(f"{p}*"))
+    assert keys == sorted([
+        f"{p}c:{alice}", f"{p}c:{eng}", f"{p}counters", f"{p}ledger", f"{p}i:p1", f"{p}lh:{alice}",
+        f"{p}lh:{eng}", f"{p}lb:{broker}", f"{p}lc:{broker}"])
+    assert {keyslot(k.encode()) for k in keys} == {keyslot(acct.encode())}
+    assert await store.client.hgetall(f"{p}lh:{alice}") == {broker.encode(): b"300"}
+    expires = str(now + 30_000).encode()
+    assert await store.client.hgetall(f"{p}lb:{broker}") == {b"seq": b"1", b"expires": expires}
+    assert await store.client.smembers(f"{p}lc:{broker}") == {alice.encode(), eng.encode()}
+    assert await store.client.hmget(f"{p}c:{alice}", ["spent", "reserved", "leased", "count"]) == [
+        b"5", b"300", b"300", b"1"]
+    assert await store.client.hmget(f"{p}i:p1", ["state", "rid", "result"]) == [b"committed", b"", b"ok"]
+    for key in (f"{p}lh:{alice}", f"{p}lb:{broker}", f"{p}lc:{broker}", f"{p}i:p1"):
+        assert await store.client.pexpiretime(key) >= expire_at - 2_000, key
+    # Returning a lease drops it from the broker's and the counter's sets.
+    await lease(store, acct, broker, 2, [LeaseAsk(asks[0].hold, 0)], at=now)
+    assert await store.client.exists(f"{p}lh:{alice}") == 0
+    assert await store.client.smembers(f"{p}lc:{broker}") == {eng.encode()}
+    assert await store.release_leases(acct, broker, as_spent=False, now_ms=now) == 200
+    assert await store.client.exists(f"{p}lh:{eng}", f"{p}lb:{broker}", f"{p}lc:{broker}") == 0
+
+
+async def test_leases_are_exact_beyond_2_to_the_53(store: RedisStore) -> None:
+    acct = account()
+    limit = 2**53 + 3
+    first = await lease(store, acct, "b1", 1, [LeaseAsk(hold(0, limit), 2**53 + 1)])
+    assert first.grants[0].granted == 2**53 + 1
+    # Two nano-units are left, whatever a double would round 2^53 + 3 - (2^53 + 1) to.
+    second = await lease(store, acct, "b2", 1, [LeaseAsk(hold(0, limit), 2**60)])
+    assert second.grants[0].granted == 2
+    assert second.grants[0].state == CounterState(reserved=limit)
+    assert second.grants[0].state.leased == limit
+    big = 9 * 10**18
+    acct2 = account()
+    await lease(store, acct2, "b1", 1, [LeaseAsk(hold(0, big), big - 7)])
+    assert (await lease(store, acct2, "b2", 1, [LeaseAsk(hold(0, big), big)])).grants[0].granted == 7
+    assert await store.release_leases(acct2, "b1", as_spent=True, now_ms=now_ms()) == big - 7
+    entries = [e async for e in store.ledger(acct2)]
+    assert [(e.amount, e.original_amount) for e in entries] == [(big - 7, "8999999999.999999993")]
+    assert await store.read(acct2, [ref()]) == [CounterState(spent=big - 7, reserved=7, count=1)]
+    with pytest.raises(ValueError, match="64 bits"):
+        await store.lease(acct, "b1", 2, [LeaseAsk(hold(0, limit), 2**63)], (), ttl_ms=1, now_ms=now_ms(),
+                          limits_version=0)

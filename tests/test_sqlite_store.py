@@ -23,6 +23,8 @@ from budget.store import (
     Denied,
     Hold,
     InFlight,
+    LeaseAsk,
+    Leased,
     Limits,
     Line,
     Reserved,
@@ -40,6 +42,7 @@ USER = CounterRef(scope="user:alice", period="month", window="2026-01", currency
 TEAM = CounterRef(scope="team:eng", period="month", window="2026-01", currency="USD",
                   start_ms=0, end_ms=1_000_000)
 TABLES = {"counters", "reservations", "idempotency", "ledger", "limits", "limits_version", "blobs"}
+SCHEMA_VERSION = 3
 
 
 def holds(amount: int, user_limit: int = 1_000, team_limit: int = 10_000) -> list[Hold]:
@@ -71,10 +74,10 @@ async def test_satisfies_the_store_protocol(store: SqliteStore) -> None:
 async def test_open_creates_directory_schema_and_wal(db: Path, store: SqliteStore) -> None:
     with sqlite3.connect(db) as raw:  # would create an empty file if open() had not
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     raw.close()
-    assert tables >= TABLES
+    assert tables >= TABLES | {"claims", "identity", "leases", "lease_brokers"}
     # synchronous is per connection: ask the store's own.
     settings = await store._run(
         lambda c: (c.execute("PRAGMA synchronous").fetchone()[0],
@@ -97,10 +100,23 @@ async def test_amount_columns_refuse_anything_but_integers(db: Path, store: Sqli
     raw = sqlite3.connect(db)
     with pytest.raises(sqlite3.IntegrityError):
         raw.execute(
-            "INSERT INTO counters VALUES ('a', 'k', 's', 'p', 'w', 'USD', 0, 1, 1.5, 0, 0, 0, 1)"
+            "INSERT INTO counters VALUES ('a', 'k', 's', 'p', 'w', 'USD', 0, 1, 1.5, 0, 0, 0, 1, 0, 0)"
         )
     with pytest.raises(sqlite3.IntegrityError):
         raw.execute("INSERT INTO limits VALUES ('a', 'user:x', 'day', 'USD', 2.5)")
+    raw.close()
+
+
+async def test_lease_columns_refuse_anything_but_integers(db: Path, store: SqliteStore) -> None:
+    # `leased` is an amount like reserved (its part), and reclaim_until a time: integers only, as
+    # the module promises for amounts (leases.granted and lease_brokers already check theirs).
+    raw = sqlite3.connect(db)
+    for key, leased, reclaim_until in (("k1", 1.5, 0), ("k2", 0, 2.5)):
+        with pytest.raises(sqlite3.IntegrityError):
+            raw.execute("INSERT INTO counters VALUES ('a', ?, 's', 'p', 'w', 'USD', 0, 1, 0, 0, 0, 0, 1, "
+                        "?, ?)", (key, leased, reclaim_until))
+    with pytest.raises(sqlite3.IntegrityError):
+        raw.execute("INSERT INTO leases VALUES ('a', 'k', 'b', 1.5)")
     raw.close()
 
 
@@ -462,16 +478,51 @@ def _write_version_1_file(path: Path) -> None:
         raw.close()
 
 
-async def test_a_version_1_file_is_migrated_and_keeps_its_data(db: Path) -> None:
-    _write_version_1_file(db)
+# What version 2 added to version 1 (git history: budget/sqlite_store.py, _MIGRATE_1_TO_2 and the
+# identity table), before leases.
+_V1_TO_V2 = (
+    "ALTER TABLE reservations ADD COLUMN intent BLOB NOT NULL DEFAULT x''",
+    "ALTER TABLE reservations ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE reservations ADD COLUMN done TEXT NOT NULL DEFAULT '{}'",
+    "ALTER TABLE reservations ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+    """
+    CREATE TABLE IF NOT EXISTS identity (
+        account    TEXT PRIMARY KEY,
+        id         TEXT NOT NULL,
+        generation INTEGER NOT NULL CHECK (typeof(generation) = 'integer')
+    )
+    """,
+)
+
+
+def _write_old_file(path: Path, version: int) -> None:
+    """The version-1 data, in a file of schema `version` (1 or 2: the same rows, before leases)."""
+    _write_version_1_file(path)
+    if version == 2:
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as raw:
+            raw.execute("BEGIN")
+            for statement in _V1_TO_V2:
+                raw.execute(statement)
+            raw.execute("PRAGMA user_version = 2")
+            raw.execute("COMMIT")
+
+
+@pytest.mark.parametrize("old_version", [1, 2])
+async def test_an_old_file_is_migrated_and_keeps_its_data(db: Path, old_version: int) -> None:
+    _write_old_file(db, old_version)
     s = await SqliteStore.open(db)
     try:
         with contextlib.closing(sqlite3.connect(db)) as raw:
-            assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+            assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
             columns = {row[1] for row in raw.execute("PRAGMA table_info(reservations)")}
             assert columns >= {"intent", "owner", "done", "attempts"}
+            # Version 3: leases.
+            columns = {row[1] for row in raw.execute("PRAGMA table_info(counters)")}
+            assert columns >= {"leased", "reclaim_until"}
+            assert raw.execute('SELECT leased, reclaim_until FROM counters WHERE "key" = ?',
+                               (USER.key,)).fetchall() == [(0, 0)]
             tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            assert tables >= TABLES | {"claims", "identity"}
+            assert tables >= TABLES | {"claims", "identity", "leases", "lease_brokers"}
         # The data is all there.
         assert await s.read(ACCOUNT, [USER]) == [CounterState(spent=300, reserved=150, credit=50, count=2)]
         assert [(ref, st) async for ref, st in s.counters(ACCOUNT)] == [
@@ -508,15 +559,25 @@ async def test_a_version_1_file_is_migrated_and_keeps_its_data(db: Path) -> None
         assert isinstance(r, Reserved)
         assert await s.sweep(ACCOUNT, now_ms=6_000, lease_ms=500, taker="b") == Swept(0, (
             UnsettledHold(r.reservation_id, "k-new", b"\x00intent", 5_000, 6_500, "b", 1, {}),))
+        # Leases too: 1000 + 50 credit - 350 spent - 100 held leaves 600 to lease.
+        leased = await s.lease(ACCOUNT, "broker-1", 1, [LeaseAsk(one[0], 700)], [], ttl_ms=1_000,
+                               now_ms=7_000, limits_version=3, identity=seen)
+        assert isinstance(leased, Leased)
+        assert [g.granted for g in leased.grants] == [600]
+        (after,) = await s.read(ACCOUNT, [USER])
+        assert (after.reserved, after.leased) == (700, 600)
     finally:
         await s.close()
     # Opening it again migrates nothing twice.
     s = await SqliteStore.open(db)
     try:
         assert await s.identity(ACCOUNT) == StoreIdentity("id-1")
-        assert await s.read(ACCOUNT, [USER]) == [CounterState(spent=350, reserved=100, credit=50, count=3)]
+        (after,) = await s.read(ACCOUNT, [USER])
+        assert after == CounterState(spent=350, reserved=700, credit=50, count=3)
+        assert after.leased == 600
+        assert [(x.broker, x.granted, x.seq) for x in await s.leases(ACCOUNT)] == [("broker-1", 600, 1)]
         assert len([e async for e in s.ledger(ACCOUNT)]) == 3
     finally:
         await s.close()
     with contextlib.closing(sqlite3.connect(db)) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -40,6 +40,15 @@ local function sign(hi, lo)
   return 0
 end
 
+-- hi * BASE + lo (>= 0, a sum of a few split values) as a decimal string.
+local function join(hi, lo)
+  local carry = math.floor(lo / BASE)
+  hi = hi + carry
+  lo = lo - carry * BASE
+  if hi == 0 then return string.format('%d', lo) end
+  return string.format('%d', hi) .. string.format('%09d', lo)
+end
+
 -- The negation of a decimal string (HINCRBY rejects "-0").
 local function negate(s)
   if s == '0' then return '0' end

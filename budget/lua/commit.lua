@@ -8,7 +8,7 @@
 --       to release and the floor, then per line the 10 line arguments (see _lib).
 -- Returns per request {'dup'}, {'lost', problem}, or {'ok', late ('1'/'0'), what this commit
 -- released per hold ("key amount ..."), part done before ('1'/'0'), then per hold the counter after
--- the commit: spent, reserved, credit, count}.
+-- the commit: spent, reserved, credit, count, leased}.
 local prefix = ARGV[1]
 local exp_key, ledger_key, index_key = KEYS[1], KEYS[2], KEYS[3]
 local HOLD_ARGS = COUNTER_ARGS + 3
@@ -108,8 +108,8 @@ local function commit_one(k, a)
   end
   local out = {'ok', exists and '0' or '1', table.concat(released, ' '), done_before and '1' or '0'}
   for i = 0, n - 1 do
-    local v = redis.call('HMGET', KEYS[first_key + i], 'spent', 'reserved', 'credit', 'count')
-    for f = 1, 4 do out[#out + 1] = v[f] or '0' end
+    local v = redis.call('HMGET', KEYS[first_key + i], 'spent', 'reserved', 'credit', 'count', 'leased')
+    for f = 1, 5 do out[#out + 1] = v[f] or '0' end
   end
   return out
 end

@@ -3,16 +3,17 @@
 --       c:<counter> for each hold.
 -- ARGV: prefix, number of requests, then per request: reservation id, idempotency key,
 --       limits version, now_ms, expires_ms, reservation ttl ms, number of holds, intent, owner,
---       expected identity id ('' checks nothing), expected generation, then per hold the 9 counter
---       arguments (see _lib) followed by amount, limit and floor.
+--       expected identity id ('' checks nothing), expected generation, reclaim until (now_ms +
+--       RECLAIM_MS), then per hold the 9 counter arguments (see _lib) followed by amount, limit and
+--       floor.
 -- Returns per request one of: {'ok', rid, expires}, {'stale', version}, {'settled', result},
---       {'inflight', rid, expires}, {'denied', index, spent, reserved, credit, count},
+--       {'inflight', rid, expires}, {'denied', index, spent, reserved, credit, count, leased},
 --       {'unsettled', <unsettled_reply>}, {'lost', problem}.
 local prefix = ARGV[1]
 local version = redis.call('GET', KEYS[1]) or '0'
 local exp_key, index_key = KEYS[2], KEYS[3]
 local HOLD_ARGS = COUNTER_ARGS + 3
-local REQUEST_ARGS = 11
+local REQUEST_ARGS = 12
 
 local function reserve_one(k, a)
   local ikey, rkey = KEYS[k], KEYS[k + 1]
@@ -20,6 +21,7 @@ local function reserve_one(k, a)
     ARGV[a + 5]
   local n = tonumber(ARGV[a + 6])
   local intent, owner, want_id, want_gen = ARGV[a + 7], ARGV[a + 8], ARGV[a + 9], ARGV[a + 10]
+  local reclaim_until = ARGV[a + 11]
   local first_key, first_arg = k + 2, a + REQUEST_ARGS
 
   local lost = identity_problem(prefix, want_id, want_gen)
@@ -54,7 +56,7 @@ local function reserve_one(k, a)
   local pending = {}
   for i = 0, n - 1 do
     local key, m = KEYS[first_key + i], first_arg + i * HOLD_ARGS
-    local s = redis.call('HMGET', key, 'spent', 'reserved', 'credit', 'count')
+    local s = redis.call('HMGET', key, 'spent', 'reserved', 'credit', 'count', 'leased', 'reclaim_until')
     local p = pending[key] or {0, 0}
     local sh, sl = split(s[1])
     local rh, rl = split(s[2])
@@ -62,7 +64,12 @@ local function reserve_one(k, a)
     local ah, al = split(ARGV[m + COUNTER_ARGS])
     local lh, ll = split(ARGV[m + COUNTER_ARGS + 1])
     if sign(sh + rh + p[1] + ah - lh - ch, sl + rl + p[2] + al - ll - cl) > 0 then
-      return {'denied', tostring(i), s[1] or '0', s[2] or '0', s[3] or '0', s[4] or '0'}
+      local gh, gl = split(s[5])
+      if sign(gh, gl) > 0 and tonumber(s[6] or '0') < tonumber(reclaim_until) then
+        -- Budget sits in brokers' leases while a purchase is denied: ask them back for a while.
+        redis.call('HSET', key, 'reclaim_until', reclaim_until)
+      end
+      return {'denied', tostring(i), s[1] or '0', s[2] or '0', s[3] or '0', s[4] or '0', s[5] or '0'}
     end
     pending[key] = {p[1] + ah, p[2] + al}
   end

@@ -23,6 +23,7 @@ class EnforcementMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ENFORCEMENT_MODE_UNSPECIFIED: _ClassVar[EnforcementMode]
     ENFORCEMENT_MODE_STRICT: _ClassVar[EnforcementMode]
+    ENFORCEMENT_MODE_LEASE: _ClassVar[EnforcementMode]
 
 class DenialLayer(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -70,6 +71,7 @@ BUDGET_LAYER_SESSION: BudgetLayer
 BUDGET_LAYER_PERIOD: BudgetLayer
 ENFORCEMENT_MODE_UNSPECIFIED: EnforcementMode
 ENFORCEMENT_MODE_STRICT: EnforcementMode
+ENFORCEMENT_MODE_LEASE: EnforcementMode
 DENIAL_LAYER_UNSPECIFIED: DenialLayer
 DENIAL_LAYER_TRANSACTION: DenialLayer
 DENIAL_LAYER_SESSION: DenialLayer
@@ -98,7 +100,7 @@ SETTLE_OUTCOME_UNSETTLED: SettleOutcome
 SETTLE_OUTCOME_NOT_FOUND: SettleOutcome
 
 class BudgetState(_message.Message):
-    __slots__ = ("layer", "scope", "limit", "spent", "reserved", "remaining", "period_start", "period_end", "mode", "transaction_count", "as_of", "period", "failure_policy", "projected_exhaustion", "spend_rate_per_hour")
+    __slots__ = ("layer", "scope", "limit", "spent", "reserved", "remaining", "period_start", "period_end", "mode", "transaction_count", "as_of", "period", "failure_policy", "projected_exhaustion", "spend_rate_per_hour", "phase")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +116,7 @@ class BudgetState(_message.Message):
     FAILURE_POLICY_FIELD_NUMBER: _ClassVar[int]
     PROJECTED_EXHAUSTION_FIELD_NUMBER: _ClassVar[int]
     SPEND_RATE_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
     layer: BudgetLayer
     scope: str
     limit: _ramp_pb2.Cost
@@ -129,7 +132,8 @@ class BudgetState(_message.Message):
     failure_policy: str
     projected_exhaustion: _timestamp_pb2.Timestamp
     spend_rate_per_hour: _ramp_pb2.Cost
-    def __init__(self, layer: _Optional[_Union[BudgetLayer, str]] = ..., scope: _Optional[str] = ..., limit: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., spent: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., reserved: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., remaining: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[EnforcementMode, str]] = ..., transaction_count: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period: _Optional[str] = ..., failure_policy: _Optional[str] = ..., projected_exhaustion: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spend_rate_per_hour: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ...) -> None: ...
+    phase: str
+    def __init__(self, layer: _Optional[_Union[BudgetLayer, str]] = ..., scope: _Optional[str] = ..., limit: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., spent: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., reserved: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., remaining: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[EnforcementMode, str]] = ..., transaction_count: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period: _Optional[str] = ..., failure_policy: _Optional[str] = ..., projected_exhaustion: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spend_rate_per_hour: _Optional[_Union[_ramp_pb2.Cost, _Mapping]] = ..., phase: _Optional[str] = ...) -> None: ...
 
 class Denial(_message.Message):
     __slots__ = ("reason", "layer", "scope", "next_action", "retry_at", "budget", "exchanges")

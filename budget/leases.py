@@ -1,0 +1,630 @@
+"""Pre-debited leases: spending a store's budget in memory, many brokers at once.
+
+In lease mode a broker does not ask the store for every purchase. It takes a
+*lease* on each counter it spends from: one atomic store step (Store.lease)
+moves an amount out of the counter's remaining into this broker's lease, so
+spent + reserved (leases included) <= limit holds in the store at every instant,
+and steady-state overspend is zero, not merely bounded. Purchases then hold and
+commit against the local lease in memory, all counters of a purchase at once or
+none, with their intent and then their spend journaled locally (fsync) before and
+after the Exchange call. A refresh, batched over all counters of an account (every
+`refresh_seconds`, when a lease is half used, when a purchase needs more, or when
+the store asks lease holders to give back), reports the spend since the last one
+(ledger lines, once per idempotency key) and renews, resizes or returns each
+lease in the same step; refreshes are idempotent by sequence number.
+
+Lease size follows the broker's smoothed spend rate and the counter's remaining
+budget (seed 001): clamp(rate x headroom, L_min, L_max) with L_min the largest
+purchase seen and L_max = remaining / (2 x brokers holding leases), through
+phases set by remaining / the counter's smoothed spend rate:
+
+    generous     > 1 h of spend left        headroom 60 s
+    tightening   > 5 min                    headroom 10 s
+    strict       > 30 s                     headroom 1 s, leases returned at every refresh
+    synchronous  less, or too little left for every holder's largest purchase: no lease;
+                 every purchase reserves in the store (the strict mode's path)
+    exhausted    nothing left
+
+The rate is an EWMA (half-life `rate_half_life_seconds`), so a short burst does
+not flip a scope to strict; phases are recomputed at every refresh, so a change
+converges within one. A `prepaid` tier goes synchronous from a larger share of
+remaining budget; `postpaid` leases twice the headroom.
+
+A lease can never be shrunk below what is in use: the broker sets aside what a
+refresh may take back before it asks, and the store never grants less than the
+old lease minus the spend it reports. A refresh whose answer is lost keeps that
+set aside until one is known applied (the lost one may have landed); one that
+finds its sequence already used was not applied, and is sent again above it.
+The book is brought in line with the store's answer before anything is awaited.
+
+A broker that dies leaves its lease counted (fail closed) until it restarts (its
+journal's spends are reported at its first refresh, its journaled intents rolled
+forward) or an operator releases it. A purchase that gives up on an Exchange's
+answer hands its intent to the same roll-forward without a restart; a clean
+shutdown settles those it can, then gives every lease back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+
+from budget.clock import Clock
+from budget.journal import Journal, JournalEntry
+from budget.periods import to_ms
+from budget.store import (
+    CounterRef,
+    CounterState,
+    Hold,
+    LeaseAsk,
+    Leased,
+    LeaseSpend,
+    Line,
+    Lost,
+    StaleLimits,
+    Store,
+    StoreIdentity,
+    StoreUnavailable,
+)
+
+log = logging.getLogger(__name__)
+_LN2 = Decimal(2).ln()
+_RATE_WARM_S = Decimal(5)  # a new rate counts as if observed for at least this long
+# Answers of keys settled before a restart (from the journal), kept for retries (the newest ones).
+_RECOVERED_ANSWERS = 10_000
+
+
+class Phase(StrEnum):
+    GENEROUS = "generous"
+    TIGHTENING = "tightening"
+    STRICT = "strict"
+    SYNCHRONOUS = "synchronous"
+    EXHAUSTED = "exhausted"
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """How strict a scope's end game is."""
+
+    name: str = "standard"
+    headroom_factor: int = 1  # postpaid: 2 (larger leases)
+    synchronous_share: Decimal = Decimal(0)  # prepaid: go synchronous below this share of the limit
+
+
+TIERS = {
+    "standard": Tier(),
+    "prepaid": Tier("prepaid", 1, Decimal("0.05")),
+    "postpaid": Tier("postpaid", 2, Decimal(0)),
+}
+# (seconds of spend left above which the phase applies, the phase, its headroom in seconds)
+_PHASES = ((3600, Phase.GENEROUS, 60), (300, Phase.TIGHTENING, 10), (30, Phase.STRICT, 1))
+
+
+def _weight(seconds: Decimal, half_life_s: Decimal) -> Decimal:
+    """The EWMA weight of `seconds` of observation: 1 - 2^(-seconds / half-life)."""
+    return 1 - (-(seconds * _LN2) / half_life_s).exp()
+
+
+@dataclass(slots=True)
+class Rate:
+    """An EWMA of a spend rate, nano-units per second, folded in at each refresh: the spend since
+    the previous one over the time since (weight 1 - 2^(-dt / half-life), like budget.forecast).
+
+    Bias-corrected: started from zero, the average is divided by the weight it has gathered, so a
+    broker a few seconds old sizes its leases (and phases) on the rate it sees, not a fraction;
+    but never by less than 5 s worth, so a burst in its first milliseconds is not taken for a
+    rate that would flip the scope to strict."""
+
+    half_life_s: Decimal
+    ewma: Decimal = Decimal(0)
+    gathered: Decimal = Decimal(0)  # the weight of all observations: 1 - 2^(-observed / half-life)
+    at: float | None = None  # monotonic seconds of the last observation
+
+    @property
+    def per_s(self) -> Decimal:
+        if self.gathered == 0:
+            return Decimal(0)
+        return self.ewma / max(self.gathered, _weight(_RATE_WARM_S, self.half_life_s))
+
+    def observe(self, amount: int, now: float) -> None:
+        if self.at is not None and now > self.at:
+            dt = Decimal(now - self.at).quantize(Decimal("0.000001"))
+            if dt > 0:
+                weight = _weight(dt, self.half_life_s)
+                self.ewma += weight * (Decimal(amount) / dt - self.ewma)
+                self.gathered += weight * (1 - self.gathered)
+        self.at = now
+
+
+def phase_of(
+    remaining: int, rate_per_s: Decimal, holders: int, largest: int, limit: int, tier: Tier,
+) -> Phase:
+    """The phase of a counter: how much time (or room) its remaining budget leaves."""
+    if remaining <= 0:
+        return Phase.EXHAUSTED
+    if remaining < 2 * max(holders, 1) * max(largest, 1) or remaining < tier.synchronous_share * limit:
+        return Phase.SYNCHRONOUS
+    seconds_left = Decimal(remaining) / rate_per_s if rate_per_s > 0 else Decimal("Infinity")
+    for above, phase, _ in _PHASES:
+        if seconds_left > above:
+            return phase
+    return Phase.SYNCHRONOUS
+
+
+def lease_size(
+    phase: Phase, local_rate: Decimal, remaining: int, holders: int, largest: int, tier: Tier,
+) -> int:
+    """clamp(rate x headroom, L_min, L_max) for the phase (0 when no lease should be held)."""
+    headroom = next((h for _, p, h in _PHASES if p == phase), 0) * tier.headroom_factor
+    if not headroom:
+        return 0
+    l_max = remaining // (2 * max(holders, 1))
+    l_min = min(max(largest, 1), l_max)
+    return max(l_min, min(int(local_rate * headroom), l_max))
+
+
+@dataclass(slots=True)
+class CounterLease:
+    """This broker's lease on one counter, and what it does with it."""
+
+    counter: CounterRef
+    limit: int  # effective, before credit
+    expire_at_ms: int
+    tier: Tier
+    rate: Rate  # this broker's spend on it
+    counter_rate: Rate  # the counter's spend, all brokers, as refreshes see it
+    granted: int = 0  # pre-debited in the store at the last refresh
+    held: int = 0  # local purchases in flight
+    spent: int = 0  # committed locally, not yet reported
+    returning: int = 0  # set aside while a refresh may give it back
+    state: CounterState = field(default_factory=CounterState)
+    holders: int = 0
+    reclaim: bool = False
+    largest: int = 0
+    phase: Phase = Phase.GENEROUS
+    recent: int = 0  # spend reported at the last refresh, plus room purchases asked for since
+
+    @property
+    def available(self) -> int:
+        return self.granted - self.held - self.spent - self.returning
+
+    @property
+    def remaining(self) -> int:
+        """Budget neither spent nor held in the store (leases, this one's included, excluded)."""
+        return self.limit + self.state.credit - self.state.spent - (self.state.reserved - self.state.leased)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A purchase committed on leases, not yet reported to the store."""
+
+    entry_id: str
+    key: str
+    lines: tuple[Line, ...]  # hold_index: position in `counters`
+    counters: tuple[str, ...]  # counter keys, by hold_index
+    result: bytes
+
+
+@dataclass(slots=True)
+class _Account:
+    name: str
+    counters: dict[str, CounterLease] = field(default_factory=dict)
+    pending: list[_Pending] = field(default_factory=list)
+    seq: int = 0
+    limits_version: int = 0
+    valid_until: float = 0.0  # monotonic: leases may be spent until then without a refresh
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    down: bool = False  # the last refresh failed
+    adopted: bool = False  # this broker's leases left in the store by an earlier run were looked up
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseHold:
+    """A purchase held on this broker's leases: amounts per counter key, in the plan's order."""
+
+    account: str
+    amounts: tuple[tuple[str, int], ...]
+    intent_id: str | None = None
+
+
+class LeaseBook:
+    def __init__(
+        self, store: Store, *, clock: Clock, broker: str, journal: Journal | None,
+        identity: Callable[[str], Awaitable[StoreIdentity | None]], floor: Callable[[str, CounterRef], int],
+        refresh_s: float = 1.0, ttl_s: float = 30.0, rate_half_life_s: float = 60.0,
+        on_lost: Callable[[str, str], None] | None = None,
+        on_refresh: Callable[[bool], None] | None = None, accounts: Sequence[str] = (),
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self.broker = broker
+        self._journal = journal
+        self._identity = identity
+        self._floor = floor
+        self.refresh_s = refresh_s
+        self._ttl_ms = int(ttl_s * 1000)
+        self._ttl_s = ttl_s
+        self._half_life = Decimal(str(rate_half_life_s))
+        self._on_lost = on_lost
+        self._on_refresh = on_refresh or (lambda ok: None)
+        self._accounts: dict[str, _Account] = {}
+        self._due = asyncio.Event()  # some lease is half used: refresh soon
+        self._live: set[str] = set()  # journaled intents of purchases in flight here
+        # Keys of the previous incarnation (from the journal): a retry of one it settled is shown
+        # its answer, one it was cut off in waits for the roll-forward. (Retries of this
+        # incarnation's keys are the purchaser's idempotency cache's; a key settled on another
+        # broker reaches its Exchange again, which answers from its dedupe record, and the store
+        # counts it once.)
+        self._recovered: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._cut_off: set[tuple[str, str]] = set()
+        self.store_calls = 0  # lease refreshes sent (bench: store calls per purchase)
+        # Known from the start, so the refresh loop (and a clean shutdown) takes back the leases a
+        # previous incarnation left even when no purchase comes to this one.
+        for name in accounts:
+            self._account(name)
+        if journal is not None:
+            self._recover_pending(journal)
+
+    # --- the purchase path (no await between a check and its hold) ---------------------------
+
+    def recovered(self, account: str, key: str) -> bytes | None:
+        """The stored answer of `key`, if this broker settled it before a restart."""
+        return self._recovered.get((account, key))
+
+    def cut_off(self, account: str, key: str) -> bool:
+        """`key`'s purchase was cut off by a restart and is not rolled forward yet."""
+        return (account, key) in self._cut_off
+
+    def counter(self, account: str, hold: Hold, tier: Tier) -> CounterLease:
+        acct = self._account(account)
+        lease = acct.counters.get(hold.counter.key)
+        if lease is None:
+            lease = CounterLease(hold.counter, hold.limit, hold.expire_at_ms, tier,
+                                 Rate(self._half_life), Rate(self._half_life))
+            acct.counters[hold.counter.key] = lease
+        lease.limit, lease.expire_at_ms, lease.tier = hold.limit, hold.expire_at_ms, tier
+        return lease
+
+    def usable(self, account: str) -> bool:
+        """The account's leases may be spent: refreshed recently enough (a store outage leaves the
+        rest of an unexpired lease spendable, then the scope's failure policy applies)."""
+        return self._clock.monotonic() < self._account(account).valid_until
+
+    def try_hold(self, account: str, holds: Sequence[Hold], tiers: Sequence[Tier]) -> LeaseHold | None:
+        """Hold `holds` on this broker's leases, all or none; None when a lease lacks room (or the
+        counter is past leasing): the caller grows the leases or reserves in the store."""
+        if not self.usable(account):
+            return None
+        leases = [self.counter(account, h, t) for h, t in zip(holds, tiers, strict=True)]
+        if any(lease.phase in (Phase.SYNCHRONOUS, Phase.EXHAUSTED) for lease in leases):
+            return None
+        need: dict[str, int] = {}
+        for h in holds:
+            need[h.counter.key] = need.get(h.counter.key, 0) + h.amount
+        acct = self._account(account)
+        if any(acct.counters[key].available < amount for key, amount in need.items()):
+            return None
+        for key, amount in need.items():
+            lease = acct.counters[key]
+            lease.held += amount
+            lease.largest = max(lease.largest, amount)
+            if lease.spent + lease.held >= lease.granted // 2:
+                self._due.set()  # half used: refresh soon, in the background
+        return LeaseHold(account, tuple(need.items()))
+
+    async def journal_intent(
+        self, hold: LeaseHold, key: str, holds: tuple[Hold, ...], intent: bytes,
+    ) -> LeaseHold:
+        """Durable before any Exchange is asked: a crash after its charge is rolled forward."""
+        if self._journal is None:
+            return hold
+        entry = await self._journal.append(hold.account, key, holds, (), self._now_ms(), intent=intent)
+        self._live.add(entry.id)
+        return LeaseHold(hold.account, hold.amounts, entry.id)
+
+    def release(self, hold: LeaseHold) -> None:
+        acct = self._account(hold.account)
+        for key, amount in hold.amounts:
+            acct.counters[key].held -= amount
+
+    async def release_journaled(self, hold: LeaseHold) -> None:
+        self.release(hold)
+        if hold.intent_id is not None and self._journal is not None:
+            await self._journal.ack(hold.intent_id)  # the Exchanges charged nothing
+            self._live.discard(hold.intent_id)
+
+    def hand_over(self, hold: LeaseHold, key: str) -> None:
+        """The purchase stopped waiting for an Exchange's answer: its journaled intent is rolled
+        forward by the upkeep, as if a restart had cut it off (its hold stays until then)."""
+        assert hold.intent_id is not None
+        self._live.discard(hold.intent_id)
+        self._cut_off.add((hold.account, key))
+
+    async def commit(
+        self, hold: LeaseHold, key: str, holds: tuple[Hold, ...], lines: tuple[Line, ...], result: bytes,
+    ) -> None:
+        """Record what the purchase spent on its leases: journaled (fsync), then counted locally and
+        reported at the next refresh."""
+        entry_id = ""
+        if self._journal is not None:
+            entry = await self._journal.append(hold.account, key, holds, lines, self._now_ms(), result=result,
+                                               settles=hold.intent_id)
+            entry_id = entry.id
+            if hold.intent_id is not None:
+                self._live.discard(hold.intent_id)
+        acct = self._account(hold.account)
+        keys = tuple(h.counter.key for h in holds)
+        per_key: dict[str, int] = {}
+        for line in lines:
+            per_key[keys[line.hold_index]] = per_key.get(keys[line.hold_index], 0) + line.amount
+        for k, amount in hold.amounts:
+            lease = acct.counters[k]
+            lease.held -= amount
+            lease.spent += per_key.get(k, 0)
+            if lease.spent + lease.held >= lease.granted // 2:
+                self._due.set()
+        acct.pending.append(_Pending(entry_id, key, lines, keys, result))
+
+    # --- refreshing ---------------------------------------------------------------------------
+
+    async def refresh(self, account: str, grow: dict[str, int] | None = None) -> bool:
+        """Report this broker's spend on the account's leases and renew or resize them, in one store
+        step. `grow`: counter key -> extra room a purchase needs now. False when the store cannot
+        be reached (the leases stay as they were, spendable until they expire)."""
+        acct = self._account(account)
+        async with acct.lock:
+            return await self._refresh(acct, grow or {})
+
+    async def _adopt_store_leases(self, acct: _Account) -> None:
+        """Leases this broker (its instance id) still holds from before a restart: taken back into
+        the book, so the first refresh reports and resizes them instead of leaving them stranded."""
+        for lease in await self._store.leases(acct.name):
+            if lease.broker != self.broker:
+                continue
+            mine = acct.counters.get(lease.counter.key)
+            if mine is None:
+                mine = acct.counters[lease.counter.key] = CounterLease(
+                    lease.counter, 0, lease.counter.end_ms, TIERS["standard"], Rate(self._half_life),
+                    Rate(self._half_life))
+            mine.granted = lease.granted
+            acct.seq = max(acct.seq, lease.seq)
+        acct.adopted = True
+
+    async def _refresh(self, acct: _Account, grow: dict[str, int]) -> bool:
+        if not acct.adopted:
+            try:
+                await self._adopt_store_leases(acct)
+            except StoreUnavailable as exc:
+                return self._unreachable(acct, exc)
+        if not acct.counters:
+            return True
+        now = self._clock.monotonic()
+        leases = list(acct.counters.values())
+        reported = list(acct.pending)
+        spent_now = {lease.counter.key: 0 for lease in leases}
+        for p in reported:
+            for line in p.lines:
+                key = p.counters[line.hold_index]
+                spent_now[key] = spent_now.get(key, 0) + line.amount
+        asks: list[LeaseAsk] = []
+        for lease in leases:
+            key = lease.counter.key
+            in_use = lease.held + lease.spent - spent_now[key]  # what stays spent or in flight
+            lease.recent += spent_now[key] + grow.get(key, 0)
+            target = self._target(lease) + grow.get(key, 0)
+            want = max(target, in_use)
+            keep = lease.granted - spent_now[key]
+            # Set aside what this refresh may give back, so no hold takes it meanwhile. What an
+            # earlier refresh set aside stays aside until one is known to be applied: its answer
+            # may have been lost after the store applied it.
+            lease.returning = max(lease.returning, keep - want, 0)
+            asks.append(LeaseAsk(Hold(lease.counter, 0, lease.limit, lease.expire_at_ms,
+                                      floor=self._floor(acct.name, lease.counter)), want))
+        index = {lease.counter.key: i for i, lease in enumerate(leases)}
+        spends = [
+            LeaseSpend(p.key, tuple(
+                Line(index[p.counters[ln.hold_index]], ln.amount, ln.original_amount, ln.original_currency,
+                     ln.exchange, ln.offer_id, ln.uri) for ln in p.lines), p.result)
+            for p in reported]
+        try:
+            identity = await self._identity(acct.name)
+            for _ in range(3):
+                self.store_calls += 1
+                outcome = await self._store.lease(
+                    acct.name, self.broker, acct.seq + 1, asks, spends, ttl_ms=self._ttl_ms,
+                    now_ms=self._now_ms(), limits_version=acct.limits_version, identity=identity)
+                if isinstance(outcome, Leased) and not outcome.applied:
+                    # Not above the store's sequence: an earlier refresh landed unseen (its answer
+                    # lost), or a restarted broker is behind its own. Nothing of this one was
+                    # applied (none of its spends recorded): send it again above the store's.
+                    acct.seq = max(acct.seq, outcome.seq)
+                    continue
+                break
+        except StoreUnavailable as exc:
+            return self._unreachable(acct, exc)
+        if isinstance(outcome, Leased) and not outcome.applied:
+            return self._unreachable(acct, StoreUnavailable(
+                f"lease refresh not applied: the store's sequence for broker {self.broker} keeps moving "
+                "(is another process running with this broker's memory file?)"))
+        if isinstance(outcome, StaleLimits):
+            acct.limits_version = outcome.version
+            return await self._refresh(acct, grow)
+        if isinstance(outcome, Lost):
+            acct.valid_until = 0.0  # nothing of it is spendable until the store is adopted
+            if self._on_lost is not None:
+                self._on_lost(acct.name, outcome.problem)
+            return False
+        assert isinstance(outcome, Leased)
+        # No await from here until the book matches the store: a purchase held meanwhile would
+        # see reported spend gone while the old (larger) grant still stood.
+        self._on_refresh(True)
+        acct.seq = outcome.seq
+        acct.down = False
+        for p in reported:
+            for line in p.lines:
+                acct.counters[p.counters[line.hold_index]].spent -= line.amount
+        acct.pending = [p for p in acct.pending if p not in reported]
+        for lease, grant in zip(leases, outcome.grants, strict=True):
+            lease.returning = 0  # the store's grant is the truth now
+            previous = lease.state.spent
+            lease.granted, lease.state, lease.holders, lease.reclaim = (
+                grant.granted, grant.state, grant.holders, grant.reclaim)
+            lease.rate.observe(spent_now[lease.counter.key], now)
+            lease.counter_rate.observe(max(0, grant.state.spent - previous), now)
+            lease.recent = 0
+            lease.phase = phase_of(lease.remaining, max(lease.counter_rate.per_s, lease.rate.per_s),
+                                   grant.holders, lease.largest, lease.limit, lease.tier)
+        acct.valid_until = now + self._ttl_s / 2  # never spend on a lease the store may think expired
+        if self._journal is not None:
+            # Recorded: one write acknowledges them all (a crash before it reports them again,
+            # and the store finds them duplicates).
+            await self._journal.ack(*(p.entry_id for p in reported if p.entry_id))
+        return True
+
+    def _unreachable(self, acct: _Account, exc: StoreUnavailable) -> bool:
+        """A refresh the store did not answer: the leases stay as they were, less what it set aside
+        (it may have been applied; the next applied refresh settles which)."""
+        self._on_refresh(False)
+        if not acct.down:
+            log.warning("lease refresh of account %s failed (%s): spending what is left of the leases "
+                        "until they expire", acct.name, exc)
+        acct.down = True
+        return False
+
+    def _target(self, lease: CounterLease) -> int:
+        """The lease this counter should have after a refresh (what is in use is kept anyway)."""
+        if lease.reclaim or lease.phase in (Phase.SYNCHRONOUS, Phase.EXHAUSTED):
+            # At the end, and while another broker was denied budget leases hold: nothing spare.
+            return 0
+        size = lease_size(lease.phase, lease.rate.per_s, lease.remaining, max(lease.holders, 1),
+                          lease.largest, lease.tier)
+        l_max = lease.remaining // (2 * max(lease.holders, 1))
+        if lease.rate.gathered == 0 and lease.phase == Phase.GENEROUS:
+            # No rate known yet (demand pull, first refresh): a hundredth of what remains, or ten
+            # purchases, so the first burst does not refresh for every purchase.
+            size = max(size, min(l_max, max(10 * lease.largest, lease.remaining // 100)))
+        # Before the smoothed rate has caught up with a burst: at least twice the last interval's
+        # spend and asks (within L_max).
+        return max(size, min(2 * lease.recent, l_max))
+
+    async def grow(self, account: str, holds: Sequence[Hold], tiers: Sequence[Tier]) -> LeaseHold | None:
+        """A purchase that did not fit the leases: refresh now asking for its room, then hold."""
+        need: dict[str, int] = {}
+        leases = []
+        for h, t in zip(holds, tiers, strict=True):
+            leases.append(self.counter(account, h, t))
+            need[h.counter.key] = need.get(h.counter.key, 0) + h.amount
+        past = [lease for lease in leases if lease.phase in (Phase.SYNCHRONOUS, Phase.EXHAUSTED)]
+        if past:
+            # Past leasing: give back what is spare on those counters now, so the store
+            # reservation that follows is not denied by this broker's own lease. (Leases on the
+            # purchase's other counters are kept: they are not what stops it.)
+            if any(lease.available > 0 for lease in past):
+                await self.refresh(account)
+            return None
+        acct = self._account(account)
+        async with acct.lock:
+            # Purchases that queued behind a refresh take what it brought before asking again.
+            held = self.try_hold(account, holds, tiers)
+            if held is not None:
+                return held
+            if not await self._refresh(acct, need):
+                return None
+        return self.try_hold(account, holds, tiers)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Refresh every account every `refresh_s`, sooner when a lease is half used."""
+        while not stop.is_set():
+            self._due.clear()
+            for name in list(self._accounts):
+                try:
+                    await self.refresh(name)
+                except Exception:
+                    log.exception("lease refresh of account %s failed", name)
+            due = asyncio.ensure_future(self._due.wait())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait((due, stopped), timeout=self.refresh_s, return_when=asyncio.FIRST_COMPLETED)
+            due.cancel()
+            stopped.cancel()
+
+    async def close(self) -> None:
+        """Report what was spent and give every lease back (a clean shutdown strands nothing)."""
+        for name, acct in list(self._accounts.items()):
+            for lease in acct.counters.values():
+                lease.phase = Phase.EXHAUSTED  # target 0: keep only what is in flight
+            with contextlib.suppress(StoreUnavailable):
+                await self.refresh(name)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def view(self, account: str, counter: CounterRef) -> tuple[CounterState, Phase] | None:
+        """The counter as this broker knows it: the last refresh's numbers plus its own spend since."""
+        lease = self._account(account).counters.get(counter.key)
+        if lease is None or self._account(account).seq == 0:
+            return None
+        st = lease.state
+        return (CounterState(st.spent + lease.spent, st.reserved - lease.spent, st.credit, st.count,
+                             st.leased), lease.phase)
+
+    def leases(self, account: str) -> list[CounterLease]:
+        return list(self._account(account).counters.values())
+
+    # --- restart ---------------------------------------------------------------------------
+
+    def _recover_pending(self, journal: Journal) -> None:
+        """After a restart: spends journaled but not reported are reported at the first refresh;
+        purchases cut off after their intent stay held until the upkeep rolls them forward."""
+        for entry in journal.pending():
+            if entry.intent:
+                for h in entry.holds:
+                    self.counter(entry.account, h, TIERS["standard"]).held += h.amount
+                self._cut_off.add((entry.account, entry.idempotency_key))
+            else:
+                self._adopt(entry)
+
+    def _adopt(self, entry: JournalEntry) -> None:
+        acct = self._account(entry.account)
+        acct.pending.append(_Pending(entry.id, entry.idempotency_key, entry.lines,
+                                     tuple(h.counter.key for h in entry.holds), entry.result))
+        if entry.result:
+            self._recovered[(entry.account, entry.idempotency_key)] = entry.result
+            while len(self._recovered) > _RECOVERED_ANSWERS:
+                self._recovered.popitem(last=False)
+        for h in entry.holds:
+            self.counter(entry.account, h, TIERS["standard"])
+        for line in entry.lines:
+            acct.counters[entry.holds[line.hold_index].counter.key].spent += line.amount
+
+    def pending_intents(self) -> list[JournalEntry]:
+        """Journaled intents of purchases cut off by a restart (not those in flight now)."""
+        if self._journal is None:
+            return []
+        return [e for e in self._journal.pending() if e.intent and e.id not in self._live]
+
+    async def rolled_forward(self, entry: JournalEntry, lines: tuple[Line, ...], result: bytes) -> None:
+        """A journaled intent settled with its Exchanges after a restart: its spend (and the answer
+        a retry of its key is shown) joins the report."""
+        assert self._journal is not None
+        spend = await self._journal.append(entry.account, entry.idempotency_key, entry.holds, lines,
+                                           self._now_ms(), result=result, settles=entry.id)
+        for h in entry.holds:
+            self.counter(entry.account, h, TIERS["standard"]).held -= h.amount
+        self._cut_off.discard((entry.account, entry.idempotency_key))
+        self._adopt(spend)
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def _account(self, name: str) -> _Account:
+        acct = self._accounts.get(name)
+        if acct is None:
+            acct = self._accounts[name] = _Account(name)
+        return acct
+
+    def _now_ms(self) -> int:
+        return to_ms(self._clock.now())

@@ -1,0 +1,491 @@
+"""Lease mode through the broker: budget spent from pre-debited leases, reported in batches.
+
+Brokers run in-process on the embedded store (the Redis store passes the same store
+conformance cases; kill -9 under load, with Redis restarted, is test_crash_stress.py[lease]). The
+money must add up exactly as in strict mode: what the Exchange charged is the ledger,
+once per key, and no counter ever shows spent + reserved above its limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.app import build_broker, open_store
+from broker.config import BrokerConfig, StoreSetting
+from budget.clock import ManualClock
+from budget.layers import BudgetExhausted, Layer, Snapshot
+from budget.leases import TIERS, Phase, Rate, lease_size, phase_of
+from budget.pacing import Pacer
+from budget.store import Hold, Store, StoreUnavailable
+from currency.money import Money
+from tests.harness import (
+    Exchange,
+    RunningBroker,
+    agent_key,
+    broker_config,
+    catalog,
+    denial,
+    free_port,
+    running_broker,
+    running_exchange,
+    serving,
+)
+
+A = "https://x.test/a"
+KEY = "lease-agent"
+ACCOUNT = "acme"
+NANO = 10**9
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def lease_config(exchange: Exchange, state: Path, *, limit: str = "100000.00", name: str = "1",
+                 pacing: str = "off", refresh_s: float = 0.2, **scope: Any) -> BrokerConfig:
+    return broker_config(
+        [exchange],
+        listen=f"127.0.0.1:{free_port()}",
+        session={"default_limit": {"amount": "10000000.00", "currency": "USD"}},
+        period_budgets={
+            "store": {"kind": "embedded", "path": str(state / "budget.sqlite3")},
+            "journal_path": str(state / f"journal-{name}.jsonl"),
+            "memory_path": str(state / f"memory-{name}.json"),
+            "leases": {"refresh_seconds": refresh_s, "ttl_seconds": 30,
+                       "journal_path": str(state / f"leases-{name}.jsonl")},
+            "accounts": {ACCOUNT: {"scopes": {"user:lee": {
+                "limits": [{"period": "month", "amount": limit, "currency": "USD"}], "mode": "lease",
+                "pacing": pacing, **scope}}}},
+        },
+        agents=[{"id": "lee", "key_sha256": sha(KEY), "account": ACCOUNT, "charged_to": ["user:lee"]}],
+    )
+
+
+async def buy(b: RunningBroker, key: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    r = await b.post("BrokerService/Transact", {"sessionId": "s", "idempotencyKey": key, "uris": [A]}, KEY)
+    return r.status_code, r.json(), dict(r.headers)
+
+
+@contextlib.asynccontextmanager
+async def opened(state: Path) -> AsyncIterator[Store]:
+    store = await open_store(StoreSetting(kind="embedded", path=str(state / "budget.sqlite3")))
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def books(state: Path) -> tuple[int, int, int, list[str]]:
+    """(spent, reserved, leased, ledger keys) of user:lee, straight from the store."""
+    async with opened(state) as store:
+        counters = [(ref, st) async for ref, st in store.counters(ACCOUNT) if ref.scope == "user:lee"]
+        ledger = [e async for e in store.ledger(ACCOUNT, scope="user:lee")]
+    (_, st), = counters
+    assert st.spent == sum(e.amount for e in ledger)  # counters are derived from the ledger
+    return st.spent, st.reserved, st.leased, [agent_key(e.idempotency_key) for e in ledger]
+
+
+async def charged(exchange: Exchange) -> Decimal:
+    state = await exchange.state()
+    return Decimal(1000) - Decimal(state["balances"]["ramp-broker"]["USD"])
+
+
+@pytest.fixture
+async def ex() -> AsyncIterator[Exchange]:
+    async with running_exchange(catalog()) as e:
+        yield e
+
+
+# --- the purchase path ------------------------------------------------------------------------------
+
+
+async def test_purchases_spend_leases_and_are_reported_in_batches(ex: Exchange, tmp_path: Path) -> None:
+    async with running_broker(lease_config(ex, tmp_path)) as b:
+        book = b.broker.period.leases if b.broker.period else None
+        assert book is not None
+
+        async def agent(n: int) -> None:
+            for i in range(10):
+                status, body, headers = await buy(b, f"a{n}-{i}")
+                assert status == 200, body
+                assert headers["x-budget-mode"].startswith("lease")
+                (state,) = [s for s in body["budgets"] if s["layer"] == "BUDGET_LAYER_PERIOD"]
+                assert state["mode"] == "ENFORCEMENT_MODE_LEASE"
+
+        await asyncio.gather(*(agent(n) for n in range(8)))
+        # 80 purchases; the store was asked a fraction of that (refreshes, not one call each).
+        assert book.store_calls <= 30, book.store_calls
+    # Closed: every lease was reported and given back.
+    spent, reserved, leased, keys = await books(tmp_path)
+    assert (spent, reserved, leased) == (80 * NANO, 0, 0)
+    assert sorted(keys) == sorted(f"a{n}-{i}" for n in range(8) for i in range(10))
+    assert await charged(ex) == 80
+
+
+async def test_a_retry_on_lease_is_replayed_without_the_store_or_the_exchange(
+    ex: Exchange, tmp_path: Path,
+) -> None:
+    async with running_broker(lease_config(ex, tmp_path)) as b:
+        book = b.broker.period.leases if b.broker.period else None
+        assert book is not None
+        status, first, _ = await buy(b, "r1")
+        assert status == 200, first
+        calls, executed = book.store_calls, (await ex.state())["execute_calls"]
+        status, again, _ = await buy(b, "r1")
+        assert status == 200, again
+        assert again.get("replayed") is True, again
+        assert again["items"] == first["items"]
+        assert (book.store_calls, (await ex.state())["execute_calls"]) == (calls, executed)
+        # The same key for a different request is refused, not replayed.
+        r = await b.post("BrokerService/Transact",
+                         {"sessionId": "s", "idempotencyKey": "r1", "uris": ["https://x.test/b"]}, KEY)
+        assert r.status_code == 400, r.text
+        assert "idempotency_key" in r.json()["message"], r.text
+    spent, reserved, leased, keys = await books(tmp_path)
+    assert (spent, reserved, leased, keys) == (NANO, 0, 0, ["r1"])
+    assert await charged(ex) == 1
+
+
+async def test_two_brokers_spend_one_budget_to_the_last_cent_and_never_over(
+    ex: Exchange, tmp_path: Path,
+) -> None:
+    limit = 40
+    async with running_broker(lease_config(ex, tmp_path, limit=f"{limit}.00", name="1")) as b1, \
+            running_broker(lease_config(ex, tmp_path, limit=f"{limit}.00", name="2")) as b2:
+        violations: list[str] = []
+        stop = asyncio.Event()
+
+        async def sample() -> None:
+            async with opened(tmp_path) as store:
+                while not stop.is_set():
+                    async for ref, st in store.counters(ACCOUNT):
+                        if ref.scope == "user:lee" and st.spent + st.reserved > limit * NANO:
+                            violations.append(f"{st}")
+                    await asyncio.sleep(0.02)
+
+        sampler = asyncio.create_task(sample())
+        bought = 0
+
+        async def agent(n: int) -> None:
+            nonlocal bought
+            denied = 0
+            for i in range(200):
+                status, body, _ = await buy((b1, b2)[n % 2], f"b{n}-{i}")
+                if status == 200:
+                    bought += 1
+                    continue
+                assert status == 429, body
+                denied += 1
+                if denied >= 8:  # a few retries after refreshes: leases come back, then it is gone
+                    return
+                await asyncio.sleep(0.15)
+
+        await asyncio.gather(*(agent(n) for n in range(8)))
+        stop.set()
+        await sampler
+        assert violations == []
+    spent, reserved, leased, keys = await books(tmp_path)
+    assert bought == limit
+    assert (spent, reserved, leased) == (limit * NANO, 0, 0)  # nothing stranded, nothing over
+    assert len(keys) == len(set(keys)) == limit
+    assert await charged(ex) == limit
+
+
+async def buy_then_die(config: BrokerConfig, keys: list[str], *, reported: bool = False) -> None:
+    """A broker that buys `keys` (then, if `reported`, refreshes its leases), then crashes: no
+    clean shutdown (leases not returned, spends since the last refresh not reported)."""
+    port = int(config.listen.rsplit(":", 1)[1])
+    dead = await build_broker(config)
+    dead.start()
+    async with serving(dead.app, port):
+        b = RunningBroker(dead, f"http://127.0.0.1:{port}", port)
+        for key in keys:
+            assert (await buy(b, key))[0] == 200
+    if reported:
+        assert dead.period is not None
+        assert dead.period.leases is not None
+        await dead.period.leases.refresh(ACCOUNT)
+    for task in dead._tasks:
+        task.cancel()
+    for ex_ in dead.exchanges.values():
+        await ex_.adapter.close()
+    assert dead.period is not None
+    await dead.period.store.close()
+
+
+async def test_a_broker_that_died_reports_its_journal_when_it_comes_back(
+    ex: Exchange, tmp_path: Path,
+) -> None:
+    config = lease_config(ex, tmp_path, refresh_s=60)  # no background refresh: the journal holds it
+    await buy_then_die(config, [f"d{i}" for i in range(5)])
+    spent, reserved, leased, _ = await books(tmp_path)
+    assert spent == 0  # not reported: the whole lease stays counted (fail closed)
+    assert reserved == leased >= 5 * NANO
+    async with running_broker(config) as again:  # same port: the same memory and journal
+        book = again.broker.period.leases if again.broker.period else None
+        assert book is not None
+        await book.refresh(ACCOUNT)
+        spent, _, _, keys = await books(tmp_path)
+        assert spent == 5 * NANO
+        assert sorted(keys) == [f"d{i}" for i in range(5)]
+        # A retry of a key bought before the crash is shown its answer (journaled with the spend),
+        # and nothing is bought again.
+        status, body, _ = await buy(again, "d0")
+        assert status == 200, body
+        assert body.get("replayed") is True, body
+        assert [(i["uri"], i["status"]) for i in body["items"]] == [(A, "ITEM_STATUS_PURCHASED")], body
+        await book.refresh(ACCOUNT)
+    spent, reserved, leased, keys = await books(tmp_path)
+    assert (spent, reserved, leased) == (5 * NANO, 0, 0)
+    assert sorted(keys) == [f"d{i}" for i in range(5)]
+    assert await charged(ex) == 5
+
+
+async def test_a_broker_back_from_a_crash_gives_its_old_leases_back_without_a_purchase(
+    ex: Exchange, tmp_path: Path,
+) -> None:
+    # Its spend reported, its journal empty; restarted, it serves nothing before it is stopped:
+    # its clean shutdown still gives back what its previous incarnation leased.
+    config = lease_config(ex, tmp_path, refresh_s=60)
+    await buy_then_die(config, ["r1", "r2"], reported=True)
+    spent, reserved, leased, _ = await books(tmp_path)
+    assert spent == 2 * NANO
+    assert reserved == leased > 0
+    async with running_broker(config):
+        pass
+    spent, reserved, leased, keys = await books(tmp_path)
+    assert (spent, reserved, leased) == (2 * NANO, 0, 0)
+    assert sorted(keys) == ["r1", "r2"]
+    assert await charged(ex) == 2
+
+
+class AnswerLost:
+    """The real store, except that the answer of the next lease refresh is lost after the store
+    applied it (a connection cut on the way back)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.drop_next = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def lease(self, *args: Any, **kwargs: Any) -> Any:
+        outcome = await self._store.lease(*args, **kwargs)
+        if self.drop_next:
+            self.drop_next = False
+            raise StoreUnavailable("connection lost reading the answer (test)")
+        return outcome
+
+
+async def test_a_refresh_whose_answer_was_lost_loses_no_spend_and_lends_nothing_twice(
+    ex: Exchange, tmp_path: Path,
+) -> None:
+    async with running_broker(lease_config(ex, tmp_path, refresh_s=60)) as b:
+        book = b.broker.period.leases if b.broker.period else None
+        assert book is not None
+        lossy = AnswerLost(book._store)
+        book._store = lossy
+        for key in ("l1", "l2"):
+            assert (await buy(b, key))[0] == 200
+        # A refresh reports l1 and l2; its answer is lost. l3 is then bought on the lease, and the
+        # next refresh (the same sequence number, found already applied) must not take l3 as reported.
+        lossy.drop_next = True
+        assert await book.refresh(ACCOUNT) is False
+        calls = book.store_calls
+        assert (await buy(b, "l3"))[0] == 200
+        assert book.store_calls == calls  # bought on the lease
+        assert await book.refresh(ACCOUNT) is True
+        spent, _, _, keys = await books(tmp_path)
+        assert (spent, sorted(keys)) == (3 * NANO, ["l1", "l2", "l3"])
+
+        # A refresh that gives the whole lease back, its answer lost: nothing of the old lease is
+        # spent here meanwhile (the store may have lent it to another broker already).
+        (lease,) = book.leases(ACCOUNT)
+        lease.phase = Phase.EXHAUSTED
+        lossy.drop_next = True
+        assert await book.refresh(ACCOUNT) is False
+        async with opened(tmp_path) as store:
+            assert [x for x in await store.leases(ACCOUNT) if x.broker == book.broker] == []
+        assert lease.available == 0
+        assert (await buy(b, "l4"))[0] == 200  # the lease grows again: the store lends anew
+    spent, reserved, leased, keys = await books(tmp_path)
+    assert (spent, reserved, leased) == (4 * NANO, 0, 0)
+    assert sorted(keys) == ["l1", "l2", "l3", "l4"]
+    assert await charged(ex) == 4
+
+
+async def test_nothing_reported_is_spent_again_while_a_refresh_is_being_applied(
+    ex: Exchange, tmp_path: Path,
+) -> None:
+    """A refresh reports spends and shrinks the lease. Between the store's answer and the journal
+    acknowledging those spends (an fsync'd write), purchases keep arriving: they may use only the
+    new grant, never the old one less the spend just reported."""
+    async with running_broker(lease_config(ex, tmp_path, refresh_s=60)) as b:
+        book = b.broker.period.leases if b.broker.period else None
+        assert book is not None
+        assert book._journal is not None
+        for i in range(6):
+            assert (await buy(b, f"n{i}"))[0] == 200
+        (lease,) = book.leases(ACCOUNT)
+        lease.phase = Phase.EXHAUSTED  # the refresh below gives back all that is not in use
+        gate, acking = asyncio.Event(), asyncio.Event()
+        journal_ack = book._journal.ack
+
+        async def slow_ack(*ids: str) -> None:
+            acking.set()
+            await gate.wait()
+            await journal_ack(*ids)
+
+        book._journal.ack = slow_ack  # type: ignore[method-assign]
+        refreshing = asyncio.create_task(book.refresh(ACCOUNT))
+        await asyncio.wait_for(acking.wait(), 5)
+        async with opened(tmp_path) as store:
+            granted = sum(x.granted for x in await store.leases(ACCOUNT) if x.broker == book.broker)
+        hold = Hold(lease.counter, NANO, lease.limit, lease.expire_at_ms)
+        taken = 0
+        while book.try_hold(ACCOUNT, [hold], [TIERS["standard"]]) is not None and taken <= 20:
+            taken += 1
+        gate.set()
+        assert await refreshing is True
+        assert taken * NANO <= granted, (taken, granted)
+        assert lease.held == taken * NANO
+        lease.held = 0  # the test's holds, never sent
+
+
+async def test_an_operator_releases_a_dead_brokers_leases(ex: Exchange, tmp_path: Path) -> None:
+    from tests.processes import run_cli, write_yaml
+
+    config = lease_config(ex, tmp_path, refresh_s=60)
+    async with running_broker(config) as b:
+        assert (await buy(b, "o1"))[0] == 200
+        book = b.broker.period.leases if b.broker.period else None
+        assert book is not None
+        await book.refresh(ACCOUNT)
+        broker_id = book.broker
+        # Stop the broker from giving its lease back at close: it "died".
+        book.close = _noop  # type: ignore[method-assign]
+    _, reserved, leased, _ = await books(tmp_path)
+    assert reserved == leased > 0
+    path = write_yaml(tmp_path / "broker.yaml", config.model_dump(mode="json", exclude_unset=True))
+    listed = await asyncio.to_thread(run_cli, ["leases", "list", "--config", str(path)], tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert broker_id in listed.stdout
+    released = await asyncio.to_thread(
+        run_cli, ["leases", "release", "--config", str(path), "--account", ACCOUNT, "--broker", broker_id],
+        tmp_path)
+    assert released.returncode == 0, released.stdout + released.stderr
+    spent, reserved, leased, _ = await books(tmp_path)
+    assert (spent, reserved, leased) == (NANO, 0, 0)
+    again = await asyncio.to_thread(
+        run_cli, ["leases", "release", "--config", str(path), "--account", ACCOUNT, "--broker", broker_id],
+        tmp_path)
+    assert again.returncode == 1
+
+
+async def _noop() -> None:
+    pass
+
+
+# --- sizing and phases ----------------------------------------------------------------------------
+
+
+def test_the_spend_rate_is_the_rate_seen_within_seconds_and_a_first_burst_is_damped() -> None:
+    half_life = Decimal(60)
+    steady = Rate(half_life)
+    for second in range(11):  # 10 USD a second, refreshed every second, for 10 s
+        steady.observe(10 * NANO if second else 0, float(second))
+    assert abs(steady.per_s - 10 * NANO) < NANO // 10  # not a sixth of it (an EWMA from zero)
+    burst = Rate(half_life)
+    burst.observe(0, 0.0)
+    burst.observe(100 * NANO, 0.01)  # 100 USD in the first 10 ms
+    assert burst.per_s < 25 * NANO  # about as if spread over 5 s, not 10,000 USD a second
+
+
+def test_phases_follow_remaining_over_rate() -> None:
+    std = TIERS["standard"]
+    per_s = Decimal(NANO)  # 1.00 a second
+    assert phase_of(10_000 * NANO, per_s, 1, NANO, 100_000 * NANO, std) == Phase.GENEROUS  # ~2.8 h
+    assert phase_of(1_000 * NANO, per_s, 1, NANO, 100_000 * NANO, std) == Phase.TIGHTENING  # ~17 min
+    assert phase_of(100 * NANO, per_s, 1, NANO, 100_000 * NANO, std) == Phase.STRICT
+    assert phase_of(20 * NANO, per_s, 1, NANO, 100_000 * NANO, std) == Phase.SYNCHRONOUS
+    assert phase_of(3 * NANO, Decimal(0), 2, 1 * NANO, 100_000 * NANO, std) == Phase.SYNCHRONOUS  # < 2x2x1
+    assert phase_of(0, per_s, 1, NANO, 100_000 * NANO, std) == Phase.EXHAUSTED
+    # Prepaid goes synchronous with 5% of its limit left, however slowly it is spent.
+    assert phase_of(4_000 * NANO, Decimal(1), 1, NANO, 100_000 * NANO, TIERS["prepaid"]) == Phase.SYNCHRONOUS
+
+
+def test_lease_size_is_bounded_by_remaining_per_broker_and_the_largest_purchase() -> None:
+    std = TIERS["standard"]
+    # 1.00/s for 60 s of headroom: 60.00, within remaining / (2 x 4 brokers) = 125.00.
+    assert lease_size(Phase.GENEROUS, Decimal(NANO), 1_000 * NANO, 4, NANO, std) == 60 * NANO
+    assert lease_size(Phase.GENEROUS, Decimal(NANO), 200 * NANO, 4, NANO, std) == 25 * NANO  # L_max
+    assert lease_size(Phase.GENEROUS, Decimal(0), 200 * NANO, 4, 3 * NANO, std) == 3 * NANO  # L_min
+    assert lease_size(Phase.TIGHTENING, Decimal(NANO), 1_000 * NANO, 1, NANO, std) == 10 * NANO
+    assert lease_size(Phase.GENEROUS, Decimal(NANO), 1_000 * NANO, 4, NANO, TIERS["postpaid"]) == 120 * NANO
+    assert lease_size(Phase.SYNCHRONOUS, Decimal(NANO), 1_000 * NANO, 1, NANO, std) == 0
+
+
+# --- pacing --------------------------------------------------------------------------------------
+
+
+def _reading(clock: ManualClock, *, spent: str, rate_per_hour: str, exhausts_in_h: float) -> Snapshot:
+    now = clock.now()
+    return Snapshot(layer=Layer.PERIOD, scope="team:p", limit=Money.parse("100.00", "USD", "l"),
+                    spent=Money.parse(spent, "USD", "s"), reserved=Money.zero("USD"), transaction_count=1,
+                    as_of=now, period_start=now - timedelta(hours=10), period_end=now + timedelta(hours=10),
+                    period="day", account=ACCOUNT, spend_rate_per_hour=Money.parse(rate_per_hour, "USD", "r"),
+                    projected_exhaustion=now + timedelta(hours=exhausts_in_h))
+
+
+def test_pacing_admits_in_proportion_to_the_even_rate() -> None:
+    clock = ManualClock(datetime(2026, 11, 23, 12, 0, tzinfo=UTC))
+    pacer = Pacer(clock.now, random.Random(7))
+    key = (ACCOUNT, "team:p", "day", "USD")
+    # 60.00 left for 10 h: an even 6.00/h. Spending 24.00/h runs out in 2.5 h: admit a quarter.
+    pacer.observe([_reading(clock, spent="40.00", rate_per_hour="24.00", exhausts_in_h=2.5)])
+    admission = pacer.admission(key)
+    assert admission is not None
+    assert admission.probability == Decimal("0.25")
+    cost = Money.parse("1.00", "USD", "c")
+    refusals: list[BudgetExhausted] = []
+    for _ in range(2000):
+        try:
+            pacer.admit([(key, cost)])
+        except BudgetExhausted as exc:
+            refusals.append(exc)
+    assert 0.72 < len(refusals) / 2000 < 0.78
+    assert {r.reason for r in refusals} == {"budget_paced"}
+    assert {r.retry_at for r in refusals} == {clock.now() + timedelta(minutes=10)}  # 1.00 at 6.00/h
+    # On the curve (or below it): everything is admitted.
+    pacer.observe([_reading(clock, spent="40.00", rate_per_hour="5.00", exhausts_in_h=12)])
+    admission = pacer.admission(key)
+    assert admission is not None
+    assert admission.probability == 1
+
+
+async def test_a_paced_refusal_says_when_to_retry(ex: Exchange, tmp_path: Path) -> None:
+    clock = ManualClock(datetime(2026, 11, 30, 23, 0, tzinfo=UTC))  # one hour of the month left
+    async with running_broker(lease_config(ex, tmp_path, limit="100.00", pacing="even"), clock) as b:
+        refused: dict[str, Any] | None = None
+        for i in range(60):
+            status, body, _ = await buy(b, f"p{i}")
+            if status == 429:
+                refused = body
+                break
+            clock.advance(1)
+        assert refused is not None, "a burst this fast must be paced before the month ends"
+        d = denial(refused)
+        assert d.reason == "budget_paced"
+        assert d.retry_at.ToDatetime(tzinfo=UTC) > clock.now()
+        assert "paced to last until" in d.next_action
