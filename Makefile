@@ -55,7 +55,7 @@ bench-budget: setup tools
 	$(BIN)/python -m bench.budget
 
 ## bench-scaleout: 1, 2 and 4 brokers on one Redis spend one budget to exhaustion, strict vs lease mode
-# (make bench-scaleout SCALEOUT_ARGS="--quick --json": under 2 minutes, one JSON object per line)
+# (make bench-scaleout SCALEOUT_ARGS="--quick --json": about 2 minutes on 2 cores, one JSON object per line)
 bench-scaleout: setup tools
 	$(BIN)/python -m bench.scaleout $(SCALEOUT_ARGS)
 

@@ -77,7 +77,7 @@ for --latency-seconds measures each one's ceiling; then each gets the same open-
 (purchases started on schedule whatever is outstanding), --load-fractions x the `none` broker's
 ceiling, and the p99 each period layer adds over `none` is reported.
 
-`--quick`: a smaller budget and shorter phases, the whole bench in 2-3 minutes (2 cores).
+`--quick`: a smaller budget and shorter phases, the whole bench in about 2 minutes (2 cores).
 With --json, stdout is one JSON object per line, each with a `row` field: `scaleout` (one per
 (brokers, mode), to exhaustion), `steady` (one per (brokers, mode)), `latency` (one per measured
 phase), then one `summary` (the ratios). Without it, tables. Nothing here asserts on timings: it
@@ -1277,7 +1277,7 @@ def options(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(prog="python -m bench.scaleout", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="smaller budget and shorter phases: the whole bench in 2-3 minutes")
+                        help="smaller budget and shorter phases: the whole bench in about 2 minutes")
     parser.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
     parser.add_argument("--brokers", type=int, nargs="+", default=[1, 2, 4], help="broker counts (1 2 4)")
     parser.add_argument("--modes", nargs="+", default=["strict", "lease"], choices=["strict", "lease"])
@@ -1302,8 +1302,8 @@ def options(argv: list[str] | None) -> Options:
     parser.add_argument("--skip-steady", action="store_true", help="no steady-state section")
     parser.add_argument("--steady-seconds", type=float,
                         help="steady state: measured seconds per run (10; --quick 3)")
-    parser.add_argument("--steady-warm-seconds", type=float, default=2.0,
-                        help="steady state: seconds of load before the measured window, not measured (2)")
+    parser.add_argument("--steady-warm-seconds", type=float,
+                        help="steady state: unmeasured seconds of load first (2; --quick 1)")
     parser.add_argument("--steady-budget-purchases", type=int, default=STEADY_BUDGET_PURCHASES,
                         help=f"steady state: the budget, in purchases of 0.01 USD "
                              f"({STEADY_BUDGET_PURCHASES})")
@@ -1320,14 +1320,16 @@ def options(argv: list[str] | None) -> Options:
     seconds = a.seconds or (15.0 if a.quick else 240.0)
     latency_seconds = a.latency_seconds or (2.0 if a.quick else 8.0)
     steady_seconds = a.steady_seconds or (3.0 if a.quick else 10.0)
+    warm = a.steady_warm_seconds
+    steady_warm_seconds = (1.0 if a.quick else 2.0) if warm is None else warm
     if min(agents, budget, *a.brokers, a.latency_concurrency) < 1 or a.retries < 0 or a.warm_purchases < 0:
         parser.error("counts must be at least 1 (--retries, --warm-purchases at least 0)")
     times = (seconds, latency_seconds, steady_seconds, a.refresh_seconds)
     if min(times) <= 0 or not all(0 < f <= 2 for f in a.load_fractions):
         parser.error("times must be positive and --load-fractions in (0, 2]")
-    if not 0 <= a.steady_warm_seconds <= 60 or steady_seconds > 600:
+    if not 0 <= steady_warm_seconds <= 60 or steady_seconds > 600:
         parser.error("--steady-warm-seconds must be in [0, 60] and --steady-seconds at most 600")
-    cap = math.ceil(STEADY_MAX_RATE * (a.steady_warm_seconds + steady_seconds))
+    cap = math.ceil(STEADY_MAX_RATE * (steady_warm_seconds + steady_seconds))
     if a.steady_budget_purchases <= 10 * cap:
         parser.error(f"--steady-budget-purchases must be above {10 * cap} (10 x the steady runs' request "
                      "cap): a steady-state budget is never near exhaustion")
@@ -1339,7 +1341,7 @@ def options(argv: list[str] | None) -> Options:
         latency_concurrency=a.latency_concurrency, latency_seconds=latency_seconds,
         load_fractions=tuple(a.load_fractions), exhaustion=not a.skip_exhaustion,
         steady=not a.skip_steady, steady_seconds=steady_seconds,
-        steady_warm_seconds=a.steady_warm_seconds, steady_budget_purchases=a.steady_budget_purchases,
+        steady_warm_seconds=steady_warm_seconds, steady_budget_purchases=a.steady_budget_purchases,
         as_json=a.json, workdir=a.workdir)
 
 
