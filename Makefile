@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run gen check-gen lint tools test bench bench-purchases bench-budget bench-scaleout clean
+.PHONY: setup run gen check-gen lint tools test bench bench-purchases bench-budget bench-scaleout bench-cluster clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -35,16 +35,16 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-## tools: make sure redis-server, redis-benchmark and promtool are installed (tests start their own Redis, on loopback)
+## tools: make sure redis-server, redis-cli, redis-benchmark and promtool are installed (tests start their own Redis, on loopback)
 tools:
 	@tools/ensure-tools.sh
 
 ## test: everything CI runs: generated code fresh, lint, types, the whole test suite
 test: check-gen lint tools
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-## bench: the three benchmarks below (bench/README.md explains what each prints)
-bench: bench-purchases bench-budget bench-scaleout
+## bench: the four benchmarks below (bench/README.md explains what each prints)
+bench: bench-purchases bench-budget bench-scaleout bench-cluster
 
 ## bench-purchases: purchases/s and latency through the broker, per protocol
 bench-purchases: setup
@@ -58,6 +58,10 @@ bench-budget: setup tools
 # (make bench-scaleout SCALEOUT_ARGS="--quick --json": about 2 minutes on 2 cores, one JSON object per line)
 bench-scaleout: setup tools
 	$(BIN)/python -m bench.scaleout $(SCALEOUT_ARGS)
+
+## bench-cluster: the store on one Redis against a 3-primary Redis Cluster, and the cost of wait_replicas (about 1 minute)
+bench-cluster: setup tools
+	$(BIN)/python -m bench.cluster $(CLUSTER_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import contextlib
 import csv
-import hashlib
 import io
 import os
 import platform
@@ -62,13 +61,15 @@ from pyqwest import Client, HTTPTransport
 from redis.asyncio import Redis
 
 from bench.purchases import (
+    AGENT_KEY,
     EXCHANGE_NAME,
-    HUGE,
     ITEM_PRICE,
     ITEM_URI,
     MACHINE,
+    PERIODS,
     PHASE_GRACE_S,
     REQUEST_TIMEOUT_S,
+    SCOPES,
     Call,
     Child,
     PhaseResult,
@@ -80,7 +81,7 @@ from bench.purchases import (
     _table,
     _wait_healthy,
     bench_catalog,
-    broker_ports,
+    broker_config,
     cpu_seconds,
     free_port,
     listen_port,
@@ -95,10 +96,7 @@ from ramp.broker.v1.broker_connect import BrokerServiceClient
 REDIS_BENCHMARK = shutil.which("redis-benchmark") or "/usr/bin/redis-benchmark"
 STORE_ACCOUNT = "bench-store"  # section 1
 RB_ACCOUNT = "bench-rb"  # section 2: its own keys, never the store's
-BROKER_ACCOUNT = "bench-broker"  # section 3
 STORE_PREFIX = "ramp"
-SCOPES = ("user:bench", "team:bench", "org:bench")
-PERIODS = ("month", "day", "month")  # one limit per scope, as a deployment might set them
 AMOUNT = 10_000_000  # 0.01 USD in nano-units: the bench item's price
 LIMIT = 10**18  # nano-units (1e9 USD): nothing is ever denied
 RESERVATION_TTL_MS = 120_000  # the broker's default reservation_ttl_seconds
@@ -107,7 +105,6 @@ RESULT = b"x" * 256  # a stored answer of about the size the broker stores
 RAND = "__rand_int__"  # redis-benchmark replaces it with a random 12-digit number (-r)
 RB_KEYSPACE = 1_000_000_000
 RB_TIMEOUT_S = 120.0
-AGENT_KEY = "bench-agent-key"
 
 
 T = TypeVar("T")
@@ -212,6 +209,11 @@ def counters(now: datetime) -> tuple[Hold, ...]:
     return tuple(holds)
 
 
+def account_names(count: int) -> list[str]:
+    """The store phases' accounts: one, or `count` numbered ones."""
+    return [STORE_ACCOUNT] if count == 1 else [f"{STORE_ACCOUNT}-{i}" for i in range(count)]
+
+
 def lines_for(holds: Sequence[Hold]) -> tuple[Line, ...]:
     return tuple(Line(i, AMOUNT, ITEM_PRICE, "USD", EXCHANGE_NAME, "bench-item", ITEM_URI)
                  for i in range(len(holds)))
@@ -236,10 +238,14 @@ class StorePhase:
 
 
 async def store_phase(
-    store: RedisStore, admin: Redis, name: str, *, commit: bool, concurrency: int, ops: int,
+    store: RedisStore, admin: Redis | None, name: str, *, commit: bool, concurrency: int, ops: int,
     seconds: float, pids: dict[str, int | None], warm: bool = False, accounts: int = 1,
+    names: Sequence[str] = (),
 ) -> StorePhase:
-    """Worker w uses account w % accounts (each account has its own coalescing batchers)."""
+    """Worker w uses account w % accounts (each account has its own coalescing batchers), or
+    names[w % len(names)]. Without `admin` (a Redis Cluster: commandstats per node), no server
+    statistics."""
+    names = names or account_names(accounts)
     holds = counters(datetime.now(UTC))
     lines = lines_for(holds)
     run = uuid.uuid4().hex[:10]
@@ -247,7 +253,7 @@ async def store_phase(
 
     async def call(w: int, seq: int) -> None:
         key = f"{run}-{seq}"
-        account = STORE_ACCOUNT if accounts == 1 else f"{STORE_ACCOUNT}-{w % accounts}"
+        account = names[w % len(names)]
         t0 = time.perf_counter()
         out = await store.reserve(account, holds, ttl_ms=RESERVATION_TTL_MS, idempotency_key=key,
                                   now_ms=wall_ms(), limits_version=0)
@@ -260,11 +266,11 @@ async def store_phase(
             if done != Committed(overage=(0, 0, 0)):
                 raise BenchFailed(f"commit: {done!r}"[:160])
 
-    if not warm:
+    if admin is not None and not warm:
         await reset_stats(admin)
     result = await run_phase(name, call, concurrency, seconds, ops, pids)
-    stats = await command_stats(admin) if not warm else CommandStats()
-    return StorePhase(result, reserve_latencies, stats, "reserve+commit" if commit else "reserve", accounts)
+    stats = await command_stats(admin) if admin is not None and not warm else CommandStats()
+    return StorePhase(result, reserve_latencies, stats, "reserve+commit" if commit else "reserve", len(names))
 
 
 # --- 2. redis-benchmark ---------------------------------------------------------------------------
@@ -422,42 +428,14 @@ async def redis_benchmark_phases(
 # --- 3. purchases through the broker ------------------------------------------------------------
 
 
-def _limit(period: str) -> dict[str, str]:
-    return {"period": period, "amount": HUGE, "currency": "USD"}
-
-
 @contextlib.contextmanager
 def purchase_servers(workdir: Path, redis_url: str) -> Iterator[tuple[Child, Child, Child]]:
     """The reference Exchange and two brokers on it: (exchange, without period layer, with it)."""
     xport = free_port()
     catalog = bench_catalog(xport)
-    digest = hashlib.sha256(AGENT_KEY.encode()).hexdigest()
-    agent: dict[str, Any] = {"id": "bench-agent", "key_sha256": digest, "account": BROKER_ACCOUNT}
-
-    def broker_config(period: bool) -> dict[str, Any]:
-        config: dict[str, Any] = {
-            # Its own free ports for the RPCs and for /metrics: two brokers run side by side.
-            **broker_ports(),
-            "default_currency": "USD",
-            "exchanges": [{"name": EXCHANGE_NAME, "endpoint": f"http://127.0.0.1:{xport}",
-                           "trust": 80, "priority": 10}],
-            "session": {"default_limit": {"amount": HUGE, "currency": "USD"}},
-            "shutdown_grace_seconds": 2,
-            # Same key, same authentication work; only the second agent is charged to scopes.
-            "agents": [{**agent, "charged_to": list(SCOPES)} if period else agent],
-        }
-        if period:
-            config["period_budgets"] = {
-                "store": {"kind": "redis", "url": redis_url},
-                "journal_path": str(workdir / "journal.jsonl"),
-                "memory_path": str(workdir / "memory.json"),
-                "accounts": {BROKER_ACCOUNT: {"scopes": {
-                    scope: {"limits": [_limit(spec)]} for scope, spec in zip(SCOPES, PERIODS, strict=True)
-                }}},
-            }
-        return config
-
-    plain_config, period_config = broker_config(False), broker_config(True)
+    # Same key, same authentication work; only the second broker's agent is charged to scopes.
+    plain_config = broker_config(workdir, xport, "plain", None)
+    period_config = broker_config(workdir, xport, "period", {"kind": "redis", "url": redis_url})
     (workdir / "catalog.yaml").write_text(yaml.safe_dump(catalog), encoding="utf-8")
     (workdir / "plain.yaml").write_text(yaml.safe_dump(plain_config), encoding="utf-8")
     (workdir / "period.yaml").write_text(yaml.safe_dump(period_config), encoding="utf-8")

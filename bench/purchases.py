@@ -33,8 +33,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
 import platform
+import re
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -44,8 +49,8 @@ import textwrap
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +71,7 @@ HUGE = "900000000.00"  # just under the broker's MAX_AMOUNT (10**9)
 TRANSACT_PATH = "/ramp.broker.v1.BrokerService/Transact"
 BASELINE_HTTPX = "baseline: GET /healthz (httpx)"
 BASELINE_PYQWEST = "baseline: GET /healthz (pyqwest)"
+CONNECT_PROTO = "Connect protobuf (connectrpc)"
 # No compression on the agent's hop for any protocol: httpx and the generated Connect
 # client would otherwise ask for gzip, and the broker gzips every answer they accept it
 # for, while grpcio asks for identity first. Uncompressed keeps the protocols comparable.
@@ -188,34 +194,97 @@ def _stop(child: Child) -> None:
         child.proc.wait(timeout=STOP_TIMEOUT_S)
 
 
+AGENT_KEY = "bench-agent-key"
+BROKER_ACCOUNT = "bench-broker"
+SCOPES = ("user:bench", "team:bench", "org:bench")
+PERIODS = ("month", "day", "month")  # one limit per scope, as a deployment might set them
+PLAIN = "plain"
+# The brokers with the period layer, by the store and mode their 3 scopes use.
+PERIOD_BROKERS = {"embedded": ("embedded", "strict"), "redis-strict": ("redis", "strict"),
+                  "redis-lease": ("redis", "lease")}
+ROW_LABELS = {"embedded": "period layer: embedded store, 3 scopes",
+              "redis-strict": "period layer: Redis strict, 3 scopes",
+              "redis-lease": "period layer: Redis lease, 3 scopes"}
+
+
+def broker_config(workdir: Path, xport: int, name: str, store: dict[str, Any] | None,
+                  mode: str = "strict", event_loop: str = "uvloop",
+                  quote_reuse: bool = True) -> dict[str, Any]:
+    """A bench broker on its own free ports, in front of the bench Exchange. Every broker requires
+    the same bearer key (the same authentication work); with `store`, the agent is charged to
+    SCOPES (limits far above anything a run spends) kept in that store, in `mode`."""
+    digest = hashlib.sha256(AGENT_KEY.encode()).hexdigest()
+    agent: dict[str, Any] = {"id": "bench-agent", "key_sha256": digest, "account": BROKER_ACCOUNT}
+    config: dict[str, Any] = {
+        **broker_ports(),
+        "default_currency": "USD",
+        "exchanges": [{"name": EXCHANGE_NAME, "endpoint": f"http://127.0.0.1:{xport}",
+                       "trust": 80, "priority": 10}],
+        "session": {"default_limit": {"amount": HUGE, "currency": "USD"}},
+        "shutdown_grace_seconds": 2,
+        "agents": [{**agent, "charged_to": list(SCOPES)} if store is not None else agent],
+        "event_loop": event_loop,
+        "quotes": {"reuse": quote_reuse},
+    }
+    if store is not None:
+        config["period_budgets"] = {
+            "store": store,
+            "journal_path": str(workdir / f"{name}-journal.jsonl"),
+            "memory_path": str(workdir / f"{name}-memory.json"),
+            "accounts": {BROKER_ACCOUNT: {"scopes": {
+                scope: {"limits": [{"period": period, "amount": HUGE, "currency": "USD"}], "mode": mode}
+                for scope, period in zip(SCOPES, PERIODS, strict=True)
+            }}},
+        }
+        if mode == "lease":
+            config["period_budgets"]["leases"] = {"journal_path": str(workdir / f"{name}-leases.jsonl")}
+    return config
+
+
+@dataclass
+class Servers:
+    exchange: Child
+    brokers: dict[str, Child]  # PLAIN, and with --period every PERIOD_BROKERS name
+    redis_pid: int | None
+
+
 @contextlib.contextmanager
-def running_servers() -> Iterator[tuple[Child, Child]]:
-    """The reference Exchange and the broker, each in its own process, stopped on exit."""
+def running_servers(period: bool, event_loop: str = "uvloop", quote_reuse: bool = True) -> Iterator[Servers]:
+    """The reference Exchange and the brokers, each in its own process (and with `period`, a private
+    redis-server), stopped on exit."""
     children: list[Child] = []
-    with tempfile.TemporaryDirectory(prefix="ramp-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ramp-bench-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
         xport = free_port()
-        catalog = bench_catalog(xport)
-        config = {
-            **broker_ports(),
-            "default_currency": "USD",
-            "exchanges": [{"name": EXCHANGE_NAME, "endpoint": f"http://127.0.0.1:{xport}",
-                           "trust": 80, "priority": 10}],
-            "session": {"default_limit": {"amount": HUGE, "currency": "USD"}},
-            "shutdown_grace_seconds": 2,
-        }
-        (workdir / "catalog.yaml").write_text(yaml.safe_dump(catalog), encoding="utf-8")
-        (workdir / "broker.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+        (workdir / "catalog.yaml").write_text(yaml.safe_dump(bench_catalog(xport)), encoding="utf-8")
+        configs = {PLAIN: broker_config(workdir, xport, PLAIN, None, event_loop=event_loop,
+                                        quote_reuse=quote_reuse)}
+        redis_pid = None
+        if period:
+            # bench.budget imports this module: its redis-server is only imported when needed.
+            from bench.budget import redis_server
+
+            redis = stack.enter_context(redis_server())
+            redis_pid = redis.proc.pid
+            stores = {"embedded": {"kind": "embedded", "path": str(workdir / "store.sqlite3")},
+                      "redis": {"kind": "redis", "url": redis.url}}
+            for name, (kind, mode) in PERIOD_BROKERS.items():
+                configs[name] = broker_config(workdir, xport, name, stores[kind], mode, event_loop,
+                                              quote_reuse)
         try:
             exchange = _start("exchange", ["exchange", "--catalog", str(workdir / "catalog.yaml")],
                               workdir, xport)
             children.append(exchange)
             _wait_healthy(exchange)
-            broker = _start("broker", ["serve", "--config", str(workdir / "broker.yaml")],
-                            workdir, listen_port(config))
-            children.append(broker)
-            _wait_healthy(broker)
-            yield exchange, broker
+            brokers = {}
+            for name, config in configs.items():
+                (workdir / f"{name}.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+                brokers[name] = _start(f"broker-{name}", ["serve", "--config", str(workdir / f"{name}.yaml")],
+                                       workdir, listen_port(config))
+                children.append(brokers[name])
+            for child in brokers.values():
+                _wait_healthy(child)
+            yield Servers(exchange, brokers, redis_pid)
         finally:
             for child in reversed(children):
                 _stop(child)
@@ -252,6 +321,13 @@ class PhaseResult:
     @property
     def rate(self) -> float:
         return self.ok / self.elapsed if self.elapsed > 0 else 0.0
+
+    def cpu_ms_per_request(self, who: str = "broker") -> float | None:
+        """CPU time `who` used per successful request of the measured phase, in ms."""
+        pct = self.cpu.get(who)
+        if pct is None or not self.ok:
+            return None
+        return 10 * pct * self.elapsed / self.ok
 
     def percentile_ms(self, p: int) -> float | None:
         if not self.latencies:
@@ -329,6 +405,8 @@ class Settings:
     warmup_requests: int
     # Processes whose CPU use is sampled per phase: {"broker": pid, "exchange": pid, "bench": None}.
     pids: dict[str, int | None] = field(default_factory=dict)
+    # With --profile: py-spy samples the loaded broker during each measured purchase phase.
+    profile_dir: Path | None = None
 
 
 async def measure(
@@ -340,11 +418,73 @@ async def measure(
                            s.warmup_requests)
     print(f"  {name}: measuring (warm-up: {warm.ok} ok, {warm.error_count} errors) ...",
           file=sys.stderr, flush=True)
-    result = await run_phase(name, make_call("run"), s.concurrency, s.seconds, s.max_requests,
-                             s.pids)
+    with profiled(name, s.pids.get("broker"), None if baseline else s.profile_dir):
+        result = await run_phase(name, make_call("run"), s.concurrency, s.seconds, s.max_requests,
+                                 s.pids)
     result.warmup_ok, result.warmup_errors = warm.ok, warm.errors
     result.baseline = baseline
     return result
+
+
+PROFILE_RATE = 200  # samples a second: enough for the top entries, little load on the broker
+
+
+def profile_file(profile_dir: Path, row: str) -> Path:
+    return profile_dir / (re.sub(r"[^A-Za-z0-9]+", "-", row).strip("-").lower() + ".txt")
+
+
+@contextlib.contextmanager
+def profiled(row: str, pid: int | None, profile_dir: Path | None) -> Iterator[None]:
+    """py-spy recording `pid` (collapsed stacks, one line per stack and its sample count) into
+    profile_dir while the block runs; nothing without a directory."""
+    if profile_dir is None or pid is None:
+        yield
+        return
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        raise RuntimeError("--profile needs py-spy (pip install py-spy; make setup installs it)")
+    out = profile_file(profile_dir, row)
+    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--format", "raw", "--rate", str(PROFILE_RATE),
+                             "--nonblocking", "--output", str(out)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its file when interrupted
+        try:
+            _, err = proc.communicate(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        if not out.exists():
+            said = err.decode(errors="replace")[-300:]
+            print(f"  py-spy wrote no profile for {row}: {said}", file=sys.stderr)
+
+
+def profile_top(path: Path, n: int = 15) -> list[str]:
+    """The functions of a collapsed-stack profile that took most samples: their own (self) and with
+    what they called (total), in % of all samples."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    samples = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]  # per function, not per line
+        samples += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    if not samples:
+        return [f"{path.name}: no samples"]
+    def rows(top: list[tuple[str, int]]) -> list[str]:
+        return [f"  {100 * own[f] / samples:5.1f} {100 * inclusive[f] / samples:6.1f}  {f}" for f, _ in top]
+
+    return [f"{path.name}: {samples} samples. Most time in the function itself (self %, total %, function):",
+            *rows(own.most_common(n)), "Most time in the function and what it calls:",
+            *rows(inclusive.most_common(n))]
 
 
 def _request(run_id: str, tag: str, w: int, seq: int) -> bpb.TransactRequest:
@@ -360,10 +500,18 @@ def _check(answer: bpb.TransactResponse) -> None:
         raise PurchaseFailed(f"items={states} {detail}"[:160])
 
 
-async def run_all(broker_url: str, broker_port: int, s: Settings) -> list[PhaseResult]:
+async def run_all(servers: Servers, s: Settings) -> list[PhaseResult]:
+    """The plain broker per protocol, against its /healthz; then each period-layer broker over
+    Connect protobuf. Each phase samples the CPU of the broker it loads."""
     run_id = uuid.uuid4().hex[:10]
     results: list[PhaseResult] = []
+    auth = {"authorization": f"Bearer {AGENT_KEY}"}
+    plain = servers.brokers[PLAIN]
+    broker_url = plain.url
     limits = httpx.Limits(max_connections=s.concurrency, max_keepalive_connections=s.concurrency)
+
+    def loading(who: str) -> Settings:
+        return replace(s, pids={"broker": servers.brokers[who].proc.pid, **s.pids})
 
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits, trust_env=False) as http:
         # Baseline: the broker's trivial JSON route.
@@ -374,7 +522,7 @@ async def run_all(broker_url: str, broker_port: int, s: Settings) -> list[PhaseR
                     raise PurchaseFailed(f"HTTP {r.status_code}: {r.text[:120]}")
             return call
 
-        results.append(await measure(BASELINE_HTTPX, healthz, s, baseline=True))
+        results.append(await measure(BASELINE_HTTPX, healthz, loading(PLAIN), baseline=True))
 
         # Connect JSON over the same shared httpx client.
         def connect_json(tag: str) -> Call:
@@ -383,7 +531,8 @@ async def run_all(broker_url: str, broker_port: int, s: Settings) -> list[PhaseR
             async def call(w: int, seq: int) -> None:
                 body = {"sessionId": f"{run_id}-{prefix}-w{w}",
                         "idempotencyKey": f"{run_id}-{prefix}-{seq}", "uris": [ITEM_URI]}
-                r = await http.post(f"{broker_url}{TRANSACT_PATH}", json=body, headers=CONNECT_JSON)
+                r = await http.post(f"{broker_url}{TRANSACT_PATH}", json=body,
+                                    headers={**CONNECT_JSON, **auth})
                 if r.status_code != 200:
                     raise PurchaseFailed(f"HTTP {r.status_code}: {r.text[:120]}")
                 items: list[dict[str, Any]] = r.json().get("items", [])
@@ -391,7 +540,7 @@ async def run_all(broker_url: str, broker_port: int, s: Settings) -> list[PhaseR
                     raise PurchaseFailed(f"items={items!r}"[:160])
             return call
 
-        results.append(await measure("Connect JSON (httpx)", connect_json, s))
+        results.append(await measure("Connect JSON (httpx)", connect_json, loading(PLAIN)))
 
     # pyqwest: a second baseline (a Rust HTTP client, far cheaper per request than
     # httpx), and under the generated Connect client. Each on its own transport,
@@ -407,46 +556,54 @@ async def run_all(broker_url: str, broker_port: int, s: Settings) -> list[PhaseR
                     raise PurchaseFailed(f"HTTP {r.status}")
             return call
 
-        results.append(await measure(BASELINE_PYQWEST, healthz_pyqwest, s, baseline=True))
+        results.append(await measure(BASELINE_PYQWEST, healthz_pyqwest, loading(PLAIN), baseline=True))
     finally:
         await transport.aclose()
 
-    transport = HTTPTransport(timeout=REQUEST_TIMEOUT_S)
-    try:
-        client = BrokerServiceClient(
-            broker_url, http_client=Client(transport), send_compression=None,
-            accept_compression=(), timeout_ms=int(REQUEST_TIMEOUT_S * 1000),
-        )
-        try:
-            def connect_proto(tag: str) -> Call:
-                prefix = f"proto-{tag}"
-
+    for who, child in servers.brokers.items():
+        label = CONNECT_PROTO if who == PLAIN else f"{CONNECT_PROTO}, {ROW_LABELS[who]}"
+        async with connect_client(child.url) as client:
+            def connect_proto(tag: str, client: BrokerServiceClient = client, who: str = who) -> Call:
                 async def call(w: int, seq: int) -> None:
-                    _check(await client.transact(_request(run_id, prefix, w, seq)))
+                    _check(await client.transact(_request(run_id, f"{who}-{tag}", w, seq), headers=auth))
                 return call
 
-            results.append(await measure("Connect protobuf (connectrpc)", connect_proto, s))
-        finally:
-            await client.close()
-    finally:
-        await transport.aclose()
+            results.append(await measure(label, connect_proto, loading(who)))
 
     # gRPC: the generated grpcio stub over one grpc.aio channel (HTTP/2).
+    broker_port = int(broker_url.rsplit(":", 1)[1])
     async with grpc.aio.insecure_channel(f"127.0.0.1:{broker_port}") as channel:
         stub = broker_pb2_grpc.BrokerServiceStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
         transact: grpc.aio.UnaryUnaryMultiCallable[bpb.TransactRequest, bpb.TransactResponse]
         transact = stub.Transact
+        metadata = tuple(auth.items())
 
         def grpc_call(tag: str) -> Call:
             prefix = f"grpc-{tag}"
 
             async def call(w: int, seq: int) -> None:
-                _check(await transact(_request(run_id, prefix, w, seq), timeout=REQUEST_TIMEOUT_S))
+                _check(await transact(_request(run_id, prefix, w, seq), timeout=REQUEST_TIMEOUT_S,
+                                      metadata=metadata))
             return call
 
-        results.append(await measure("gRPC (grpc.aio)", grpc_call, s))
+        results.append(await measure("gRPC (grpc.aio)", grpc_call, loading(PLAIN)))
     # Baselines first, then the purchases, in the order they ran.
     return [r for r in results if r.baseline] + [r for r in results if not r.baseline]
+
+
+@contextlib.asynccontextmanager
+async def connect_client(url: str) -> AsyncIterator[BrokerServiceClient]:
+    """The generated Connect client over its own pyqwest transport, closed explicitly."""
+    transport = HTTPTransport(timeout=REQUEST_TIMEOUT_S)
+    try:
+        client = BrokerServiceClient(url, http_client=Client(transport), send_compression=None,
+                                     accept_compression=(), timeout_ms=int(REQUEST_TIMEOUT_S * 1000))
+        try:
+            yield client
+        finally:
+            await client.close()
+    finally:
+        await transport.aclose()
 
 
 # --- report ----------------------------------------------------------------------
@@ -482,12 +639,12 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
 def report(results: list[PhaseResult], s: Settings, exchange_charges: int | None) -> str:
     cpu_of = [who for who in s.pids if who != "machine"]
     machine = "machine" in s.pids
-    header = ("protocol", "purchases/s", "p50 ms", "p99 ms", "requests", "errors",
+    header = ("row", "purchases/s", "p50 ms", "p99 ms", "requests", "errors", "broker CPU ms/req",
               *(f"{who} CPU" for who in cpu_of), *(["other CPU"] if machine else []))
     rows = [
         (r.name, f"{r.rate:.0f}", _ms(r.percentile_ms(50)), _ms(r.percentile_ms(99)),
-         str(r.requests), str(r.error_count), *(_pct(r.cpu.get(who)) for who in cpu_of),
-         *([_pct(_other_cpu(r, cpu_of))] if machine else []))
+         str(r.requests), str(r.error_count), _ms2(r.cpu_ms_per_request()),
+         *(_pct(r.cpu.get(who)) for who in cpu_of), *([_pct(_other_cpu(r, cpu_of))] if machine else []))
         for r in results
     ]
     out = [
@@ -500,7 +657,8 @@ def report(results: list[PhaseResult], s: Settings, exchange_charges: int | None
         *_table(header, rows),
         "",
         "purchases/s counts successful purchases (baseline rows: /healthz answers) per second;",
-        "latency percentiles are over successful calls.",
+        "latency percentiles are over successful calls; broker CPU ms/req is the CPU time of the",
+        "broker the row loads, per successful request.",
     ]
     if cpu_of:
         out += textwrap.wrap(
@@ -522,6 +680,13 @@ def report(results: list[PhaseResult], s: Settings, exchange_charges: int | None
             ("protocol", *(f"vs {b.name.removeprefix('baseline: ')}" for b in baselines)),
             [(r.name, *(f"{r.rate / b.rate:.3f}x" for b in baselines)) for r in protocols],
         )
+    ratios = summary(results)
+    if ratios["rows"]:
+        out += ["", "per purchase row: broker CPU per purchase / per /healthz request (target <= 3), and "
+                "purchases/s / the plain broker's over Connect protobuf (target >= 0.8):", ""]
+        out += _table(("row", "CPU vs /healthz (pyqwest)", "CPU vs /healthz (httpx)", "rate vs plain"),
+                      [(name, _x(v["cpu_vs_healthz"]), _x(v["cpu_vs_healthz_httpx"]),
+                        _x(v["rate_vs_plain"])) for name, v in ratios["rows"].items()])
     errors = [(r.name, "", k, v) for r in results for k, v in r.errors.most_common(3)]
     errors += [(r.name, " (warm-up)", k, v)
                for r in results for k, v in r.warmup_errors.most_common(3)]
@@ -533,6 +698,61 @@ def report(results: list[PhaseResult], s: Settings, exchange_charges: int | None
         out += ["", f"the Exchange recorded {exchange_charges} charges; the bench counted {bought} "
                     "successful purchases (warm-ups included)"]
     return "\n".join(out)
+
+
+def _ms2(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else round(a / b, 3)
+
+
+def _rounded(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def summary(results: list[PhaseResult]) -> dict[str, Any]:
+    """Every ratio the issue's targets name, from this run's rows: broker CPU per purchase against
+    its CPU per /healthz request, and each period-layer row's purchases/s against the plain broker's
+    over the same protocol (Connect protobuf)."""
+    by_name = {r.name: r for r in results}
+    base = by_name.get(BASELINE_PYQWEST)
+    base_httpx = by_name.get(BASELINE_HTTPX)
+    plain = by_name.get(CONNECT_PROTO)
+    rows = {}
+    for r in results:
+        if r.baseline:
+            continue
+        cpu = r.cpu_ms_per_request()
+        rows[r.name] = {
+            "cpu_vs_healthz": _ratio(cpu, base.cpu_ms_per_request() if base else None),
+            "cpu_vs_healthz_httpx": _ratio(cpu, base_httpx.cpu_ms_per_request() if base_httpx else None),
+            "rate_vs_plain": (_ratio(r.rate, plain.rate)
+                              if plain and r.name.startswith(CONNECT_PROTO) else None),
+        }
+    return {"row": "summary", "rows": rows}
+
+
+def json_rows(results: list[PhaseResult]) -> list[dict[str, Any]]:
+    """One object per measured row, then the summary (bench/README.md documents the fields)."""
+    out: list[dict[str, Any]] = [{
+        "row": r.name,
+        "baseline": r.baseline,
+        "purchases_per_s": round(r.rate, 1),
+        "p50_ms": _rounded(r.percentile_ms(50), 2),
+        "p99_ms": _rounded(r.percentile_ms(99), 2),
+        "broker_cpu_ms_per_request": _rounded(r.cpu_ms_per_request()),
+        "requests": r.requests,
+        "errors": r.error_count,
+        "cpu_pct": {who: _rounded(v, 1) for who, v in r.cpu.items()},
+        "top_errors": dict(r.errors.most_common(3)),
+    } for r in results]
+    return [*out, summary(results)]
 
 
 def exchange_charges(exchange_url: str) -> int | None:
@@ -555,26 +775,38 @@ def main(argv: list[str] | None = None) -> int:
                         help="concurrent workers (default 16)")
     parser.add_argument("--requests", type=int, default=20000,
                         help="request limit per protocol (default 20000)")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per row on stdout, then a summary")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="py-spy each purchase row's broker into DIR/<row>.txt (collapsed stacks) and "
+                             "print the top functions of each")
+    parser.add_argument("--event-loop", choices=["uvloop", "asyncio"], default="uvloop",
+                        help="the brokers' event_loop setting (uvloop, the default)")
+    parser.add_argument("--no-quote-reuse", action="store_true",
+                        help="the brokers' quotes.reuse off: every purchase discovers first")
+    parser.add_argument("--skip-period", action="store_true",
+                        help="only the plain broker (no redis-server, no period-layer rows)")
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.concurrency < 1 or args.requests < 1:
         parser.error("--seconds must be positive, --concurrency and --requests at least 1")
     s = Settings(
         seconds=args.seconds, concurrency=args.concurrency, max_requests=args.requests,
         warmup_seconds=min(1.0, args.seconds / 5),
-        warmup_requests=min(args.requests, 10 * args.concurrency),
+        warmup_requests=min(args.requests, 10 * args.concurrency), profile_dir=args.profile,
     )
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     # Loopback only: never through a proxy from the environment (httpx, pyqwest, grpcio
     # and the broker's own Exchange client all honour NO_PROXY).
     for var in ("NO_PROXY", "no_proxy"):
         os.environ[var] = ",".join(filter(None, ["127.0.0.1,localhost", os.environ.get(var)]))
     print("starting the reference Exchange and the broker ...", file=sys.stderr, flush=True)
     try:
-        with running_servers() as (exchange, broker):
-            port = int(broker.url.rsplit(":", 1)[1])
-            s.pids = {"broker": broker.proc.pid, "exchange": exchange.proc.pid, "bench": None,
-                      "machine": MACHINE}
-            results = asyncio.run(run_all(broker.url, port, s))
-            charges = exchange_charges(exchange.url)
+        with running_servers(not args.skip_period, args.event_loop, not args.no_quote_reuse) as servers:
+            s.pids = {"exchange": servers.exchange.proc.pid, "bench": None, "machine": MACHINE,
+                      **({"redis": servers.redis_pid} if servers.redis_pid is not None else {})}
+            results = asyncio.run(run_all(servers, s))
+            charges = exchange_charges(servers.exchange.url)
     except TimeoutError:
         print(f"bench: a phase ran {PHASE_GRACE_S:g} s past --seconds and was abandoned",
               file=sys.stderr)
@@ -582,7 +814,15 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
-    print(report(results, s, charges))
+    if args.json:
+        for row in json_rows(results):
+            print(json.dumps(row))
+    else:
+        print(report(results, s, charges))
+    if args.profile is not None:
+        tops = [line for r in results if not r.baseline and profile_file(args.profile, r.name).exists()
+                for line in ["", *profile_top(profile_file(args.profile, r.name))]]
+        print("\n".join(tops), file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
@@ -108,15 +109,30 @@ def scope_owners(config: BrokerConfig) -> dict[str, str]:
     return owners
 
 
-async def open_store(setting: StoreSetting) -> Store:
+async def open_store(setting: StoreSetting, accounts: Iterable[str] = ()) -> Store:
+    """The configured store; on a Redis Cluster, every key of each of `accounts` must share one slot."""
     if setting.kind == "redis":
         from budget.redis_store import RedisStore
 
         return await RedisStore.open(
-            setting.url, timeout_ms=setting.timeout_ms, prefix=setting.key_prefix, lazy=True)
+            setting.url, timeout_ms=setting.timeout_ms, prefix=setting.key_prefix, lazy=True,
+            wait_replicas=setting.wait_replicas)
+    if setting.kind == "redis-cluster":
+        from budget.redis_cluster import RedisClusterStore
+
+        return await RedisClusterStore.open_cluster(
+            setting.urls, timeout_ms=setting.timeout_ms, prefix=setting.key_prefix, lazy=True,
+            wait_replicas=setting.wait_replicas, accounts=accounts)
     from budget.sqlite_store import SqliteStore, default_path
 
     return await SqliteStore.open(_file(setting.path, default_path()), timeout_ms=setting.timeout_ms)
+
+
+def failure_domain(store: Store) -> Callable[[str], str] | None:
+    """Which accounts fail together, for a store whose parts fail alone (Redis Cluster primaries)."""
+    from budget.redis_cluster import RedisClusterStore
+
+    return store.failure_domain if isinstance(store, RedisClusterStore) else None
 
 
 def _file(configured: str | None, default: Path) -> Path:
@@ -165,7 +181,7 @@ def scope_rules(config: BrokerConfig, owners: dict[str, str]) -> dict[str, dict[
 
 def build_period_layer(
     config: BrokerConfig, owners: dict[str, str], clock: Clock, converter: Converter, store: Store,
-    metrics: Metrics | None = None,
+    metrics: Metrics | None = None, failure_domain: Callable[[str], str] | None = None,
 ) -> PeriodLayer:
     def refreshed(ok: bool) -> None:
         if metrics is not None:
@@ -181,7 +197,7 @@ def build_period_layer(
         store, rules, clock=clock, tz=time_zone(pb.time_zone, "period_budgets.time_zone"),
         converter=converter, ttl_s=pb.reservation_ttl_seconds, grace_s=pb.grace_seconds,
         journal=Journal(journal_path), events=PeriodEventMetrics(metrics) if metrics else None,
-        memory=StoreMemory(memory_path),
+        memory=StoreMemory(memory_path), failure_domain=failure_domain,
     )
     leasing = [account for account, scopes in rules.items()
                if any(rule.mode == "lease" for rule in scopes.values())]
@@ -203,12 +219,15 @@ async def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Brok
     owners = scope_owners(config)
     metrics = Metrics(config.metrics.export_scopes)
     store: Store | None = None
+    domain: Callable[[str], str] | None = None
     if owners:
-        store = TimedStore(await open_store(config.period_budgets.store), metrics.store_call)
+        opened = await open_store(config.period_budgets.store, owners.values())
+        domain = failure_domain(opened)
+        store = TimedStore(opened, metrics.store_call)
     converter, ecb = await load_converter(config, clock, store)
     if ecb is not None:
         metrics.rate_age(lambda: _age_seconds(ecb, clock))
-    period = (build_period_layer(config, owners, clock, converter, store, metrics)
+    period = (build_period_layer(config, owners, clock, converter, store, metrics, failure_domain=domain)
               if store is not None else None)
     alerter = None
     if store is not None:

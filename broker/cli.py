@@ -7,10 +7,10 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from broker import console, leases_cli, mcp_cli
 from broker.config import BrokerConfig, load_broker_config
@@ -23,15 +23,25 @@ if TYPE_CHECKING:
     from exchange_client.statement import StatementLine
 
 log = logging.getLogger("ramp_broker")
+T = TypeVar("T")
 # How long reconcile waits for one Exchange's statement.
 _STATEMENT_TIMEOUT_S = 10.0
 
 
-async def _serve(config_path: str | None, log_format: str | None, log_level: str | None) -> None:
+def _run_in(loop: str, main: Coroutine[Any, Any, T]) -> T:
+    """Run a server's main coroutine on the configured event loop."""
+    if loop == "asyncio":
+        return asyncio.run(main)
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+async def _serve(config: BrokerConfig, log_format: str | None, log_level: str | None) -> None:
     from broker.app import build_broker
     from exchange_client.serving import serve_until_signalled
 
-    config = load_broker_config(config_path)
     # The command line wins over the config file.
     configure(log_format or config.logging.format, log_level or config.logging.level)
     broker = await build_broker(config)
@@ -328,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     configure(args.log_format or "text", args.log_level or "INFO")
     try:
         if args.command == "serve":
-            asyncio.run(_serve(args.config, args.log_format, args.log_level))
+            config = load_broker_config(args.config)
+            _run_in(config.event_loop, _serve(config, args.log_format, args.log_level))
         elif args.command == "reconcile":
             return asyncio.run(_reconcile(args.config, args.repair))
         elif args.command == "store":
@@ -340,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "leases":
             return leases_cli.run(args)
         else:
-            asyncio.run(_exchange(args.catalog))
+            _run_in("uvloop", _exchange(args.catalog))
     except ConfigError as exc:
         print(f"ramp-broker: configuration error: {exc}", file=sys.stderr)
         return 2

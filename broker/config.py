@@ -76,6 +76,9 @@ class QuotesSetting(_Strict):
     # until the offer expires, and never longer than this after the broker obtained it.
     max_age_seconds: float = Field(default=60.0, gt=0, le=3600)
     cache_size: int = Field(default=100_000, gt=0, le=10_000_000)
+    # A Transact for URIs an Exchange has quoted (all of them, every quote still valid) buys from
+    # those quotes without asking it again; false: every Transact discovers.
+    reuse: bool = True
 
 
 class SessionSetting(_Strict):
@@ -146,16 +149,38 @@ class AccountSetting(_Strict):
     scopes: dict[Scope, ScopeSetting] = Field(default_factory=dict)
 
 
+RedisUrl = Annotated[str, Field(pattern=r"^rediss?://")]
+
+
 class StoreSetting(_Strict):
-    kind: Literal["embedded", "redis"] = "embedded"
+    kind: Literal["embedded", "redis", "redis-cluster"] = "embedded"
     # embedded: the SQLite file; default under the user's state directory.
     path: str | None = None
     # redis: shared by every broker of a deployment.
-    url: str = Field(default="redis://127.0.0.1:6379/0", pattern=r"^rediss?://")
+    url: RedisUrl = "redis://127.0.0.1:6379/0"
+    # redis-cluster: some nodes of the Redis Cluster (redis://host:port); the rest are discovered.
+    urls: list[RedisUrl] = Field(default_factory=list, max_length=64)
     # Prefix of every Redis key, so deployments can share one server.
     key_prefix: str = Field(default="ramp", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     # A store call slower than this fails, and the scope's failure policy applies.
     timeout_ms: int = Field(default=250, gt=0, le=30000)
+    # redis, redis-cluster: a write counts only once this many replicas have it (WAIT, within half of
+    # timeout_ms; fewer fails like an unreachable store). 0: Redis's asynchronous replication, where a
+    # failover may lose the last writes (README: Redis Cluster, durability).
+    wait_replicas: int = Field(default=0, ge=0, le=8)
+
+    @model_validator(mode="after")
+    def _check(self) -> StoreSetting:
+        if self.kind == "redis-cluster" and not self.urls:
+            raise ValueError("kind redis-cluster needs urls: one or more nodes of the cluster "
+                             "(redis://host:port)")
+        if self.kind != "redis-cluster" and self.urls:
+            raise ValueError(f"urls is for kind redis-cluster (kind {self.kind}"
+                             + (" takes url)" if self.kind == "redis" else ")"))
+        if self.kind == "embedded" and self.wait_replicas:
+            raise ValueError("wait_replicas is for kind redis or redis-cluster (the embedded store has no "
+                             "replicas)")
+        return self
 
 
 class LeaseSetting(_Strict):
@@ -342,6 +367,9 @@ def min_reservation_ttl_seconds(execute_timeout_ms: int) -> int:
 
 class BrokerConfig(_Strict):
     listen: str = "127.0.0.1:9090"
+    # uvloop (libuv) answers the same requests for less CPU than the standard library's loop;
+    # asyncio is the fallback (and what a debugger or profiler of the loop itself may want).
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     # ISO 4217 codes that are not spendable currencies (XAU, XDR, XTS...) but are priced and
     # converted here anyway; process-wide, for settings and requests alike.
     extra_currencies: list[Annotated[str, AfterValidator(_extra_currency)]] = Field(

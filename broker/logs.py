@@ -12,11 +12,12 @@ import contextvars
 import logging
 import re
 import sys
-import uuid
 from typing import Any
 
 from connectrpc.request import RequestContext
 from pythonjsonlogger.json import JsonFormatter
+
+from budget.ids import new_id
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 IDEMPOTENCY_KEY: contextvars.ContextVar[str] = contextvars.ContextVar("idempotency_key", default="")
@@ -63,7 +64,7 @@ class RequestIds:
 
     async def on_start(self, ctx: RequestContext[Any, Any]) -> contextvars.Token[str]:
         given = ctx.request_headers.get("x-request-id", "")
-        request_id = given if _GIVEN_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = given if _GIVEN_ID.fullmatch(given) else new_id()
         ctx.response_headers["x-request-id"] = request_id
         return REQUEST_ID.set(request_id)
 

@@ -227,7 +227,7 @@ class Purchaser:
             offers, calls = await self._quoted(order)
             discovery = None
         else:
-            discovery = await self._discover(unique, c, order.deadline_ms)
+            discovery = await self._offers(unique, c, order.deadline_ms)
             offers, calls = discovery.offers, discovery.calls
         response.exchanges.extend(calls)
         # The session as it is, or as it would be: it comes into being with the first hold.
@@ -443,6 +443,9 @@ class Purchaser:
             await held.session.commit(held.session.amount)
             raise
         outcomes = [o for part in held.parts for o in results[part.index].outcomes]
+        for o in outcomes:
+            if o.item.status != bpb.ITEM_STATUS_PURCHASED:
+                self._quotes.forget(o.cand.exchange.name, o.cand.uri)  # ask again next time
         spent = total((o.charged for o in outcomes), currency)
         if spent.is_zero():
             await held.session.release()
@@ -503,6 +506,21 @@ class Purchaser:
             # roll-forward commits them (the Exchange answers it from its dedupe record).
             self._idem.forget((order.caller.id, order.key))
         return None
+
+    async def _offers(self, uris: Sequence[str], c: Constraints, overall_ms: int) -> Discovery:
+        """What the Exchanges offer for `uris`: from an Exchange's still-valid answers where it has
+        quoted every URI (no call), else asked now; the answers are remembered for the next purchase."""
+        if not self._config.quotes.reuse:
+            return await self._discover(uris, c, overall_ms)
+        known, ask = self._quotes.known(exchanges_for(self._exchanges, c), uris)
+        if not ask:
+            return Discovery(offers=known)
+        discovery = await discover(ask, uris, self._requester, self._config.fanout.discover_timeout_ms,
+                                   overall_ms)
+        self._quotes.remember(discovery)
+        for uri, offers in known.items():
+            discovery.offers[uri].extend(offers)
+        return discovery
 
     async def _discover(self, uris: Sequence[str], c: Constraints, overall_ms: int) -> Discovery:
         return await discover(

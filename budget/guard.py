@@ -31,7 +31,7 @@ class LostEvents(Protocol):
 class StoreGuard:
     def __init__(
         self, store: Store, memory: StoreMemory | None, events: LostEvents,
-        guarded: Callable[[Awaitable[StoreIdentity | None]], Awaitable[StoreIdentity | None]],
+        guarded: Callable[[str, Awaitable[StoreIdentity | None]], Awaitable[StoreIdentity | None]],
     ) -> None:
         self._store = store
         self._memory = memory
@@ -53,10 +53,10 @@ class StoreGuard:
             return None
         memory = self._memory.account(account)
         if memory.identity is None:
-            found = await self._guarded(self._store.identity(account))
+            found = await self._guarded(account, self._store.identity(account))
             if found is None:
                 fresh = StoreIdentity(uuid.uuid4().hex)
-                found = await self._guarded(self._store.set_identity(account, fresh))
+                found = await self._guarded(account, self._store.set_identity(account, fresh))
             assert found is not None
             self._memory.saw_identity(account, found)
             await self._memory.save()

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from budget.store import CounterRef, Hold
+from budget.store import CounterRef, Hold, counter_record
 from currency.money import Money
 
 
@@ -56,7 +56,7 @@ class Intent:
         doc = {
             "v": 1, "account": self.account, "key": self.key, "fingerprint": self.fingerprint,
             "currency": self.currency,
-            "holds": [{"counter": asdict(h.counter), "amount": h.amount, "limit": h.limit,
+            "holds": [{"counter": counter_record(h.counter), "amount": h.amount, "limit": h.limit,
                        "expire_at_ms": h.expire_at_ms} for h in self.holds],
             "parts": [{"exchange": p.exchange, "request": base64.b64encode(p.request).decode(),
                        "holds": list(p.holds),

@@ -25,12 +25,12 @@ import asyncio
 import base64
 import json
 import os
-import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from budget.store import CounterRef, Hold, Line
+from budget.ids import new_id
+from budget.store import CounterRef, Hold, Line, counter_record
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +48,19 @@ class JournalEntry:
     def store_key(self) -> str:
         """The key the store records this spend under, once: the purchase's idempotency key."""
         return self.idempotency_key
+
+
+def _hold_record(h: Hold) -> dict[str, Any]:
+    """dataclasses.asdict(h), built directly: asdict deep-copies field by field, on every purchase."""
+    return {"counter": counter_record(h.counter),
+            "amount": h.amount, "limit": h.limit, "expire_at_ms": h.expire_at_ms, "floor": h.floor}
+
+
+def _line_record(ln: Line) -> dict[str, Any]:
+    """dataclasses.asdict(ln), built directly."""
+    return {"hold_index": ln.hold_index, "amount": ln.amount, "original_amount": ln.original_amount,
+            "original_currency": ln.original_currency, "exchange": ln.exchange, "offer_id": ln.offer_id,
+            "uri": ln.uri}
 
 
 def _hold(d: dict[str, Any]) -> Hold:
@@ -69,6 +82,7 @@ class Journal:
         self._truncate = False  # the next write starts the file afresh (everything was acked)
         self._waiters: list[asyncio.Future[None]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._file: TextIO | None = None  # kept open between writes (only the writer task uses it)
         self._load()
 
     def _load(self) -> None:
@@ -100,9 +114,9 @@ class Journal:
     ) -> JournalEntry:
         """Journal a spend (or, with `intent`, a purchase about to be sent). `settles`: the intent
         this spend ends, acknowledged in the same write."""
-        entry = JournalEntry(uuid.uuid4().hex, account, idempotency_key, holds, lines, at_ms, intent, result)
+        entry = JournalEntry(new_id(), account, idempotency_key, holds, lines, at_ms, intent, result)
         record = {"id": entry.id, "account": account, "idempotency_key": idempotency_key,
-                  "holds": [asdict(h) for h in holds], "lines": [asdict(ln) for ln in lines],
+                  "holds": [_hold_record(h) for h in holds], "lines": [_line_record(ln) for ln in lines],
                   "at_ms": at_ms, **({"intent": base64.b64encode(intent).decode()} if intent else {}),
                   **({"result": base64.b64encode(result).decode()} if result else {}),
                   **({"settles": settles} if settles else {})}
@@ -157,8 +171,25 @@ class Journal:
             self._writer = None
 
     def _write(self, lines: list[str], truncate: bool) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("w" if truncate else "a", encoding="utf-8") as f:
+        if self._file is None or truncate:
+            self._close_file()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("w" if truncate else "a", encoding="utf-8")
+        f = self._file
+        try:
             f.write("".join(line + "\n" for line in lines))
             f.flush()
             os.fsync(f.fileno())
+        except BaseException:
+            self._close_file()  # the next write reopens: nothing half-known is kept
+            raise
+
+    def close(self) -> None:
+        """Close the file between writes (a later write opens it again); a write under way keeps it."""
+        if self._writer is None:
+            self._close_file()
+
+    def _close_file(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()

@@ -560,6 +560,8 @@ class LeaseBook:
                 lease.phase = Phase.EXHAUSTED  # target 0: keep only what is in flight
             with contextlib.suppress(StoreUnavailable):
                 await self.refresh(name)
+        if self._journal is not None:
+            self._journal.close()
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -263,7 +263,7 @@ class PeriodLayer:
         self, store: Store, accounts: Mapping[str, Mapping[str, ScopeRule]], *, clock: Clock,
         tz: ZoneInfo, converter: Converter, ttl_s: int, grace_s: int, journal: Journal | None,
         events: PeriodEvents | None = None, memory: StoreMemory | None = None, lease_s: float = 0.0,
-        leases: LeaseBook | None = None,
+        leases: LeaseBook | None = None, failure_domain: Callable[[str], str] | None = None,
     ) -> None:
         self.store = store
         self.events = events or NoEvents()
@@ -278,8 +278,10 @@ class PeriodLayer:
         # Fail-open spends not yet in the store, plus open local holds, per scope.
         self._local_holds: list[PeriodHold] = []
         # After a store failure, purchases skip the store for a moment instead of each
-        # waiting out its own timeout; upkeep keeps probing.
-        self._skip_until = 0.0
+        # waiting out its own timeout; upkeep keeps probing. Per failure domain: the accounts that
+        # fail together (one Redis Cluster shard; by default the whole store).
+        self._skip_until: dict[str, float] = {}
+        self._domain = failure_domain or _whole_store
         # What this broker has seen of the store, and the accounts whose store shows less.
         self.guard = StoreGuard(store, memory, self.events, self._guarded)
         # Pre-debited leases for scopes in lease mode (None: every scope is strict).
@@ -291,7 +293,7 @@ class PeriodLayer:
         # can reach the Exchanges.
         self.recover: Callable[[str, UnsettledHold], Awaitable[None]] | None = None
         self.recover_local: Callable[[str, bytes], Awaitable[LocalSettlement | None]] | None = None
-        self._reclaimed = False
+        self._reclaimed: set[str] = set()  # accounts swept since the start (with reclaim)
 
     @property
     def instance(self) -> str:
@@ -309,14 +311,15 @@ class PeriodLayer:
     def _saw(self, account: str, c: Counter, state: CounterState) -> None:
         self.guard.saw(account, c.ref, state, c.window.end_ms + self._grace_ms)
 
-    async def _guarded(self, call: Awaitable[T]) -> T:
-        if self._clock.monotonic() < self._skip_until:
+    async def _guarded(self, account: str, call: Awaitable[T]) -> T:
+        domain = self._domain(account)
+        if self._clock.monotonic() < self._skip_until.get(domain, 0.0):
             close_awaitable(call)
             raise StoreUnavailable("the budget store failed moments ago")
         try:
             return await call
         except StoreUnavailable:
-            self._skip_until = self._clock.monotonic() + _SKIP_AFTER_FAILURE_S
+            self._skip_until[domain] = self._clock.monotonic() + _SKIP_AFTER_FAILURE_S
             raise
 
     # --- limits ----------------------------------------------------------------
@@ -442,7 +445,8 @@ class PeriodLayer:
             if local is not None:
                 return local  # as of this broker's last refresh, plus its own spend since
         try:
-            states = await self._guarded(self.store.read(plan.account, [c.ref for c in plan.counters]))
+            states = await self._guarded(
+                plan.account, self.store.read(plan.account, [c.ref for c in plan.counters]))
         except StoreUnavailable:
             if plan.fails_open():
                 return self._local_snapshots(plan)
@@ -548,7 +552,7 @@ class PeriodLayer:
                     return leased  # else synchronous: this purchase reserves in the store
             try:
                 identity = await self.guard.identity(plan.account)
-                outcome = await self._guarded(self.store.reserve(
+                outcome = await self._guarded(plan.account, self.store.reserve(
                     plan.account, holds, ttl_ms=self._ttl_ms, idempotency_key=key, now_ms=now_ms,
                     limits_version=plan.version, intent=intent, owner=self.instance, identity=identity,
                 ))
@@ -614,7 +618,7 @@ class PeriodLayer:
         if not plan.counters:
             return
         try:
-            stored = await self._guarded(self.store.settled(plan.account, key))
+            stored = await self._guarded(plan.account, self.store.settled(plan.account, key))
         except StoreUnavailable:
             return  # the denial stands; the agent retries later
         if stored is not None:
@@ -847,27 +851,41 @@ class PeriodLayer:
         seen, sweep (refund what never reached an Exchange, roll forward what may have), replay the
         journal, refresh limits."""
         now_ms = to_ms(self._clock.now())
+        down: dict[str, StoreUnavailable] = {}  # by failure domain
         for account in self.accounts:
-            if await self.guard.check(account):
-                await self._load_limits(account)  # adopted: its limits are the baseline too
-            swept = await self.store.sweep(
-                account, now_ms=now_ms, lease_ms=self._lease_ms, taker=self.instance,
-                # After a restart nothing of this broker's own is in flight: reclaim it at once.
-                reclaim=not self._reclaimed and bool(self.instance))
+            domain = self._domain(account)
+            if domain in down:
+                continue  # failed moments ago: each of its accounts would wait out the timeout again
+            try:
+                if await self.guard.check(account):
+                    await self._load_limits(account)  # adopted: its limits are the baseline too
+                swept = await self.store.sweep(
+                    account, now_ms=now_ms, lease_ms=self._lease_ms, taker=self.instance,
+                    # After a restart nothing of this broker's own is in flight: reclaim it at once.
+                    reclaim=account not in self._reclaimed and bool(self.instance))
+            except StoreUnavailable as exc:
+                down[domain] = exc
+                continue
+            self._reclaimed.add(account)
+            self._skip_until.pop(domain, None)  # the store answered: purchases may use it again
             self.events.refunded(swept.refunded)
             if swept.refunded:
                 log.info("refunded %d expired reservation(s) in account %s", swept.refunded, account)
             for unsettled in swept.unsettled:
                 await self._roll_forward(account, unsettled)
-        self._reclaimed = True
-        self._skip_until = 0.0  # the store answered the sweep: purchases may use it again
+        if down and all(self._domain(account) in down for account in self.accounts):
+            raise next(iter(down.values()))  # the whole store is down: nothing more this round
+        # Only part of it (a Redis Cluster primary): the rest is looked after all the same.
         await self._roll_leases_forward()
         replayed = await self.replay_journal()
         if replayed:
             log.info("replayed %d journaled spend(s) into the store", replayed)
         for account in list(self._limits):
-            await self._load_limits(account)
+            if self._domain(account) not in down:
+                await self._load_limits(account)
         await self.guard.save(now_ms)
+        if down:
+            raise next(iter(down.values()))
 
     async def _roll_forward(self, account: str, hold: UnsettledHold) -> None:
         if self.recover is None:
@@ -962,6 +980,8 @@ class PeriodLayer:
                 await self.leases.close()
             await self.guard.save()
         finally:
+            if self._journal is not None:
+                self._journal.close()
             await self.store.close()
 
     async def run_upkeep(self, interval_s: float, stop: asyncio.Event) -> None:
@@ -978,3 +998,7 @@ class PeriodLayer:
 
 def _first_hold(holds: Sequence[Hold], scope: str) -> int | None:
     return next((i for i, h in enumerate(holds) if h.counter.scope == scope), None)
+
+
+def _whole_store(account: str) -> str:
+    return ""

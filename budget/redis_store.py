@@ -45,6 +45,12 @@ raises StoreUnavailable. redis-py's own retries are off. Reads retry once on a c
 generated here, so if the first attempt did land, the second finds the key open under our own
 id and reports it as Reserved. Other writes are never retried.
 
+Durability. With wait_replicas > 0, every write script is followed on its connection by
+`WAIT wait_replicas <timeout_ms / 2>`, and a write that fewer replicas acknowledged in time raises
+StoreUnavailable (it may still have landed: what a lost reply means already, see Failures). Without
+it a primary that dies may take its last writes with it (replication is asynchronous); brokers
+that saw them notice (their floors) and refuse the account until an operator adopts the store.
+
 Coalescing. Concurrent `reserve` (and `commit`) calls for one account are sent as one EVALSHA
 that processes them in arrival order, each exactly as if alone: up to MAX_IN_FLIGHT batches of
 at most MAX_BATCH go out at once, and callers arriving meanwhile form the next ones.
@@ -65,21 +71,29 @@ import functools
 import importlib.resources
 import logging
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar, cast
+from typing import Any, Final, Generic, Self, TypeVar, cast
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Connection, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from redis.typing import EncodableT
 
+from budget.ids import new_id
 from budget.store import (
     LEASE_DOUBLINGS,
     RECLAIM_MS,
@@ -137,7 +151,11 @@ _UNAVAILABLE_REPLIES: Final = ("LOADING", "BUSY", "OOM", "MASTERDOWN", "NOREPLIC
 
 _SCRIPTS: Final = ("reserve", "commit", "release", "sweep", "record_spend", "set_limit", "add_credit",
                    "overwrite_spent", "prune_counters", "claim", "set_identity", "lease", "leases",
-                   "release_leases")
+                   "release_leases", "read", "limits")
+# Scripts that change nothing: no WAIT after them.
+_READ_ONLY: Final = frozenset({"leases", "read", "limits"})
+# Redis Cluster client errors that mean "no node answers for that slot now", not a wrong request.
+_CLUSTER_UNREACHABLE: Final = ("Redis Cluster cannot be connected", "All slots are not covered")
 # Fields of a LeaseGrant in lease.lua's reply: granted, spent, reserved, credit, count, leased,
 # holders, reclaim.
 _GRANT_FIELDS: Final = 8
@@ -178,7 +196,10 @@ def _text(value: Any) -> str:
 
 
 def _unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError | TimeoutError | OSError | ReadOnlyError):
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | TimeoutError | OSError | ReadOnlyError
+                  | ClusterError | SlotNotCoveredError):
+        return True
+    if isinstance(exc, RedisClusterException) and str(exc).startswith(_CLUSTER_UNREACHABLE):
         return True
     return isinstance(exc, ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
 
@@ -318,15 +339,24 @@ def _unsettled(reply: Sequence[Any]) -> UnsettledHold:
 class RedisStore:
     """budget.store.Store on one Redis server (or Cluster-ready keys; see the module docstring)."""
 
-    def __init__(self, client: Redis, *, timeout_ms: int = 250, prefix: str = "ramp") -> None:
+    def __init__(
+        self, client: Redis | RedisCluster, *, timeout_ms: int = 250, prefix: str = "ramp",
+        wait_replicas: int = 0,
+    ) -> None:
         """Prefer `open`. A client given here must return bytes (decode_responses off) and should
         have socket timeouts of timeout_ms and no retries of its own, as `open` sets up."""
         if timeout_ms <= 0:
             raise ValueError("timeout_ms must be positive")
         if not prefix or any(c in prefix for c in "{} "):
             raise ValueError("prefix must be non-empty, without braces or spaces")
+        if wait_replicas < 0:
+            raise ValueError("wait_replicas must not be negative")
         self._client = client
         self._prefix = prefix
+        self._wait_replicas = wait_replicas
+        # WAIT gives up within half the store timeout, so its own answer (too few replicas) is what a
+        # slow replica shows, not a socket timeout.
+        self._wait_ms = str(max(timeout_ms // 2, 1))
         self._deadline_s = timeout_ms / 1000 + _DEADLINE_SLACK_S
         self._scripts = _load_scripts()
         self._reserve_batchers: dict[str, _Batcher[_ReserveRequest, ReserveOutcome]] = {}
@@ -335,7 +365,7 @@ class RedisStore:
     @classmethod
     async def open(
         cls, url: str, *, timeout_ms: int = 250, prefix: str = "ramp", max_connections: int = 64,
-        lazy: bool = False,
+        lazy: bool = False, wait_replicas: int = 0,
     ) -> RedisStore:
         """Connect and load the scripts; StoreUnavailable if Redis does not answer in time.
 
@@ -349,21 +379,25 @@ class RedisStore:
             # rediss:// keeps redis-py's TLS connection class.
             **({"connection_class": _HiredisConnection} if url.startswith("redis://") else {}),
         )
-        store = cls(Redis.from_pool(pool), timeout_ms=timeout_ms, prefix=prefix)
+        store = cls(Redis.from_pool(pool), timeout_ms=timeout_ms, prefix=prefix, wait_replicas=wait_replicas)
+        return await store._started(lazy=lazy)
+
+    async def _started(self, *, lazy: bool) -> Self:
+        """Load the scripts; with `lazy`, a store that does not answer is only logged."""
         try:
-            await store.load_scripts()
+            await self.load_scripts()
         except StoreUnavailable as exc:
             if not lazy:
-                await store.close()
+                await self.close()
                 raise
             log.warning("redis store not reachable at start (%s); carrying on", exc)
         except BaseException:
-            await store.close()
+            await self.close()
             raise
-        return store
+        return self
 
     @property
-    def client(self) -> Redis:
+    def client(self) -> Redis | RedisCluster:
         """The underlying client (tests and admin tools)."""
         return self._client
 
@@ -415,13 +449,42 @@ class RedisStore:
 
     async def _eval(self, name: str, keys: Sequence[str], args: Sequence[str | bytes]) -> Any:
         script = self._scripts[name]
+        if self._wait_replicas and name not in _READ_ONLY:
+            return await self._eval_durable(script, keys, args)
         if script.sha:
             try:
                 return await self._client.evalsha(script.sha, len(keys), *keys, *args)
             except NoScriptError:
                 pass  # a restarted or flushed server: nothing ran; load and run once
+        return await self._load_and_eval(script, keys, args)
+
+    async def _load_and_eval(self, script: _Script, keys: Sequence[str], args: Sequence[str | bytes]) -> Any:
         script.sha = await self._client.script_load(script.text)
         return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def _eval_durable(self, script: _Script, keys: Sequence[str], args: Sequence[str | bytes]) -> Any:
+        """The script, then WAIT on the same connection (WAIT counts that connection's writes)."""
+        call: list[str | bytes] = [str(len(keys)), *keys, *args]
+        reply, acked = await self._then_wait(["EVALSHA", script.sha, *call] if script.sha else
+                                             ["EVAL", script.text, *call], keys[0])
+        if isinstance(reply, NoScriptError):  # nothing ran: send the text (Redis caches it)
+            reply, acked = await self._then_wait(["EVAL", script.text, *call], keys[0])
+        if isinstance(reply, Exception):
+            raise reply
+        if isinstance(acked, Exception):
+            raise acked
+        if int(acked) < self._wait_replicas:
+            raise StoreUnavailable(f"redis: the write reached {int(acked)} of {self._wait_replicas} replicas "
+                                   f"in {self._wait_ms} ms")
+        return reply
+
+    async def _then_wait(self, command: list[str | bytes], key: str) -> tuple[Any, Any]:
+        """`command` and WAIT, pipelined on one connection; each reply or its error."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.execute_command(*command)
+            pipe.execute_command("WAIT", str(self._wait_replicas), self._wait_ms)
+            reply, acked = await pipe.execute(raise_on_error=False)
+        return reply, acked
 
     async def _script(
         self, name: str, keys: Sequence[str], args: Sequence[str | bytes], *, retry: bool
@@ -480,7 +543,7 @@ class RedisStore:
             _int64(hold.limit, "hold limit")
             _int64(hold.floor, "hold floor")
         _int64(now_ms + ttl_ms, "expiry")
-        request = _ReserveRequest(uuid.uuid4().hex, tuple(holds), ttl_ms, idempotency_key, now_ms,
+        request = _ReserveRequest(new_id(), tuple(holds), ttl_ms, idempotency_key, now_ms,
                                   limits_version, bytes(intent), owner, identity)
         batcher = self._reserve_batchers.get(account)
         if batcher is None:
@@ -783,28 +846,23 @@ class RedisStore:
     async def read(self, account: str, counters: Sequence[CounterRef]) -> list[CounterState]:
         if not counters:
             return []
+        rows = await self._read_rows([self.counter_key(account, c) for c in counters])
+        return [CounterState(*(int(v) if v is not None else 0 for v in row)) for row in rows]
+
+    async def _read_rows(self, keys: list[str]) -> list[Any]:
+        """spent, reserved, credit, count, leased of each counter key (None when missing)."""
 
         async def run() -> list[Any]:
             # MULTI/EXEC: one consistent snapshot of all the counters.
             async with self._client.pipeline(transaction=True) as pipe:
-                for counter in counters:
-                    pipe.hmget(self.counter_key(account, counter),
-                               ["spent", "reserved", "credit", "count", "leased"])
+                for key in keys:
+                    pipe.hmget(key, ["spent", "reserved", "credit", "count", "leased"])
                 return await pipe.execute()
 
-        rows = await self._call(run, retry=True)
-        return [CounterState(*(int(v) if v is not None else 0 for v in row)) for row in rows]
+        return await self._call(run, retry=True)
 
     async def limits(self, account: str) -> Limits:
-        p = self.account_prefix(account)
-
-        async def run() -> list[Any]:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hgetall(f"{p}limits")
-                pipe.get(f"{p}limits:v")
-                return await pipe.execute()
-
-        raw, version = await self._call(run, retry=True)
+        raw, version = await self._limits_raw(self.account_prefix(account))
         values: dict[tuple[str, str], tuple[str, int] | None] = {}
         for field_, value in raw.items():
             scope, period = _text(field_).split("|", 1)
@@ -815,6 +873,18 @@ class RedisStore:
                 currency, units = text.split(" ", 1)
                 values[(scope, period)] = (currency, int(units))
         return Limits(int(version) if version is not None else 0, values)
+
+    async def _limits_raw(self, p: str) -> tuple[dict[Any, Any], Any]:
+        """The account's limits hash and its version (None if never set), one snapshot."""
+
+        async def run() -> list[Any]:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hgetall(f"{p}limits")
+                pipe.get(f"{p}limits:v")
+                return await pipe.execute()
+
+        raw, version = await self._call(run, retry=True)
+        return raw, version
 
     async def ledger(self, account: str, *, scope: str | None = None) -> AsyncIterator[LedgerEntry]:
         key = f"{self.account_prefix(account)}ledger"

@@ -20,13 +20,13 @@ import contextlib
 import functools
 import json
 import sqlite3
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from budget.ids import new_id
 from budget.statedir import state_dir
 from budget.store import (
     RECLAIM_MS,
@@ -664,7 +664,7 @@ class SqliteStore:
             for hold in holds:
                 counters.get(hold.counter, hold.expire_at_ms).reserved += hold.amount
             counters.save()
-            reservation_id = uuid.uuid4().hex
+            reservation_id = new_id()
             expires = now_ms + ttl_ms
             conn.execute(
                 "INSERT INTO reservations (account, id, idempotency_key, created_ms, expires_ms, holds, "

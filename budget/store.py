@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +70,12 @@ class CounterRef:
 
 def counter_key(scope: str, period: str, window: str, currency: str) -> str:
     return f"{scope}|{period}|{window}|{currency}"
+
+
+def counter_record(c: CounterRef) -> dict[str, Any]:
+    """dataclasses.asdict(c), built directly: asdict deep-copies field by field, on every purchase."""
+    return {"scope": c.scope, "period": c.period, "window": c.window, "currency": c.currency,
+            "start_ms": c.start_ms, "end_ms": c.end_ms}
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Context, Decimal
-from functools import cache
+from functools import cache, lru_cache
 
 import pycountry
 
@@ -209,6 +209,7 @@ def quantize(value: Decimal, *, round_up: bool) -> Decimal:
     return value.quantize(QUANTUM, rounding=ROUND_CEILING if round_up else ROUND_FLOOR, context=_CTX)
 
 
+@lru_cache(maxsize=8192)  # the same limits, prices and totals are written into every answer
 def format_amount(value: Decimal) -> str:
     q = value.quantize(QUANTUM, context=_CTX).normalize(_CTX)
     text = format(q, "f")

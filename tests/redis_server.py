@@ -9,17 +9,22 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tests.harness import free_port
 
 
 class RedisServer:
-    def __init__(self, directory: Path, *, appendonly: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, *, appendonly: bool = False, port: int | None = None,
+        appendfsync: str = "always", extra: Sequence[str] = (),
+    ) -> None:
         self.dir = directory
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.extra = tuple(extra)  # more redis-server arguments (tests/redis_cluster.py: cluster mode)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -34,7 +39,7 @@ class RedisServer:
             binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
             "--save", "", "--daemonize", "no", "--logfile", str(self.dir / "redis.log"),
             "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "always",
+            "--appendfsync", self.appendfsync, *self.extra,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10

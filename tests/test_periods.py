@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import string
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.cli import main
-from budget.journal import Journal
+from budget.ids import new_id
+from budget.journal import Journal, _hold_record, _line_record
 from budget.periods import Period, PeriodError, time_zone, to_ms
 from budget.reconcile import reconcile
 from budget.scopes import ScopeError, check_scope
@@ -135,6 +137,33 @@ async def test_journal_survives_a_restart_and_a_torn_line(tmp_path: Path) -> Non
     await again.ack(e2.id)
     assert path.read_text() == ""  # everything acknowledged: truncated
     assert Journal(path).pending() == []
+
+
+def test_ids_never_repeat_in_a_process_nor_across_processes() -> None:
+    """Reservation and journal ids are unique without a system call each: a random half per
+    process (another broker, or this one after a restart), a counter in the other."""
+    import subprocess
+    import sys
+
+    ours = [new_id() for _ in range(50_000)]
+    assert len(set(ours)) == len(ours)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ours[:10])
+    other = subprocess.run([sys.executable, "-c", "from budget.ids import new_id; print(new_id())"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert other[:16] != ours[0][:16]
+    assert other not in set(ours)
+
+
+@given(st.text(max_size=8), st.integers(0, 2**62), st.integers(0, 2**62), st.text(max_size=8))
+def test_journal_records_are_the_dataclasses_every_field(scope: str, amount: int, floor: int,
+                                                         uri: str) -> None:
+    """The journal builds its records by hand (asdict is slow): a field added to Hold, CounterRef or
+    Line and not written would be lost at a restart."""
+    ref = CounterRef(scope, "month", "2026-11", "USD", amount, floor)
+    hold = Hold(ref, amount, floor, amount, floor)
+    line = Line(1, amount, "1.5", "EUR", "ex", scope, uri)
+    assert _hold_record(hold) == asdict(hold)
+    assert _line_record(line) == asdict(line)
 
 
 @settings(max_examples=40, deadline=None)

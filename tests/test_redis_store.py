@@ -12,9 +12,11 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from budget.redis_store import MAX_BATCH, RedisStore
 from budget.store import (
@@ -572,3 +574,49 @@ async def test_leases_are_exact_beyond_2_to_the_53(store: RedisStore) -> None:
     with pytest.raises(ValueError, match="64 bits"):
         await store.lease(acct, "b1", 2, [LeaseAsk(hold(0, limit), 2**63)], (), ttl_ms=1, now_ms=now_ms(),
                           limits_version=0)
+
+
+async def test_wait_replicas_makes_a_write_count_once_a_replica_has_it(tmp_path: Path) -> None:
+    """One server and its replica (`--replicaof`): the durability option outside a cluster too."""
+    (tmp_path / "p").mkdir()
+    (tmp_path / "r").mkdir()
+    primary = RedisServer(tmp_path / "p", extra=("--repl-diskless-sync-delay", "0"))  # sync at once
+    primary.start()
+    replica = RedisServer(tmp_path / "r", extra=("--replicaof", "127.0.0.1", str(primary.port)))
+    try:
+        replica.start()
+        durable = await RedisStore.open(primary.url, timeout_ms=2000, wait_replicas=1)
+        greedy = await RedisStore.open(primary.url, timeout_ms=400, wait_replicas=2)
+        try:
+            acct = account()
+            for _ in range(200):  # until the replica has synced: WAIT counts it from then on
+                if (await copy_info(replica)).get("master_link_status") == "up":
+                    break
+                await asyncio.sleep(0.05)
+            r = await reserve(durable, acct, [hold(5, 1000)], "k1")
+            assert isinstance(r, Reserved)
+            await durable.commit(acct, r.reservation_id, [hold(5, 1000)], [line(5)], idempotency_key="k1",
+                                 result=b"ok", now_ms=now_ms())
+            with pytest.raises(StoreUnavailable, match="reached 1 of 2 replicas"):
+                await reserve(greedy, acct, [hold(7, 1000)], "k2")
+            # On the replica: the commit, and the write the greedy store was refused (it landed).
+            copy = await RedisStore.open(replica.url, timeout_ms=2000)
+            try:
+                assert await copy.read(acct, [ref()]) == [CounterState(spent=5, reserved=7, count=1)]
+            finally:
+                await copy.close()
+        finally:
+            await durable.close()
+            await greedy.close()
+    finally:
+        replica.stop()
+        primary.stop()
+
+
+async def copy_info(replica: RedisServer) -> dict[str, Any]:
+    client = Redis.from_url(replica.url)
+    try:
+        info: dict[str, Any] = await client.info("replication")
+        return info
+    finally:
+        await client.aclose()

@@ -1,7 +1,8 @@
 """The budget store contract (budget.store.Store), run against every implementation.
 
 Each test gets a fresh, empty store: SQLite in its own temporary file, Redis on the
-session's redis-server under its own key prefix. Times are injected (never the wall
+session's redis-server under its own key prefix, and the same on the session's Redis Cluster
+(3 primaries, 3 replicas; tests/redis_cluster.py). Times are injected (never the wall
 clock); T0 lies far in the future so that a store turning `expire_at_ms` into a real
 Redis expiry keeps its keys for the whole run.
 """
@@ -70,7 +71,7 @@ T0 = 4_000_000_000_000  # 2096-10-02T07:06:40Z
 GRACE = 7 * DAY
 TIMEOUT_MS = 10_000  # generous: the concurrency test queues hundreds of calls
 ACCT = "acme"
-KINDS = ["sqlite", "redis"]
+KINDS = ["sqlite", "redis", "cluster"]
 
 # Windows that contain T0 (computed with budget.periods in UTC).
 MONTH = ("month", "2096-10", 3_999_888_000_000, 4_002_566_400_000)
@@ -101,6 +102,23 @@ def line(index: int, amount: int, *, uri: str = "https://ex.test/a", offer: str 
                 exchange="ex-1", offer_id=offer, uri=uri)
 
 
+def backing(kind: str, request: pytest.FixtureRequest) -> str:
+    """Where a store of `kind` lives: the session's redis-server URL, or its cluster's node URLs joined
+    by commas; started only when a case of that kind runs."""
+    if kind == "redis":
+        url: str = request.getfixturevalue("redis_url")
+        return url
+    if kind == "cluster":
+        return ",".join(request.getfixturevalue("redis_cluster_session").urls)
+    return ""
+
+
+def examples(kind: str, full: int) -> int:
+    """Stateful examples per run: the cluster runs the same scripts as one server (its own behaviour is in
+    tests/test_cluster_store.py), so a few examples there keep the suite's time down."""
+    return full // 5 if kind == "cluster" else full
+
+
 @contextlib.asynccontextmanager
 async def open_store(kind: str, *, redis_url: str, directory: Path) -> AsyncIterator[Store]:
     # Imported here so the suite still collects while an implementation is missing.
@@ -109,6 +127,11 @@ async def open_store(kind: str, *, redis_url: str, directory: Path) -> AsyncIter
         from budget.sqlite_store import SqliteStore
 
         store = await SqliteStore.open(directory / "b.sqlite3", timeout_ms=TIMEOUT_MS)
+    elif kind == "cluster":
+        from budget.redis_cluster import RedisClusterStore
+
+        store = await RedisClusterStore.open_cluster(redis_url.split(","), timeout_ms=TIMEOUT_MS,
+                                                     prefix=f"t{uuid.uuid4().hex[:8]}")
     else:
         from budget.redis_store import RedisStore
 
@@ -122,9 +145,7 @@ async def open_store(kind: str, *, redis_url: str, directory: Path) -> AsyncIter
 
 @pytest.fixture(params=KINDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    # Only start the session redis-server when a redis case actually runs.
-    url: str = request.getfixturevalue("redis_url") if request.param == "redis" else ""
-    async with open_store(request.param, redis_url=url, directory=tmp_path) as s:
+    async with open_store(request.param, redis_url=backing(request.param, request), directory=tmp_path) as s:
         yield s
 
 
@@ -1659,14 +1680,15 @@ class _Workload(RuleBasedStateMachine):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.timeout(900)  # passes in seconds; on a failure, shrinking to a short example takes minutes
 def test_random_workload_keeps_the_books(kind: str, request: pytest.FixtureRequest) -> None:
-    url: str = request.getfixturevalue("redis_url") if kind == "redis" else ""
+    url = backing(kind, request)
 
     class Workload(_Workload):
         pass
 
     Workload.kind, Workload.redis_url = kind, url
     run_state_machine_as_test(Workload, settings=settings(
-        max_examples=50, stateful_step_count=60, deadline=None, derandomize=True, database=None,
+        max_examples=examples(kind, 50), stateful_step_count=60, deadline=None, derandomize=True,
+        database=None,
         suppress_health_check=[HealthCheck.too_slow]))
 
 
@@ -2332,12 +2354,13 @@ class _Leasing(RuleBasedStateMachine):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.timeout(900)  # passes in seconds; on a failure, shrinking to a short example takes minutes
 def test_random_leasing_keeps_the_books(kind: str, request: pytest.FixtureRequest) -> None:
-    url: str = request.getfixturevalue("redis_url") if kind == "redis" else ""
+    url = backing(kind, request)
 
     class Leasing(_Leasing):
         pass
 
     Leasing.kind, Leasing.redis_url = kind, url
     run_state_machine_as_test(Leasing, settings=settings(
-        max_examples=60, stateful_step_count=50, deadline=None, derandomize=True, database=None,
+        max_examples=examples(kind, 60), stateful_step_count=50, deadline=None, derandomize=True,
+        database=None,
         suppress_health_check=[HealthCheck.too_slow]))

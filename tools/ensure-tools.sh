@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System tools the tests need, installed from the system's packages when missing:
 #   redis-server, redis-benchmark  the tests start their own redis-server on loopback
-#                                  (never the system one); bench-budget runs redis-benchmark
+#   redis-cli                      (never the system one); bench-budget runs redis-benchmark;
+#                                  tests/redis_cluster.py runs `redis-cli --cluster create`
 #   promtool                       tests/test_metrics.py lints a real /metrics scrape with
 #                                  `promtool check metrics` (Debian/Ubuntu: promtool is taken out of
 #                                  the prometheus package into .venv/bin, so no Prometheus server is
@@ -12,7 +13,8 @@ VENV_BIN=.venv/bin
 
 missing() {
     local out=()
-    if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
+    if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null \
+            || ! command -v redis-cli >/dev/null; then
         out+=(redis)
     fi
     command -v promtool >/dev/null || [ -x "$VENV_BIN/promtool" ] || out+=(promtool)
@@ -49,13 +51,13 @@ elif command -v brew >/dev/null; then
     done
     brew install "${formulae[@]}"
 else
-    echo "missing: $wanted. The tests need redis-server and redis-benchmark (Redis 6.2+)" \
+    echo "missing: $wanted. The tests need redis-server, redis-cli and redis-benchmark (Redis 6.2+)" \
          "and promtool (from Prometheus 2.x) on PATH: install them, then run make test again" >&2
     exit 1
 fi
 
 still=$(missing)
 if [ -n "$still" ]; then
-    echo "still missing after installing: $still (redis-server/redis-benchmark, promtool)" >&2
+    echo "still missing after installing: $still (redis-server/redis-cli/redis-benchmark, promtool)" >&2
     exit 1
 fi
