@@ -56,6 +56,9 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # httpx logs every request at INFO: the readiness probes alone would add a line every few
+    # seconds. Its request lines show at DEBUG.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 
 
 class RequestIds:

@@ -23,7 +23,9 @@ from tests.processes import catalog_tree as exchange_catalog
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    httpx_level = logging.getLogger("httpx").level
     yield
+    logging.getLogger("httpx").setLevel(httpx_level)
     for h in list(root.handlers):
         root.removeHandler(h)
     for h in handlers:
@@ -54,6 +56,21 @@ def test_text_lines_carry_the_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     first, second = out.getvalue().splitlines()
     assert first.endswith("t: no request")
     assert second.endswith("t: bought 1.00 USD [request_id=r-1 idempotency_key=k-1]")
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_httpx_request_lines_show_only_at_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The readiness probes ask every Exchange every few seconds: at INFO that is not news."""
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stderr", out)
+    configure("text", "INFO")
+    logging.getLogger("httpx").info("HTTP Request: GET http://127.0.0.1:9191/healthz")
+    logging.getLogger("httpx").warning("something httpx warns about")
+    assert out.getvalue().count("\n") == 1
+    assert "warns about" in out.getvalue()
+    configure("text", "DEBUG")
+    logging.getLogger("httpx").info("HTTP Request: GET http://127.0.0.1:9191/healthz")
+    assert "HTTP Request" in out.getvalue()
 
 
 @pytest.mark.usefixtures("restore_logging")
