@@ -281,6 +281,7 @@ class PeriodLayer:
         # waiting out its own timeout; upkeep keeps probing. Per failure domain: the accounts that
         # fail together (one Redis Cluster shard; by default the whole store).
         self._skip_until: dict[str, float] = {}
+        self._probing: set[str] = set()  # failure domains with a probing call under way
         self._domain = failure_domain or _whole_store
         # What this broker has seen of the store, and the accounts whose store shows less.
         self.guard = StoreGuard(store, memory, self.events, self._guarded)
@@ -312,15 +313,26 @@ class PeriodLayer:
         self.guard.saw(account, c.ref, state, c.window.end_ms + self._grace_ms)
 
     async def _guarded(self, account: str, call: Awaitable[T]) -> T:
+        """The store call, unless the store failed moments ago: then one call at a time goes
+        through as a probe (the others fail at once), and the first that succeeds ends the skip,
+        so one slow answer does not refuse a second of purchases."""
         domain = self._domain(account)
-        if self._clock.monotonic() < self._skip_until.get(domain, 0.0):
-            close_awaitable(call)
-            raise StoreUnavailable("the budget store failed moments ago")
+        probing = self._clock.monotonic() < self._skip_until.get(domain, 0.0)
+        if probing:
+            if domain in self._probing:
+                close_awaitable(call)
+                raise StoreUnavailable("the budget store failed moments ago")
+            self._probing.add(domain)
         try:
-            return await call
+            result = await call
         except StoreUnavailable:
             self._skip_until[domain] = self._clock.monotonic() + _SKIP_AFTER_FAILURE_S
             raise
+        finally:
+            if probing:
+                self._probing.discard(domain)
+        self._skip_until.pop(domain, None)
+        return result
 
     # --- limits ----------------------------------------------------------------
 

@@ -135,7 +135,8 @@ async def test_purchases_spend_leases_and_are_reported_in_batches(ex: Exchange, 
 async def test_a_retry_on_lease_is_replayed_without_the_store_or_the_exchange(
     ex: Exchange, tmp_path: Path,
 ) -> None:
-    async with running_broker(lease_config(ex, tmp_path)) as b:
+    # No periodic refresh between the two purchases (one every 0.2 s made this count racy).
+    async with running_broker(lease_config(ex, tmp_path, refresh_s=60)) as b:
         book = b.broker.period.leases if b.broker.period else None
         assert book is not None
         status, first, _ = await buy(b, "r1")

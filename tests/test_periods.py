@@ -279,3 +279,52 @@ async def test_fail_open_allowance_counts_every_item_of_a_journaled_purchase(tmp
         assert await layer.reserve(charge, plan, usd("2.00"), "k3") is not None
     finally:
         await store.close()
+
+
+# --- after a store failure ---------------------------------------------------------------------
+
+
+async def test_after_a_store_failure_one_call_probes_and_its_success_ends_the_skip(tmp_path: Path) -> None:
+    """A store that failed moments ago is skipped (purchases fail at once, not each after its own
+    timeout), but one call at a time still goes through: one slow answer must not refuse purchases
+    for the whole skip window. The clock never moves here, so only a probe can end the skip."""
+    from redis.asyncio import Redis
+
+    from budget.clock import ManualClock
+    from budget.period import Charge, PeriodLayer, ScopeRule, StoreDown
+    from budget.redis_store import RedisStore
+    from currency.convert import NoConverter
+    from currency.money import Money
+    from tests.redis_server import RedisServer
+
+    usd = Money.parse("1.00", "USD", "amount")
+    redis = RedisServer(tmp_path)
+    await asyncio.to_thread(redis.start)
+    store = await RedisStore.open(redis.url, timeout_ms=400)
+    admin = Redis.from_url(redis.url)
+    rule = ScopeRule(limits={"month": (Period.parse("month", "p"), Money.parse("100", "USD", "l"))})
+    layer = PeriodLayer(store, {"acme": {"user:alice": rule}}, clock=ManualClock(), tz=UTC_TZ,
+                        converter=NoConverter(), ttl_s=60, grace_s=0, journal=None)
+    charge = Charge("acme", ("user:alice",))
+    try:
+        plan = await layer.plan(charge)
+        assert await layer.reserve(charge, plan, usd, "k1") is not None
+        await admin.client_pause(800, all=False)  # CLIENT PAUSE 800 WRITE: the next reserve times out
+        with pytest.raises(StoreDown):
+            await layer.reserve(charge, plan, usd, "k2")
+        await asyncio.sleep(0.8)  # the store answers again
+
+        # While a probe is under way the others are refused without a store call (k4 would have
+        # waited out the short pause and succeeded); the probe's success ends the skip.
+        await admin.client_pause(150, all=False)
+        probe = asyncio.create_task(layer.reserve(charge, plan, usd, "k3"))
+        await asyncio.sleep(0.02)
+        with pytest.raises(StoreDown):
+            await layer.reserve(charge, plan, usd, "k4")
+        assert not probe.done()
+        assert await probe is not None
+        assert await layer.reserve(charge, plan, usd, "k5") is not None
+    finally:
+        await admin.aclose()
+        await store.close()
+        await asyncio.to_thread(redis.stop)
