@@ -208,7 +208,7 @@ ROW_LABELS = {"embedded": "period layer: embedded store, 3 scopes",
 
 
 def broker_config(workdir: Path, xport: int, name: str, store: dict[str, Any] | None,
-                  mode: str = "strict", event_loop: str = "uvloop",
+                  mode: str = "strict", event_loop: str = "asyncio",
                   quote_reuse: bool = True) -> dict[str, Any]:
     """A bench broker on its own free ports, in front of the bench Exchange. Every broker requires
     the same bearer key (the same authentication work); with `store`, the agent is charged to
@@ -249,7 +249,7 @@ class Servers:
 
 
 @contextlib.contextmanager
-def running_servers(period: bool, event_loop: str = "uvloop", quote_reuse: bool = True) -> Iterator[Servers]:
+def running_servers(period: bool, event_loop: str = "asyncio", quote_reuse: bool = True) -> Iterator[Servers]:
     """The reference Exchange and the brokers, each in its own process (and with `period`, a private
     redis-server), stopped on exit."""
     children: list[Child] = []
@@ -780,8 +780,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="py-spy each purchase row's broker into DIR/<row>.txt (collapsed stacks) and "
                              "print the top functions of each")
-    parser.add_argument("--event-loop", choices=["uvloop", "asyncio"], default="uvloop",
-                        help="the brokers' event_loop setting (uvloop, the default)")
+    parser.add_argument("--event-loop", choices=["uvloop", "asyncio"], default="asyncio",
+                        help="the brokers' event_loop setting (asyncio, the broker's default)")
     parser.add_argument("--no-quote-reuse", action="store_true",
                         help="the brokers' quotes.reuse off: every purchase discovers first")
     parser.add_argument("--skip-period", action="store_true",

@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "leases":
             return leases_cli.run(args)
         else:
-            _run_in("uvloop", _exchange(args.catalog))
+            asyncio.run(_exchange(args.catalog))
     except ConfigError as exc:
         print(f"ramp-broker: configuration error: {exc}", file=sys.stderr)
         return 2

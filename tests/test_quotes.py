@@ -8,7 +8,10 @@ fails makes the broker ask again; an Exchange that offered nothing is always ask
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
+
+import httpx
 
 from broker.config import BrokerConfig
 from budget.clock import ManualClock
@@ -20,6 +23,7 @@ from tests.harness import (
     running_broker,
     running_exchange,
 )
+from tests.processes import broker_tree, catalog_tree, connect_call, start_broker, start_exchange
 
 A = "https://x.test/a"
 SESSION = {"default_limit": {"amount": "1000.00", "currency": "USD"}}
@@ -122,3 +126,17 @@ async def test_offers_chosen_by_the_agent_never_fill_the_book_for_uri_purchases(
         assert r.status_code == 400, r.text
         body = await buy(b, "k1")
         assert body["totalCost"] == {"amount": "1.00", "currency": "USD"}
+
+
+async def test_a_broker_on_uvloop_serves_buys_and_stops(tmp_path: Path) -> None:
+    """event_loop: uvloop (opt-in) runs the same broker: a purchase, its quote reused, a clean stop."""
+    async with start_exchange(tmp_path, catalog_tree()) as exchange, \
+            start_broker(tmp_path, broker_tree(exchange, event_loop="uvloop", session=SESSION)) as broker, \
+            httpx.AsyncClient(timeout=15.0) as client:
+        for key in ("u1", "u2"):
+            r = await connect_call(client, broker, "BrokerService/Transact",
+                                   {"sessionId": "s", "idempotencyKey": key, "uris": [A]})
+            assert r.status_code == 200, r.text
+            assert statuses(r.json()) == ["ITEM_STATUS_PURCHASED"]
+        state = (await client.get(f"{exchange.url}/admin/state")).json()
+        assert (state["discover_calls"], state["charges"]) == (1, 2)
