@@ -44,7 +44,6 @@ import platform
 import resource
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,6 +84,7 @@ from bench.purchases import (
     cpu_seconds,
     free_port,
     listen_port,
+    quantile_ms,
     run_phase,
 )
 from broker.config import StoreSetting
@@ -597,14 +597,6 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def _quantile_ms(values: list[float], p: int) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0] * 1000
-    return statistics.quantiles(values, n=100, method="inclusive")[p - 1] * 1000
-
-
 def _ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
@@ -647,8 +639,8 @@ def report_store(
                      _pct(r.cpu.get("redis")), _pct(r.cpu.get("bench")),
                      _pct(_other(r.cpu, ["redis", "bench"]))))
         if ph.script == "reserve+commit" and ph.accounts == 1:
-            rows.append(("  of which the reserve", "", _ms(_quantile_ms(ph.reserve_latencies, 50)),
-                         _ms(_quantile_ms(ph.reserve_latencies, 99)), "", "", "", "", "", "", ""))
+            rows.append(("  of which the reserve", "", _ms(quantile_ms(ph.reserve_latencies, 50)),
+                         _ms(quantile_ms(ph.reserve_latencies, 99)), "", "", "", "", "", "", ""))
     for rb in rbs:
         rows.append((rb.name, _rate(rb.rps), _ms(rb.p50_ms), _ms(rb.p99_ms), str(rb.requests),
                      str(rb.stats.failed) if not rb.error else "run failed",
@@ -737,8 +729,8 @@ def report_broker(runs: list[BrokerRun], a: argparse.Namespace) -> list[str]:
     out += ["", *_table(("period layer adds", "p50 ms", "p99 ms", "purchases/s ratio"), added)]
     for run in runs:
         if run.lags:
-            out.append(f"{run.result.name}: start lag p50 {_ms(_quantile_ms(run.lags, 50))} ms, "
-                       f"p99 {_ms(_quantile_ms(run.lags, 99))} ms behind schedule")
+            out.append(f"{run.result.name}: start lag p50 {_ms(quantile_ms(run.lags, 50))} ms, "
+                       f"p99 {_ms(quantile_ms(run.lags, 99))} ms behind schedule")
         if run.result.ok and run.stats.calls:
             ok, st = run.result.ok, run.stats
             parts = [f"{cmd} {st.usec.get(cmd, 0) / ok:.0f} us ({st.calls.get(cmd, 0) / ok:.2f} calls)"

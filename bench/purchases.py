@@ -293,6 +293,15 @@ def running_servers(period: bool, event_loop: str = "asyncio", quote_reuse: bool
 # --- load ------------------------------------------------------------------------
 
 
+def quantile_ms(values: list[float], p: int) -> float | None:
+    """The p-th percentile of `values` (seconds) in ms; None without values."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0] * 1000
+    return statistics.quantiles(values, n=100, method="inclusive")[p - 1] * 1000
+
+
 @dataclass
 class PhaseResult:
     name: str
@@ -330,12 +339,7 @@ class PhaseResult:
         return 10 * pct * self.elapsed / self.ok
 
     def percentile_ms(self, p: int) -> float | None:
-        if not self.latencies:
-            return None
-        if len(self.latencies) == 1:
-            return self.latencies[0] * 1000
-        cuts = statistics.quantiles(self.latencies, n=100, method="inclusive")
-        return cuts[p - 1] * 1000
+        return quantile_ms(self.latencies, p)
 
 
 MACHINE = -1  # pseudo-pid: every process on the machine (busy time of all CPUs)

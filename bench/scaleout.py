@@ -148,6 +148,7 @@ from bench.purchases import (
     exchange_charges,
     free_port,
     listen_port,
+    quantile_ms,
     run_phase,
 )
 from budget.periods import Period, time_zone
@@ -593,14 +594,6 @@ async def spend(
     return s
 
 
-def _quantile_ms(values: list[float], p: int) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0] * 1000
-    return statistics.quantiles(values, n=100, method="inclusive")[p - 1] * 1000
-
-
 def _per(count: int, purchases: int) -> float | None:
     return round(count / purchases, 4) if purchases else None
 
@@ -664,8 +657,8 @@ def scaleout_row(
         "stranded_ratio": round(max(0, limit - team.spent) / limit, 6),
         "remaining_at_first_denial_ratio": None if s.first_denial_purchases is None else round(
             max(0, limit - s.first_denial_purchases * PRICE) / limit, 6),
-        "p50_ms": _rounded(_quantile_ms(s.latencies, 50)),
-        "p99_ms": _rounded(_quantile_ms(s.latencies, 99)),
+        "p50_ms": _rounded(quantile_ms(s.latencies, 50)),
+        "p99_ms": _rounded(quantile_ms(s.latencies, 99)),
         "max_ms": _rounded(max(s.latencies) * 1000 if s.latencies else None),
         "broker_cpu_ms_per_purchase": _rounded(1000 * cpu_s / s.purchases if cpu_s is not None and s.purchases
                                                else None),
@@ -897,8 +890,8 @@ def steady_row(
         "mean_lease_purchases": round(statistics.fmean(
             x.leased / x.holders / PRICE for x in s.samples if x.holders), 1)
         if any(x.holders for x in s.samples) else None,
-        "p50_ms": _rounded(_quantile_ms(s.latencies, 50)),
-        "p99_ms": _rounded(_quantile_ms(s.latencies, 99)),
+        "p50_ms": _rounded(quantile_ms(s.latencies, 50)),
+        "p99_ms": _rounded(quantile_ms(s.latencies, 99)),
         "max_ms": _rounded(max(s.latencies) * 1000 if s.latencies else None),
         "overspend": _money(max(0, team.spent - limit)),
         "overspend_any_scope": _money(over_any),

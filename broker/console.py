@@ -466,7 +466,8 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _seconds(text: str) -> float:
+def seconds_argument(text: str) -> float:
+    """argparse type: seconds, more than 0 and at most an hour (a --timeout)."""
     try:
         value = float(text)
     except ValueError:
@@ -486,7 +487,7 @@ def _common_options() -> argparse.ArgumentParser:
                              f"{DEFAULT_TOKEN_ENV})")
     common.add_argument("--json", action="store_true",
                         help="print the broker's answer as Connect JSON instead of a table")
-    common.add_argument("--timeout", metavar="SECONDS", type=_seconds, default=10.0,
+    common.add_argument("--timeout", metavar="SECONDS", type=seconds_argument, default=10.0,
                         help="give up on the broker after this long (default: 10)")
     return common
 

@@ -21,7 +21,7 @@ import os
 import socket
 import sys
 
-from broker.console import http_url
+from broker.console import http_url, seconds_argument
 
 DEFAULT_URL = "http://127.0.0.1:9090"
 URL_ENV = "RAMP_MCP_BROKER_URL"
@@ -80,16 +80,6 @@ def is_loopback(host: str) -> bool:
                                for i in infos)
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 and at most 3600 seconds")
-    return value
-
-
 def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The `mcp` command, added to the `ramp-broker` parser."""
     mcp = sub.add_parser(
@@ -112,7 +102,7 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     mcp.add_argument("--allow-remote", action="store_true",
                      help="allow --listen on a non-loopback address (anyone who reaches it spends "
                           "the agent's budget)")
-    mcp.add_argument("--timeout", metavar="SECONDS", type=_seconds, default=30.0,
+    mcp.add_argument("--timeout", metavar="SECONDS", type=seconds_argument, default=30.0,
                      help="give up on one broker call after this long (default: 30)")
 
 
