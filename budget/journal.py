@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from typing import Any, TextIO
 
 from budget.ids import new_id
 from budget.store import CounterRef, Hold, Line, counter_record
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,15 +71,28 @@ def _hold(d: dict[str, Any]) -> Hold:
                 expire_at_ms=d["expire_at_ms"])
 
 
+# How long a record nobody waits for (durable=False) may stay queued when no write comes to take
+# it along: under load the next purchase's intent carries it out within milliseconds.
+LAZY_FLUSH_S = 0.05
+
+
 class Journal:
     """The journal file. Writes are group-committed: every append or ack made while a write is
     under way goes out in the next one, with a single fsync, and each returns once its own
     record is on disk. What `pending()` shows is updated at once (a record may be in it shortly
     before it is durable: a crash then only means the spend is offered to the store again, or
-    an ack written again)."""
+    an ack written again).
 
-    def __init__(self, path: Path) -> None:
+    `durable=False`: the record is queued behind every record before it and the caller goes on;
+    it reaches the disk with the next write (at most LAZY_FLUSH_S later). Only for records whose
+    loss in a crash is already recovered: a lease spend whose intent is on disk (the intent is
+    rolled forward: the Exchange answers from its dedupe record) and acks (the spend is reported
+    again; the store counts its key once)."""
+
+    def __init__(self, path: Path, lazy_flush_s: float = LAZY_FLUSH_S) -> None:
         self.path = path
+        self._lazy_flush_s = lazy_flush_s
+        self._lazy: asyncio.TimerHandle | None = None
         self._pending: dict[str, JournalEntry] = {}
         self._lines: list[str] = []  # for the next write
         self._truncate = False  # the next write starts the file afresh (everything was acked)
@@ -111,9 +127,10 @@ class Journal:
     async def append(
         self, account: str, idempotency_key: str, holds: tuple[Hold, ...], lines: tuple[Line, ...],
         at_ms: int, intent: bytes = b"", result: bytes = b"", settles: str | None = None,
+        durable: bool = True,
     ) -> JournalEntry:
         """Journal a spend (or, with `intent`, a purchase about to be sent). `settles`: the intent
-        this spend ends, acknowledged in the same write."""
+        this spend ends, acknowledged in the same write. `durable=False`: see the class."""
         entry = JournalEntry(new_id(), account, idempotency_key, holds, lines, at_ms, intent, result)
         record = {"id": entry.id, "account": account, "idempotency_key": idempotency_key,
                   "holds": [_hold_record(h) for h in holds], "lines": [_line_record(ln) for ln in lines],
@@ -123,39 +140,57 @@ class Journal:
         self._pending[entry.id] = entry
         if settles:
             self._pending.pop(settles, None)
-        await self._persist([json.dumps(record, separators=(",", ":"))])
+        await self._persist([json.dumps(record, separators=(",", ":"))], durable)
         return entry
 
-    async def ack(self, *entry_ids: str) -> None:
+    async def ack(self, *entry_ids: str, durable: bool = True) -> None:
         """The entries are recorded elsewhere (or came to nothing): one write for all of them."""
         if not entry_ids:
             return
         for entry_id in entry_ids:
             self._pending.pop(entry_id, None)
-        await self._persist([json.dumps({"ack": e}) for e in entry_ids])
+        await self._persist([json.dumps({"ack": e}) for e in entry_ids], durable)
 
-    async def _persist(self, lines: list[str]) -> None:
+    async def flush(self) -> None:
+        """Every record queued so far is on disk when this returns."""
+        if self._lines or self._truncate or self._writer is not None:
+            await self._persist([], True)
+
+    async def _persist(self, lines: list[str], durable: bool = True) -> None:
         """Queue `lines` (or, with nothing pending any more, a fresh start) for the next write,
-        and wait until it is on disk."""
+        and wait until it is on disk (durable), or have it written soon (not durable)."""
         if self._pending:
             self._lines += lines
         else:
             self._lines, self._truncate = [], True
+        if not durable:
+            if self._writer is None and self._lazy is None:
+                self._lazy = asyncio.get_running_loop().call_later(self._lazy_flush_s, self._start_writer)
+            return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_queued())
+        self._start_writer()
         await waiter
+
+    def _start_writer(self) -> None:
+        if self._lazy is not None:
+            self._lazy.cancel()
+            self._lazy = None
+        if self._writer is None and (self._waiters or self._lines or self._truncate):
+            self._writer = asyncio.create_task(self._write_queued())
 
     async def _write_queued(self) -> None:
         try:
-            while self._waiters:
+            while self._waiters or self._lines or self._truncate:
                 waiters, self._waiters = self._waiters, []
                 lines, truncate = self._lines, self._truncate
                 self._lines, self._truncate = [], False
                 try:
                     await asyncio.to_thread(self._write, lines, truncate)
                 except Exception as exc:  # the disk refused: every caller of this write hears of it
+                    if not waiters:  # only records nobody waits for: a crash would lose them too
+                        log.warning("journal %s: a write failed (%s); its records are recovered as after "
+                                    "a crash", self.path, exc)
                     for w in waiters:
                         if not w.done():
                             w.set_exception(exc)
@@ -185,8 +220,16 @@ class Journal:
             raise
 
     def close(self) -> None:
-        """Close the file between writes (a later write opens it again); a write under way keeps it."""
+        """Close the file between writes (a later write opens it again); a write under way keeps it.
+        Records not yet written (durable=False) are written first."""
         if self._writer is None:
+            if self._lines or self._truncate:
+                if self._lazy is not None:
+                    self._lazy.cancel()
+                    self._lazy = None
+                lines, truncate = self._lines, self._truncate
+                self._lines, self._truncate = [], False
+                self._write(lines, truncate)
             self._close_file()
 
     def _close_file(self) -> None:

@@ -52,6 +52,16 @@ class Snapshot:
     def remaining(self) -> Money:
         return (self.limit - self.spent - self.reserved).clamp_zero()
 
+    def with_forecast(self, rate_per_hour: Money, projected_exhaustion: datetime | None) -> Snapshot:
+        """This reading with its forecast (dataclasses.replace, spelled out: it runs for every
+        budget of every purchase, and replace looks every field up by name)."""
+        return Snapshot(
+            layer=self.layer, scope=self.scope, limit=self.limit, spent=self.spent, reserved=self.reserved,
+            transaction_count=self.transaction_count, as_of=self.as_of, period_start=self.period_start,
+            period_end=self.period_end, period=self.period, failure_policy=self.failure_policy,
+            account=self.account, spend_rate_per_hour=rate_per_hour,
+            projected_exhaustion=projected_exhaustion, mode=self.mode, phase=self.phase)
+
 
 class BudgetExhausted(Exception):
     """A budget cannot cover a cost. Raised before anything reaches the wire."""

@@ -23,7 +23,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
@@ -258,6 +258,20 @@ class PeriodHold:
         return max(1, len(self.part_holds))
 
 
+@dataclass(frozen=True, slots=True)
+class _CachedPlan:
+    """A plan, valid while its limits are the account's current ones and now is in its windows."""
+
+    plan: Plan
+    limits: Limits
+    start: datetime
+    end: datetime
+
+
+_PLAN_CACHE = 10_000  # charges whose plans are kept (the oldest planned goes first)
+_PLAN_WITHOUT_WINDOW = timedelta(seconds=1)  # a plan with no counters: looked at again after this
+
+
 class PeriodLayer:
     def __init__(
         self, store: Store, accounts: Mapping[str, Mapping[str, ScopeRule]], *, clock: Clock,
@@ -295,6 +309,7 @@ class PeriodLayer:
         self.recover: Callable[[str, UnsettledHold], Awaitable[None]] | None = None
         self.recover_local: Callable[[str, bytes], Awaitable[LocalSettlement | None]] | None = None
         self._reclaimed: set[str] = set()  # accounts swept since the start (with reclaim)
+        self._plans: dict[Charge, _CachedPlan] = {}
 
     @property
     def instance(self) -> str:
@@ -410,6 +425,24 @@ class PeriodLayer:
 
     def _plan(self, charge: Charge, limits: Limits) -> Plan:
         at = self._clock.now()
+        if charge.tighten is None:
+            # The same charge under the same limits (the very object: a reload is a new one) plans
+            # the same counters until one of its windows ends. (A tightened charge converts the
+            # agent's cap at today's rates: planned afresh.)
+            cached = self._plans.get(charge)
+            if cached is not None and cached.limits is limits and cached.start <= at < cached.end:
+                return cached.plan
+        plan = self._plan_now(charge, limits, at)
+        if charge.tighten is None:
+            windows = [c.window for c in plan.counters]
+            if charge not in self._plans and len(self._plans) >= _PLAN_CACHE:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[charge] = _CachedPlan(
+                plan, limits, max((w.start for w in windows), default=at),
+                min((w.end for w in windows), default=at + _PLAN_WITHOUT_WINDOW))
+        return plan
+
+    def _plan_now(self, charge: Charge, limits: Limits, at: datetime) -> Plan:
         counters: list[Counter] = []
         for scope in charge.scopes:
             rule = self.rule(charge.account, scope)

@@ -178,3 +178,34 @@ def test_a_burst_is_spread_over_the_half_life() -> None:
     assert snap.spend_rate_per_hour is not None
     expected = Decimal(2).ln() * 3600 / 900
     assert abs(snap.spend_rate_per_hour.amount - expected) < Decimal("0.00001")
+
+
+def test_readings_a_moment_apart_fold_in_as_one_interval() -> None:
+    # At hundreds of purchases a second, readings under 100 ms apart are folded in together: the
+    # rate is the one a single reading covering them gives, and each is still forecast.
+    every, sparse = SpendRates(60), SpendRates(60)
+    for r in (every, sparse):
+        r.observe(reading("0", T0))
+        r.observe(reading("1.00", T0 + timedelta(seconds=60)))
+    for ms, spent in ((30, "1.10"), (60, "1.20"), (90, "1.30")):
+        snap = every.observe(reading(spent, T0 + timedelta(seconds=60, milliseconds=ms)))
+        assert snap.spend_rate_per_hour == usd("30")  # the last folded rate, the numbers of now
+        assert snap.projected_exhaustion is not None
+    last_every = every.observe(reading("1.40", T0 + timedelta(seconds=61)))
+    last_sparse = sparse.observe(reading("1.40", T0 + timedelta(seconds=61)))
+    assert last_every == last_sparse
+    assert last_every.spend_rate_per_hour is not None
+    assert last_every.spend_rate_per_hour > usd("30")
+
+
+def test_a_forecast_keeps_every_other_field_of_the_reading() -> None:
+    """Snapshot.with_forecast spells dataclasses.replace out (it runs for every budget of every
+    purchase): a field added to Snapshot and not copied there would vanish from every answer."""
+    import dataclasses
+
+    values: dict[str, object] = {"Layer": Layer.SESSION, "str": "x", "int": 7, "Money": usd("2"),
+                                 "datetime": T0, "Money | None": usd("3"), "datetime | None": END}
+    snap = Snapshot(**{f.name: values[str(f.type)] for f in dataclasses.fields(Snapshot)})  # type: ignore[arg-type]
+    later = T0 + timedelta(hours=1)
+    assert snap.with_forecast(usd("9"), later) == dataclasses.replace(
+        snap, spend_rate_per_hour=usd("9"), projected_exhaustion=later)

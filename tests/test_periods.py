@@ -139,6 +139,37 @@ async def test_journal_survives_a_restart_and_a_torn_line(tmp_path: Path) -> Non
     assert Journal(path).pending() == []
 
 
+async def test_a_record_nobody_waits_for_goes_out_with_the_next_write_in_its_place(tmp_path: Path) -> None:
+    """durable=False (a lease spend whose intent is on disk, an ack): the caller goes on at once,
+    and the record reaches the disk with the next write, before anything queued after it."""
+    path = tmp_path / "j.jsonl"
+    j = Journal(path, lazy_flush_s=3600)  # only another write takes it out
+    intent = await j.append("acme", "k1", (HOLD,), (), 10, intent=b"i")
+    spend = await j.append("acme", "k1", (HOLD,), (LINE,), 11, settles=intent.id, durable=False)
+    assert [e.id for e in j.pending()] == [spend.id]  # what the broker counts changes at once
+    assert [e.id for e in Journal(path).pending()] == [intent.id]  # a crash now: rolled forward
+    second = await j.append("acme", "k2", (HOLD,), (), 12, intent=b"i")
+    assert [e.id for e in Journal(path).pending()] == [spend.id, second.id]
+    await j.ack(spend.id, durable=False)
+    j.close()  # a clean stop writes what is queued
+    assert [e.id for e in Journal(path).pending()] == [second.id]
+
+
+async def test_a_record_nobody_waits_for_is_written_soon_without_another_write(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    j = Journal(path, lazy_flush_s=0.0)
+    intent = await j.append("acme", "k1", (HOLD,), (), 10, intent=b"i")
+    spend = await j.append("acme", "k1", (HOLD,), (LINE,), 11, settles=intent.id, durable=False)
+    for _ in range(200):  # bounded: the flush is scheduled for the next loop iteration
+        if [e.id for e in Journal(path).pending()] == [spend.id]:
+            break
+        await asyncio.sleep(0.01)
+    assert [e.id for e in Journal(path).pending()] == [spend.id]
+    await j.ack(spend.id, durable=False)
+    await j.flush()
+    assert path.read_text() == ""  # everything acknowledged: truncated
+
+
 def test_ids_never_repeat_in_a_process_nor_across_processes() -> None:
     """Reservation and journal ids are unique without a system call each: a random half per
     process (another broker, or this one after a restart), a counter in the other."""
@@ -277,6 +308,37 @@ async def test_fail_open_allowance_counts_every_item_of_a_journaled_purchase(tmp
             await layer.reserve(charge, plan, usd("2.50"), "k2")
         assert denied.value.reason == "open_allowance_exhausted"
         assert await layer.reserve(charge, plan, usd("2.00"), "k3") is not None
+    finally:
+        await store.close()
+
+
+async def test_a_plan_is_made_again_when_a_window_ends_or_the_limits_change(tmp_path: Path) -> None:
+    """Plans are reused (planning every purchase afresh cost a tenth of a lease purchase), but
+    never past the end of one of their windows, nor under limits an operator has changed."""
+    from budget.clock import ManualClock
+    from budget.period import Charge, PeriodLayer, ScopeRule
+    from currency.convert import NoConverter
+    from currency.money import Money
+
+    usd = Money.parse("100", "USD", "amount")
+    clock = ManualClock(datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC))
+    store = await SqliteStore.open(tmp_path / "b.sqlite3")
+    rule = ScopeRule(limits={"month": (Period.parse("month", "p"), usd),
+                             "day": (Period.parse("day", "p"), usd)})
+    layer = PeriodLayer(store, {"acme": {"user:alice": rule}}, clock=clock, tz=UTC_TZ,
+                        converter=NoConverter(), ttl_s=60, grace_s=0, journal=None)
+    charge = Charge("acme", ("user:alice",))
+    try:
+        first = await layer.plan(charge)
+        assert await layer.plan(Charge("acme", ("user:alice",))) is first
+        assert {c.ref.window for c in first.counters} == {"2026-11", "2026-11-30"}
+        clock.advance(1)  # midnight: a new day and a new month
+        after = await layer.plan(charge)
+        assert {c.ref.window for c in after.counters} == {"2026-12", "2026-12-01"}
+        await layer.set_limit("acme", "user:alice", Period.parse("day", "p"), None)
+        changed = await layer.plan(charge)
+        assert [c.ref.period for c in changed.counters] == ["month"]
+        assert changed.version > after.version
     finally:
         await store.close()
 
