@@ -19,10 +19,36 @@ from ramp.broker.v1 import broker_pb2 as bpb
 Key = tuple[str, str]  # (caller id, idempotency key)
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
+    """A key's purchase: its task while it runs; once it has answered, only the answer.
+
+    The cache holds up to `idempotency_cache_size` keys (100,000 by default). A finished task
+    keeps its coroutine and context alive: a dozen objects per key for the garbage collector to
+    walk, and full collections of 40-90 ms with the loop stopped. An answer is one message."""
+
     fingerprint: str
-    task: asyncio.Task[bpb.TransactResponse]
+    task: asyncio.Task[bpb.TransactResponse] | None
+    answer: bpb.TransactResponse | None = None
+
+    def __post_init__(self) -> None:
+        if self.task is not None:
+            self.task.add_done_callback(self._answered)
+
+    def _answered(self, task: asyncio.Task[bpb.TransactResponse]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self.answer, self.task = task.result(), None  # a failure keeps its task: retries see it
+
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    async def result(self) -> bpb.TransactResponse:
+        """The purchase's answer (or its error), waiting for it if it runs; a caller that stops
+        waiting does not cancel it."""
+        if self.task is None:
+            assert self.answer is not None
+            return self.answer
+        return await asyncio.shield(self.task)
 
 
 class IdempotencyCache:
@@ -43,7 +69,7 @@ class IdempotencyCache:
         self._entries[key] = entry
         while len(self._entries) > self._size:
             oldest_key, oldest = next(iter(self._entries.items()))
-            if not oldest.task.done():
+            if oldest.running():
                 break  # never forget a purchase still in flight
             del self._entries[oldest_key]
 

@@ -169,12 +169,13 @@ class Purchaser:
         if entry is None:
             # The purchase runs in its own task: an agent that hangs up mid-purchase
             # does not cancel money in flight, and its retry joins the same task.
-            entry = Entry(order.fingerprint, asyncio.create_task(self._run(order)))
-            self._running.add(entry.task)
-            entry.task.add_done_callback(self._running.discard)
+            task = asyncio.create_task(self._run(order))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+            entry = Entry(order.fingerprint, task)
             self._idem.add((agent.id, order.key), entry)
         try:
-            answer = await asyncio.shield(entry.task)
+            answer = await entry.result()
         except AfterWire as exc:
             raise exc.__cause__ or exc from None
         except Exception:

@@ -26,6 +26,8 @@ import base64
 import json
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -71,6 +73,12 @@ def _hold(d: dict[str, Any]) -> Hold:
                 expire_at_ms=d["expire_at_ms"])
 
 
+# Writes go out on the event loop itself while they take less than this on average (an fsync on
+# an SSD: a hop to a thread and back cost the broker more CPU than the write, and the purchase
+# waiting on it milliseconds, the thread waiting for the GIL behind the busy loop); on a slower
+# disk they go to a thread, so the loop does not wait on the disk.
+INLINE_BELOW_S = 0.002
+INLINE_RETRY_S = 10.0
 # How long a record nobody waits for (durable=False) may stay queued when no write comes to take
 # it along: under load the next purchase's intent carries it out within milliseconds.
 LAZY_FLUSH_S = 0.05
@@ -89,10 +97,15 @@ class Journal:
     rolled forward: the Exchange answers from its dedupe record) and acks (the spend is reported
     again; the store counts its key once)."""
 
-    def __init__(self, path: Path, lazy_flush_s: float = LAZY_FLUSH_S) -> None:
+    def __init__(
+        self, path: Path, lazy_flush_s: float = LAZY_FLUSH_S, monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = path
+        self._monotonic = monotonic
         self._lazy_flush_s = lazy_flush_s
         self._lazy: asyncio.TimerHandle | None = None
+        self._write_s = 0.0  # how long a write on the loop takes (with its fsync): see _timed
+        self._inline_again_at = 0.0  # monotonic: while writes are slow, when to try the loop again
         self._pending: dict[str, JournalEntry] = {}
         self._lines: list[str] = []  # for the next write
         self._truncate = False  # the next write starts the file afresh (everything was acked)
@@ -186,7 +199,14 @@ class Journal:
                 lines, truncate = self._lines, self._truncate
                 self._lines, self._truncate = [], False
                 try:
-                    await asyncio.to_thread(self._write, lines, truncate)
+                    if self._write_s < INLINE_BELOW_S or self._monotonic() >= self._inline_again_at:
+                        started = time.perf_counter()
+                        try:
+                            self._write(lines, truncate)
+                        finally:
+                            self._timed(time.perf_counter() - started)
+                    else:
+                        await asyncio.to_thread(self._write, lines, truncate)
                 except Exception as exc:  # the disk refused: every caller of this write hears of it
                     if not waiters:  # only records nobody waits for: a crash would lose them too
                         log.warning("journal %s: a write failed (%s); its records are recovered as after "
@@ -204,6 +224,18 @@ class Journal:
                             w.set_result(None)
         finally:
             self._writer = None
+
+    def _timed(self, took: float) -> None:
+        """A write on the loop took `took` seconds: into the moving average; while that is slow,
+        writes go to a thread, and one is tried on the loop again every INLINE_RETRY_S. (Only
+        writes on the loop are timed: on a thread, the time includes waiting for the GIL behind
+        the loop.)"""
+        if self._write_s >= INLINE_BELOW_S:
+            self._write_s = took  # a try after a spell on the thread starts afresh
+        else:
+            self._write_s += (took - self._write_s) / 8
+        if self._write_s >= INLINE_BELOW_S:
+            self._inline_again_at = self._monotonic() + INLINE_RETRY_S
 
     def _write(self, lines: list[str], truncate: bool) -> None:
         if self._file is None or truncate:

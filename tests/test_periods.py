@@ -170,6 +170,43 @@ async def test_a_record_nobody_waits_for_is_written_soon_without_another_write(t
     assert path.read_text() == ""  # everything acknowledged: truncated
 
 
+async def test_journal_writes_go_to_a_thread_while_the_disk_is_slow_and_come_back(tmp_path: Path) -> None:
+    """On a fast disk a write (and its fsync) runs on the loop: a thread hop cost more. Once writes
+    are slow they go to a thread, so the loop does not wait on the disk; the loop is tried again
+    after INLINE_RETRY_S."""
+    import threading
+    import time
+
+    from budget import journal as journal_module
+
+    now = [0.0]
+    j = Journal(tmp_path / "j.jsonl", monotonic=lambda: now[0])
+    where: list[bool] = []  # each write: on the loop's thread?
+    slow = [False]
+    write = j._write
+
+    def observed(lines: list[str], truncate: bool) -> None:
+        where.append(threading.current_thread() is threading.main_thread())
+        if slow[0]:
+            time.sleep(journal_module.INLINE_BELOW_S * 10)  # a disk that stalls
+        write(lines, truncate)
+
+    j._write = observed  # type: ignore[method-assign]
+    await j.append("acme", "k1", (HOLD,), (), 1, intent=b"i")
+    slow[0] = True
+    await j.append("acme", "k2", (HOLD,), (), 2, intent=b"i")  # on the loop, and slow
+    await j.append("acme", "k3", (HOLD,), (), 3, intent=b"i")
+    await j.append("acme", "k4", (HOLD,), (), 4, intent=b"i")
+    assert where == [True, True, False, False]
+    slow[0] = False
+    now[0] += journal_module.INLINE_RETRY_S
+    await j.append("acme", "k5", (HOLD,), (), 5, intent=b"i")  # tried on the loop: fast again
+    await j.append("acme", "k6", (HOLD,), (), 6, intent=b"i")
+    assert where[4:] == [True, True]
+    assert [e.idempotency_key for e in Journal(tmp_path / "j.jsonl").pending()] == [
+        f"k{i}" for i in range(1, 7)]
+
+
 def test_ids_never_repeat_in_a_process_nor_across_processes() -> None:
     """Reservation and journal ids are unique without a system call each: a random half per
     process (another broker, or this one after a restart), a counter in the other."""
