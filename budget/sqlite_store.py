@@ -1,9 +1,12 @@
 """The embedded budget store: one SQLite file shared by the broker processes of one host.
 
-Every operation is one transaction, run from BEGIN to COMMIT as a single plain function on the
-store's own worker thread. Nothing awaits inside a transaction, so a caller cancelled by its
-timeout can never leave a transaction (and with it the file's write lock) open: the function
-finishes, committing or rolling back, and the next operation queues behind it.
+Every operation is a single plain function run inside a transaction on the store's own worker
+thread. Nothing awaits inside a transaction, so a caller cancelled by its timeout can never leave
+a transaction (and with it the file's write lock) open: the function finishes, committing or
+rolling back, and the next operation queues behind it. Write operations are group-committed:
+those queued while a transaction runs go together in the next one, each in its own savepoint
+(one that fails is rolled back alone), with one COMMIT, so one fsync, for all of them; each
+caller hears its outcome once that COMMIT is done.
 
 Writes start with BEGIN IMMEDIATE, which takes the file's single write lock before reading, so
 check-then-hold is atomic across processes. Reads use a deferred BEGIN: in WAL mode that is a
@@ -557,6 +560,13 @@ def _ledger_entry(row: Sequence[Any]) -> LedgerEntry:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """A write operation of a group commit that raised: its error, for its caller alone."""
+
+    error: Exception
+
+
 class SqliteStore:
     """budget.store.Store on one SQLite file. Open with `await SqliteStore.open(path)`."""
 
@@ -566,6 +576,9 @@ class SqliteStore:
         # One worker: the connection lives on it, and it runs transactions one after another.
         self._executor = executor
         self._closed = False
+        # Write operations waiting for the next group commit, and the task that runs them.
+        self._writes: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._drain: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, path: Path, *, timeout_ms: int = 1000) -> SqliteStore:
@@ -601,12 +614,83 @@ class SqliteStore:
             raise
         return out
 
+    def _group(self, fns: Sequence[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+        """Group commit: write operations queued together run in one transaction, each inside its
+        own savepoint (one that raises is rolled back alone: the others stand), with one COMMIT
+        and so one fsync for all. Each one's outcome (or _Failed) is known only after the COMMIT.
+        If the transaction itself fails, nothing of it was written and every operation fails."""
+        if len(fns) == 1:
+            try:
+                return [self._transaction(fns[0], True)]
+            except Exception as exc:
+                return [_Failed(exc)]
+        conn = self._conn
+        outcomes: list[Any] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn in fns:
+                conn.execute("SAVEPOINT op")
+                try:
+                    outcomes.append(fn(conn))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    outcomes.append(_Failed(exc))
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if not isinstance(exc, Exception):
+                raise
+            return [_Failed(exc)] * len(fns)
+        return outcomes
+
+    async def _drain_writes(self) -> None:
+        """Run the queued write operations, a group commit at a time, until none is left: those
+        queued while one runs go together in the next (on a busy broker, one fsync for many
+        purchases instead of one each: the store's ceiling was one fsync per operation)."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._writes:
+                batch = [(fn, done) for fn, done in self._writes if not done.done()]  # gone: skipped
+                self._writes = []
+                if not batch:
+                    continue
+                fns = [fn for fn, _ in batch]
+                try:
+                    outcomes = await loop.run_in_executor(self._executor, self._group, fns)
+                except BaseException as exc:
+                    for _, done in batch:
+                        if done.done():
+                            continue
+                        if isinstance(exc, asyncio.CancelledError):
+                            done.cancel()
+                        else:
+                            done.set_exception(exc)
+                    raise
+                for (_, done), outcome in zip(batch, outcomes, strict=True):
+                    if done.done():
+                        continue  # its caller stopped waiting (the operation stands, as before)
+                    if isinstance(outcome, _Failed):
+                        done.set_exception(outcome.error)
+                    else:
+                        done.set_result(outcome)
+        finally:
+            self._drain = None
+
     async def _run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
         if self._closed:
             raise StoreUnavailable(f"budget store {self.path} is closed")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self._transaction, fn, write)
+            if not write:
+                return await loop.run_in_executor(self._executor, self._transaction, fn, write)
+            done: asyncio.Future[T] = loop.create_future()
+            self._writes.append((fn, done))
+            if self._drain is None:
+                self._drain = asyncio.create_task(self._drain_writes())
+            return await done
         except sqlite3.Error as e:
             if _unavailable(e):
                 raise StoreUnavailable(f"budget store {self.path}: {e}") from e
@@ -1134,6 +1218,9 @@ class SqliteStore:
             return
         self._closed = True
         # Queued behind any transaction still running, so those finish first.
+        if self._drain is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._drain)
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
         finally:

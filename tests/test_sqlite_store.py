@@ -11,8 +11,9 @@ import sqlite3
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -581,3 +582,65 @@ async def test_an_old_file_is_migrated_and_keeps_its_data(db: Path, old_version:
         await s.close()
     with contextlib.closing(sqlite3.connect(db)) as raw:
         assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+# --- group commit -----------------------------------------------------------------------------------
+
+
+async def test_writes_queued_together_share_one_commit_and_fail_alone(store: SqliteStore, db: Path) -> None:
+    """Write operations queued while one runs go out in one transaction (one fsync), each in its
+    own savepoint: one that raises is rolled back alone, the others are written, and each caller
+    hears only its own outcome."""
+    groups: list[int] = []
+    group = store._group
+
+    def counted(fns: Sequence[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+        groups.append(len(fns))
+        return group(fns)
+
+    store._group = counted  # type: ignore[method-assign]
+
+    def broken(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO blobs (name, data, expires_ms) VALUES ('half-done', x'00', 9)")
+        raise ValueError("a bug half-way through an operation")
+
+    results = await asyncio.gather(
+        *(store.reserve(ACCOUNT, holds(10), ttl_ms=60_000, idempotency_key=f"k{i}", now_ms=1,
+                        limits_version=0) for i in range(3)),
+        store._run(broken, write=True),
+        *(store.reserve(ACCOUNT, holds(10), ttl_ms=60_000, idempotency_key=f"k{i}", now_ms=1,
+                        limits_version=0) for i in range(3, 6)),
+        return_exceptions=True)
+    assert sum(groups) == 6 + 1
+    assert len(groups) < 7  # shared commits
+    assert isinstance(results[3], ValueError)
+    assert all(isinstance(r, Reserved) for r in results[:3] + results[4:]), results
+    assert await store.read(ACCOUNT, [USER]) == [CounterState(reserved=60)]
+    assert await store.get_blob("half-done", now_ms=0) is None  # rolled back with its operation
+    # Nothing of it was lost when the file is opened afresh.
+    again = await SqliteStore.open(db)
+    try:
+        assert await again.read(ACCOUNT, [USER]) == [CounterState(reserved=60)]
+    finally:
+        await again.close()
+
+
+async def test_a_group_commit_that_cannot_be_written_fails_every_write_in_it(db: Path) -> None:
+    """Another process holds the file's write lock past the busy timeout: every write queued
+    together fails (StoreUnavailable), nothing of them is written, and the next ones go through."""
+    store = await SqliteStore.open(db, timeout_ms=50)
+    other = sqlite3.connect(db, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        results = await asyncio.gather(*(
+            store.reserve(ACCOUNT, holds(10), ttl_ms=60_000, idempotency_key=f"k{i}", now_ms=1,
+                          limits_version=0) for i in range(4)), return_exceptions=True)
+        assert all(isinstance(r, StoreUnavailable) for r in results), results
+        other.execute("ROLLBACK")
+        assert await store.read(ACCOUNT, [USER]) == [CounterState()]
+        again = await store.reserve(ACCOUNT, holds(10), ttl_ms=60_000, idempotency_key="k0", now_ms=1,
+                                    limits_version=0)
+        assert isinstance(again, Reserved)
+    finally:
+        other.close()
+        await store.close()
