@@ -18,6 +18,9 @@ short warm-up that is not counted:
   * Connect protobuf: the generated ``BrokerServiceClient`` over pyqwest;
   * gRPC: the generated grpcio stub over one ``grpc.aio`` channel.
 
+The Connect protobuf rows (the plain broker, and with the period layer) run in --rounds
+interleaved rounds, pooled per row, so that their ratios do not hang on one noisy phase.
+
 Every purchase buys one flat-priced item with its own idempotency key; each
 worker uses its own session (created on first use with the broker's default
 limit, which is set far above anything the run can spend). A purchase counts as
@@ -341,6 +344,19 @@ class PhaseResult:
     def percentile_ms(self, p: int) -> float | None:
         return quantile_ms(self.latencies, p)
 
+    def pooled(self, other: PhaseResult) -> PhaseResult:
+        """This round and another of the same row as one measurement: requests, errors and time
+        added up, latencies together, CPU per process weighted by each round's time."""
+        elapsed = self.elapsed + other.elapsed
+        cpu: dict[str, float | None] = {}
+        for who in self.cpu.keys() | other.cpu.keys():
+            a, b = self.cpu.get(who), other.cpu.get(who)
+            cpu[who] = None if a is None or b is None or not elapsed else (
+                (a * self.elapsed + b * other.elapsed) / elapsed)
+        return PhaseResult(self.name, self.concurrency, elapsed, self.latencies + other.latencies,
+                           self.errors + other.errors, self.warmup_ok + other.warmup_ok,
+                           self.warmup_errors + other.warmup_errors, cpu, self.baseline)
+
 
 MACHINE = -1  # pseudo-pid: every process on the machine (busy time of all CPUs)
 
@@ -411,19 +427,24 @@ class Settings:
     pids: dict[str, int | None] = field(default_factory=dict)
     # With --profile: py-spy samples the loaded broker during each measured purchase phase.
     profile_dir: Path | None = None
+    rounds: int = 1  # of the Connect protobuf rows, interleaved and pooled
 
 
 async def measure(
-    name: str, make_call: Callable[[str], Call], s: Settings, *, baseline: bool = False
+    name: str, make_call: Callable[[str], Call], s: Settings, *, baseline: bool = False, round_: int = 0,
 ) -> PhaseResult:
-    """A warm-up (not counted), then the measured phase; keys never repeat across the two."""
-    print(f"  {name}: warm-up ...", file=sys.stderr, flush=True)
-    warm = await run_phase(name, make_call("warm"), s.concurrency, s.warmup_seconds,
-                           s.warmup_requests)
-    print(f"  {name}: measuring (warm-up: {warm.ok} ok, {warm.error_count} errors) ...",
-          file=sys.stderr, flush=True)
-    with profiled(name, s.pids.get("broker"), None if baseline else s.profile_dir):
-        result = await run_phase(name, make_call("run"), s.concurrency, s.seconds, s.max_requests,
+    """A warm-up (not counted; the first round only), then the measured phase; keys never repeat
+    across the two, nor across rounds."""
+    warm = PhaseResult(name, s.concurrency, 0.0)
+    if round_ == 0:
+        print(f"  {name}: warm-up ...", file=sys.stderr, flush=True)
+        warm = await run_phase(name, make_call("warm"), s.concurrency, s.warmup_seconds,
+                               s.warmup_requests)
+    print(f"  {name}: measuring{f' (round {round_ + 1})' if round_ else ''} (warm-up: {warm.ok} ok, "
+          f"{warm.error_count} errors) ...", file=sys.stderr, flush=True)
+    # py-spy samples the first round (a later one would overwrite its file).
+    with profiled(name, s.pids.get("broker"), None if baseline or round_ else s.profile_dir):
+        result = await run_phase(name, make_call(f"run{round_}"), s.concurrency, s.seconds, s.max_requests,
                                  s.pids)
     result.warmup_ok, result.warmup_errors = warm.ok, warm.errors
     result.baseline = baseline
@@ -564,15 +585,22 @@ async def run_all(servers: Servers, s: Settings) -> list[PhaseResult]:
     finally:
         await transport.aclose()
 
-    for who, child in servers.brokers.items():
-        label = CONNECT_PROTO if who == PLAIN else f"{CONNECT_PROTO}, {ROW_LABELS[who]}"
-        async with connect_client(child.url) as client:
-            def connect_proto(tag: str, client: BrokerServiceClient = client, who: str = who) -> Call:
-                async def call(w: int, seq: int) -> None:
-                    _check(await client.transact(_request(run_id, f"{who}-{tag}", w, seq), headers=auth))
-                return call
+    # The plain broker and each period-layer broker over Connect protobuf, in interleaved rounds
+    # (plain, embedded, strict, lease, plain, ...) pooled per row: a ratio between rows is not at
+    # the mercy of whatever else the machine did during one of them.
+    pooled: dict[str, PhaseResult] = {}
+    for round_ in range(s.rounds):
+        for who, child in servers.brokers.items():
+            label = CONNECT_PROTO if who == PLAIN else f"{CONNECT_PROTO}, {ROW_LABELS[who]}"
+            async with connect_client(child.url) as client:
+                def connect_proto(tag: str, client: BrokerServiceClient = client, who: str = who) -> Call:
+                    async def call(w: int, seq: int) -> None:
+                        _check(await client.transact(_request(run_id, f"{who}-{tag}", w, seq), headers=auth))
+                    return call
 
-            results.append(await measure(label, connect_proto, loading(who)))
+                result = await measure(label, connect_proto, loading(who), round_=round_)
+                pooled[label] = pooled[label].pooled(result) if label in pooled else result
+    results.extend(pooled.values())
 
     # gRPC: the generated grpcio stub over one grpc.aio channel (HTTP/2).
     broker_port = int(broker_url.rsplit(":", 1)[1])
@@ -790,13 +818,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="the brokers' quotes.reuse off: every purchase discovers first")
     parser.add_argument("--skip-period", action="store_true",
                         help="only the plain broker (no redis-server, no period-layer rows)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of the Connect protobuf rows (plain and period layer), interleaved and "
+                             "pooled per row (default 3; each round --seconds per row)")
     args = parser.parse_args(argv)
-    if args.seconds <= 0 or args.concurrency < 1 or args.requests < 1:
-        parser.error("--seconds must be positive, --concurrency and --requests at least 1")
+    if args.seconds <= 0 or args.concurrency < 1 or args.requests < 1 or args.rounds < 1:
+        parser.error("--seconds must be positive, --concurrency, --requests and --rounds at least 1")
     s = Settings(
         seconds=args.seconds, concurrency=args.concurrency, max_requests=args.requests,
         warmup_seconds=min(1.0, args.seconds / 5),
         warmup_requests=min(args.requests, 10 * args.concurrency), profile_dir=args.profile,
+        rounds=args.rounds,
     )
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
