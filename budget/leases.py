@@ -337,8 +337,9 @@ class LeaseBook:
     async def release_journaled(self, hold: LeaseHold) -> None:
         self.release(hold)
         if hold.intent_id is not None and self._journal is not None:
-            # The Exchanges charged nothing. Lost in a crash, the intent is rolled forward to nothing.
-            await self._journal.ack(hold.intent_id, durable=False)
+            # The Exchanges charged nothing. On disk before the answer (a rare path): an intent left
+            # pending would be re-sent at a restart, and an Exchange may then execute it.
+            await self._journal.ack(hold.intent_id)
             self._live.discard(hold.intent_id)
 
     def hand_over(self, hold: LeaseHold, key: str) -> None:
