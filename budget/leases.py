@@ -568,8 +568,11 @@ class LeaseBook:
             with contextlib.suppress(StoreUnavailable):
                 await self.refresh(name)
         if self._journal is not None:
-            await self._journal.flush()
-            self._journal.close()
+            try:
+                await self._journal.flush()
+                self._journal.close()
+            except OSError as exc:  # what it held is recovered at the next start, as after a crash
+                log.warning("lease journal: the last records could not be written at shutdown (%s)", exc)
 
     # --- reading ---------------------------------------------------------------------------
 

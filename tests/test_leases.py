@@ -23,8 +23,9 @@ import pytest
 from broker.app import build_broker, open_store
 from broker.config import BrokerConfig, StoreSetting
 from budget.clock import ManualClock
+from budget.journal import Journal
 from budget.layers import BudgetExhausted, Layer, Snapshot
-from budget.leases import TIERS, Phase, Rate, lease_size, phase_of
+from budget.leases import TIERS, LeaseBook, Phase, Rate, lease_size, phase_of
 from budget.pacing import Pacer
 from budget.store import Hold, Store, StoreUnavailable
 from currency.money import Money
@@ -529,3 +530,22 @@ async def test_a_paced_refusal_says_when_to_retry(ex: Exchange, tmp_path: Path) 
         assert d.reason == "budget_paced"
         assert d.retry_at.ToDatetime(tzinfo=UTC) > clock.now()
         assert "paced to last until" in d.next_action
+
+
+async def test_a_journal_that_cannot_be_written_at_shutdown_does_not_stop_the_shutdown(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Records still queued at a clean stop are flushed; a disk that refuses them then is logged
+    (they are recovered at the next start, as after a crash), and the stop goes on."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    journal = Journal(blocked / "leases.jsonl", lazy_flush_s=3600)
+    async with opened(tmp_path) as store:
+        async def no_identity(account: str) -> None:
+            return None
+
+        book = LeaseBook(store, clock=ManualClock(), broker="b1", journal=journal, identity=no_identity,
+                         floor=lambda account, counter: 0)
+        await journal.ack("an-entry", durable=False)  # queued, not written
+        await book.close()
+    assert "could not be written at shutdown" in caplog.text
