@@ -660,15 +660,15 @@ class SqliteStore:
                 fns = [fn for fn, _ in batch]
                 try:
                     outcomes = await loop.run_in_executor(self._executor, self._group, fns)
-                except BaseException as exc:
+                except asyncio.CancelledError:
                     for _, done in batch:
-                        if done.done():
-                            continue
-                        if isinstance(exc, asyncio.CancelledError):
-                            done.cancel()
-                        else:
-                            done.set_exception(exc)
+                        done.cancel()
                     raise
+                except Exception as exc:  # not run at all (the worker is gone): all hear it
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(StoreUnavailable(f"budget store {self.path}: {exc}"))
+                    continue  # and the writes queued meanwhile are tried (and told) too
                 for (_, done), outcome in zip(batch, outcomes, strict=True):
                     if done.done():
                         continue  # its caller stopped waiting (the operation stands, as before)

@@ -644,3 +644,15 @@ async def test_a_group_commit_that_cannot_be_written_fails_every_write_in_it(db:
     finally:
         other.close()
         await store.close()
+
+
+async def test_writes_queued_when_the_worker_is_gone_are_told_not_left_waiting(db: Path) -> None:
+    store = await SqliteStore.open(db)
+    try:
+        store._executor.shutdown()  # the worker thread is gone (as at the end of a close)
+        results = await asyncio.wait_for(asyncio.gather(*(
+            store.reserve(ACCOUNT, holds(10), ttl_ms=60_000, idempotency_key=f"k{i}", now_ms=1,
+                          limits_version=0) for i in range(3)), return_exceptions=True), 5)
+        assert all(isinstance(r, StoreUnavailable) for r in results), results
+    finally:
+        store._closed = True  # nothing left to close on the worker
