@@ -141,10 +141,18 @@ def _child_env(state: Path | None = None) -> dict[str, str]:
     return env
 
 
-def broker_ports() -> dict[str, Any]:
-    """The config settings of everything a broker listens on, each on its own free loopback port:
-    `listen` and `metrics.listen` (never the shared default 9091, so brokers can run side by side)."""
-    return {"listen": f"127.0.0.1:{free_port()}", "metrics": {"listen": f"127.0.0.1:{free_port()}"}}
+def bench_broker(exchange_port: int) -> dict[str, Any]:
+    """What every bench broker's config has: everything it listens on, each on its own free loopback
+    port (`listen` and `metrics.listen`: never the shared default 9091, so brokers can run side by
+    side); the bench Exchange; sessions far above anything a run spends; a short shutdown grace."""
+    return {
+        "listen": f"127.0.0.1:{free_port()}", "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        "default_currency": "USD",
+        "exchanges": [{"name": EXCHANGE_NAME, "endpoint": f"http://127.0.0.1:{exchange_port}",
+                       "trust": 80, "priority": 10}],
+        "session": {"default_limit": {"amount": HUGE, "currency": "USD"}},
+        "shutdown_grace_seconds": 2,
+    }
 
 
 def listen_port(config: dict[str, Any]) -> int:
@@ -219,12 +227,7 @@ def broker_config(workdir: Path, xport: int, name: str, store: dict[str, Any] | 
     digest = hashlib.sha256(AGENT_KEY.encode()).hexdigest()
     agent: dict[str, Any] = {"id": "bench-agent", "key_sha256": digest, "account": BROKER_ACCOUNT}
     config: dict[str, Any] = {
-        **broker_ports(),
-        "default_currency": "USD",
-        "exchanges": [{"name": EXCHANGE_NAME, "endpoint": f"http://127.0.0.1:{xport}",
-                       "trust": 80, "priority": 10}],
-        "session": {"default_limit": {"amount": HUGE, "currency": "USD"}},
-        "shutdown_grace_seconds": 2,
+        **bench_broker(xport),
         "agents": [{**agent, "charged_to": list(SCOPES)} if store is not None else agent],
         "event_loop": event_loop,
         "quotes": {"reuse": quote_reuse},

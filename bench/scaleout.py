@@ -127,7 +127,6 @@ from bench.budget import (
     run_open_loop,
 )
 from bench.purchases import (
-    EXCHANGE_NAME,
     HUGE,
     ITEM_PRICE,
     MACHINE,
@@ -142,8 +141,8 @@ from bench.purchases import (
     _start,
     _table,
     _wait_healthy,
+    bench_broker,
     bench_catalog,
-    broker_ports,
     cpu_seconds,
     exchange_charges,
     free_port,
@@ -240,15 +239,7 @@ def broker_config(
         {"id": "scaleout-agent", "key_sha256": _key_sha(AGENT_KEY), "account": account,
          **({"charged_to": list(scopes_of(o))} if mode else {})},
     ]
-    config: dict[str, Any] = {
-        **broker_ports(),
-        "default_currency": "USD",
-        "exchanges": [{"name": EXCHANGE_NAME, "endpoint": f"http://127.0.0.1:{exchange_port}",
-                       "trust": 80, "priority": 10}],
-        "session": {"default_limit": {"amount": HUGE, "currency": "USD"}},
-        "shutdown_grace_seconds": 2,
-        "agents": agents,
-    }
+    config: dict[str, Any] = {**bench_broker(exchange_port), "agents": agents}
     if mode:
         leases: dict[str, Any] = {"refresh_seconds": o.refresh_seconds,
                                   "journal_path": str(directory / "leases.jsonl")}
