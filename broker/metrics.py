@@ -135,8 +135,9 @@ class Metrics:
         """One observation per layer: its budget closest to its limit."""
         worst: dict[Layer, float] = {}
         for s in snaps:
-            limit = s.limit.units()
-            ratio = 1.0 if limit <= 0 else float((s.spent + s.reserved).units() / limit)
+            limit = s.limit.amount
+            # A ratio for a histogram, not an amount: Decimal straight to float.
+            ratio = 1.0 if limit <= 0 else float((s.spent.amount + s.reserved.amount) / limit)
             worst[s.layer] = max(ratio, worst.get(s.layer, 0.0))
         for layer, ratio in worst.items():
             self.utilization.labels(layer.value).observe(ratio)

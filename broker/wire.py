@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -35,20 +36,23 @@ def timestamp(when: datetime) -> Timestamp:
     return Timestamp(seconds=seconds, nanos=rest * 1000)
 
 
+@lru_cache(maxsize=1024)
+def _window_timestamp(when: datetime) -> Timestamp:
+    """A window's start or end: the same few in every answer. Shared: passed to a message's
+    constructor, which copies it."""
+    return timestamp(when)
+
+
 def budget_state(snap: Snapshot) -> bpb.BudgetState:
-    state = bpb.BudgetState(
+    return bpb.BudgetState(
         layer=LAYERS[snap.layer], scope=snap.scope, limit=cost(snap.limit),
         spent=cost(snap.spent), reserved=cost(snap.reserved), remaining=cost(snap.remaining),
         mode=MODES.get(snap.mode, bpb.ENFORCEMENT_MODE_STRICT), transaction_count=snap.transaction_count,
         as_of=timestamp(snap.as_of), period=snap.period, failure_policy=snap.failure_policy,
         phase=snap.phase,
+        period_start=None if snap.period_start is None else _window_timestamp(snap.period_start),
+        period_end=None if snap.period_end is None else _window_timestamp(snap.period_end),
+        projected_exhaustion=(None if snap.projected_exhaustion is None
+                              else timestamp(snap.projected_exhaustion)),
+        spend_rate_per_hour=None if snap.spend_rate_per_hour is None else cost(snap.spend_rate_per_hour),
     )
-    if snap.period_start is not None:
-        state.period_start.CopyFrom(timestamp(snap.period_start))
-    if snap.period_end is not None:
-        state.period_end.CopyFrom(timestamp(snap.period_end))
-    if snap.projected_exhaustion is not None:
-        state.projected_exhaustion.CopyFrom(timestamp(snap.projected_exhaustion))
-    if snap.spend_rate_per_hour is not None:
-        state.spend_rate_per_hour.CopyFrom(cost(snap.spend_rate_per_hour))
-    return state

@@ -14,10 +14,10 @@ The store keeps an intent as opaque bytes; this module owns their format.
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from budget import jsonl
 from budget.store import CounterRef, Hold, counter_record
 from currency.money import Money
 
@@ -64,12 +64,12 @@ class Intent:
                                  for i in p.items]}
                       for p in self.parts],
         }
-        return json.dumps(doc, separators=(",", ":")).encode()
+        return jsonl.dumps(doc)
 
     @classmethod
     def decode(cls, data: bytes) -> Intent:
         try:
-            doc: dict[str, Any] = json.loads(data)
+            doc: dict[str, Any] = jsonl.loads(data)
             if doc.get("v") != 1:
                 raise IntentError(f"intent version {doc.get('v')!r} is not one this broker reads")
             currency = doc["currency"]

@@ -30,8 +30,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
+from budget import jsonl
 from budget.ids import new_id
 from budget.store import CounterRef, Hold, Line, counter_record
 
@@ -107,19 +108,19 @@ class Journal:
         self._write_s = 0.0  # how long a write on the loop takes (with its fsync): see _timed
         self._inline_again_at = 0.0  # monotonic: while writes are slow, when to try the loop again
         self._pending: dict[str, JournalEntry] = {}
-        self._lines: list[str] = []  # for the next write
+        self._lines: list[bytes] = []  # for the next write
         self._truncate = False  # the next write starts the file afresh (everything was acked)
         self._waiters: list[asyncio.Future[None]] = []
         self._writer: asyncio.Task[None] | None = None
-        self._file: TextIO | None = None  # kept open between writes (only the writer task uses it)
+        self._file: BinaryIO | None = None  # kept open between writes (only the writer task uses it)
         self._load()
 
     def _load(self) -> None:
         if not self.path.exists():
             return
-        for raw in self.path.read_text(encoding="utf-8").splitlines():
+        for raw in self.path.read_bytes().splitlines():
             try:
-                d = json.loads(raw)
+                d = jsonl.loads(raw)
             except json.JSONDecodeError:
                 continue  # a torn last line from a crash mid-write: that spend was never answered
             if "ack" in d:
@@ -153,7 +154,7 @@ class Journal:
         self._pending[entry.id] = entry
         if settles:
             self._pending.pop(settles, None)
-        await self._persist([json.dumps(record, separators=(",", ":"))], durable)
+        await self._persist([jsonl.dumps(record)], durable)
         return entry
 
     async def ack(self, *entry_ids: str, durable: bool = True) -> None:
@@ -162,14 +163,14 @@ class Journal:
             return
         for entry_id in entry_ids:
             self._pending.pop(entry_id, None)
-        await self._persist([json.dumps({"ack": e}) for e in entry_ids], durable)
+        await self._persist([jsonl.dumps({"ack": e}) for e in entry_ids], durable)
 
     async def flush(self) -> None:
         """Every record queued so far is on disk when this returns."""
         if self._lines or self._truncate or self._writer is not None:
             await self._persist([], True)
 
-    async def _persist(self, lines: list[str], durable: bool = True) -> None:
+    async def _persist(self, lines: list[bytes], durable: bool = True) -> None:
         """Queue `lines` (or, with nothing pending any more, a fresh start) for the next write,
         and wait until it is on disk (durable), or have it written soon (not durable)."""
         if self._pending:
@@ -237,14 +238,14 @@ class Journal:
         if self._write_s >= INLINE_BELOW_S:
             self._inline_again_at = self._monotonic() + INLINE_RETRY_S
 
-    def _write(self, lines: list[str], truncate: bool) -> None:
+    def _write(self, lines: list[bytes], truncate: bool) -> None:
         if self._file is None or truncate:
             self._close_file()
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("w" if truncate else "a", encoding="utf-8")
+            self._file = self.path.open("wb" if truncate else "ab")
         f = self._file
         try:
-            f.write("".join(line + "\n" for line in lines))
+            f.write(b"".join(line + b"\n" for line in lines))
             f.flush()
             os.fsync(f.fileno())
         except BaseException:

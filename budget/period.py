@@ -504,7 +504,7 @@ class PeriodLayer:
         cur = c.ref.currency
         return Snapshot(
             account=account, layer=Layer.PERIOD, scope=c.ref.scope,
-            limit=c.limit + Money.from_units(s.credit, cur),
+            limit=c.limit if s.credit == 0 else c.limit + Money.from_units(s.credit, cur),
             spent=Money.from_units(s.spent, cur), reserved=Money.from_units(s.reserved, cur),
             transaction_count=s.count, as_of=self._clock.now(), period_start=c.window.start,
             period_end=c.window.end, period=c.ref.period, failure_policy=c.failure,
@@ -992,13 +992,17 @@ class PeriodLayer:
         return self._lines(entry.holds, items), answer
 
     def _lines(self, holds: Sequence[Hold], items: Sequence[ItemSpend]) -> tuple[Line, ...]:
-        """Each item's share on each hold's counter (see _split)."""
+        """Each item's share on each hold's counter (see _split: once per currency, as a purchase's
+        counters mostly share one)."""
+        splits: dict[str, list[int]] = {}
+        for h in holds:
+            if items and h.counter.currency not in splits:
+                splits[h.counter.currency] = self._split(items, h.counter.currency)
         return tuple(
             Line(i, amount, item.original.text(), item.original.currency, item.exchange,
                  item.offer_id, item.uri)
             for i, h in enumerate(holds)
-            for item, amount in zip(items, self._split(items, h.counter.currency) if items else [],
-                                    strict=True)
+            for item, amount in zip(items, splits.get(h.counter.currency, []), strict=True)
         )
 
     def settling(self, account: str, hold: UnsettledHold) -> tuple[Intent, PeriodHold]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import string
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
@@ -185,7 +186,7 @@ async def test_journal_writes_go_to_a_thread_while_the_disk_is_slow_and_come_bac
     slow = [False]
     write = j._write
 
-    def observed(lines: list[str], truncate: bool) -> None:
+    def observed(lines: list[bytes], truncate: bool) -> None:
         where.append(threading.current_thread() is threading.main_thread())
         if slow[0]:
             time.sleep(journal_module.INLINE_BELOW_S * 10)  # a disk that stalls
@@ -222,6 +223,32 @@ def test_ids_never_repeat_in_a_process_nor_across_processes() -> None:
     assert other not in set(ours)
 
 
+async def test_journal_records_orjson_cannot_write_are_written_and_read_back(tmp_path: Path) -> None:
+    """Records go out through orjson (budget.jsonl), which refuses integers beyond 64 bits and lone
+    surrogates: those are written by the standard library instead, never dropped."""
+    path = tmp_path / "j.jsonl"
+    big = Hold(REF, 2**70, 2**64, 2)
+    odd = Line(0, 5, "0.000000005", "USD", "ex", "offer-\udc80", "https://x.test/a")
+    entry = await Journal(path).append("acme", "k\ud800", (big,), (odd,), 10)
+    (again,) = Journal(path).pending()
+    assert (again.id, again.idempotency_key) == (entry.id, "k\ud800")
+    assert (again.holds, again.lines) == ((big,), (odd,))
+
+
+def test_a_journal_written_before_orjson_reads_back(tmp_path: Path) -> None:
+    """Journals on disk from earlier versions (json.dumps lines; acks with a space after the colon)
+    are read as they were: the format did not change, only the encoder."""
+    path = tmp_path / "j.jsonl"
+    record = {"id": "a1", "account": "acme", "idempotency_key": "k\u00e9", "holds": [_hold_record(HOLD)],
+              "lines": [_line_record(LINE)], "at_ms": 10}
+    gone = {**record, "id": "a2"}
+    lines = [json.dumps(record, separators=(",", ":")), json.dumps(gone, separators=(",", ":")),
+             json.dumps({"ack": "a2"})]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (entry,) = Journal(path).pending()
+    assert (entry.id, entry.idempotency_key, entry.holds, entry.lines) == ("a1", "k\u00e9", (HOLD,), (LINE,))
+
+
 @given(st.text(max_size=8), st.integers(0, 2**62), st.integers(0, 2**62), st.text(max_size=8))
 def test_journal_records_are_the_dataclasses_every_field(scope: str, amount: int, floor: int,
                                                          uri: str) -> None:
@@ -249,7 +276,7 @@ def test_journal_writes_together_what_comes_together_and_reloads_as_it_was(
         writes = 0
         write = j._write
 
-        def counted(lines: list[str], truncate: bool) -> None:
+        def counted(lines: list[bytes], truncate: bool) -> None:
             nonlocal writes
             writes += 1
             write(lines, truncate)
