@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 
 from connectrpc.code import Code
 
@@ -316,19 +317,7 @@ class Purchaser:
         pacer.admit(paced)
 
     def tightest(self, budgets: Sequence[bpb.BudgetState]) -> bpb.BudgetState | None:
-        """The budget with the least left, compared in the first one's currency (rounded down)."""
-        if not budgets:
-            return None
-        currency = budgets[0].remaining.currency
-
-        def left(b: bpb.BudgetState) -> Money:
-            money = Money.parse(b.remaining.amount, b.remaining.currency, "remaining")
-            return convert(money, currency, self._converter, round_up=False)
-
-        try:
-            return min(budgets, key=lambda b: left(b).amount)
-        except ConversionError:
-            return None
+        return tightest(budgets, self._converter)
 
     async def plan(self, agent: Agent, c: Constraints, prefix: str = "constraints.") -> Plan | None:
         """The period counters a caller's purchase with constraints `c` would be charged to."""
@@ -608,3 +597,23 @@ def _outcome_label(answer: bpb.TransactResponse) -> str:
     if bought and bought == len(answer.items):
         return "purchased"
     return "partial" if bought else "failed"
+
+
+def tightest(budgets: Sequence[bpb.BudgetState], converter: Converter) -> bpb.BudgetState | None:
+    """The budget with the least left, compared in the first one's currency (rounded down); None
+    when one cannot be converted."""
+    if not budgets:
+        return None
+    currency = budgets[0].remaining.currency
+
+    def left(b: bpb.BudgetState) -> Decimal:
+        # The broker's own canonical amounts (wire.cost): no need to validate them again.
+        amount = Decimal(b.remaining.amount)
+        if b.remaining.currency == currency:
+            return amount
+        return convert(Money(amount, b.remaining.currency), currency, converter, round_up=False).amount
+
+    try:
+        return min(budgets, key=left)
+    except ConversionError:
+        return None

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.config import ExchangeSetting
+from broker.purchase import tightest
 from broker.selection import (
     Candidate,
     Exchange,
@@ -753,3 +754,23 @@ async def test_headroom_picks_the_tightest_budget_rounding_down() -> None:
     h = await headroom([], "USD", rates)
     assert h.room is None
     assert h.tightest is None
+
+
+def test_the_tightest_budget_in_the_header_is_compared_in_one_currency_rounding_down() -> None:
+    """x-budget-remaining names the budget with the least left: amounts in other currencies are
+    converted to the first one's (rounded down); an unconvertible one leaves the header out."""
+    def state(scope: str, amount: str, currency: str) -> bpb.BudgetState:
+        return bpb.BudgetState(scope=scope, remaining=rpb.Cost(amount=amount, currency=currency))
+
+    rates = FixedRates({"EUR": {"USD": Decimal("1.10")}})
+    usd, eur = state("s", "10.00", "USD"), state("e", "9.50", "EUR")
+    assert tightest([usd, eur], rates) is usd  # 9.50 EUR = 10.45 USD
+    less = state("e", "9.00", "EUR")
+    assert tightest([usd, less], rates) is less  # 9.90 USD
+    close = state("t", "10.449999999", "USD")
+    assert tightest([close, eur], rates) is close
+    # 10.00 USD = 9.0909090909... EUR: rounded down (9.090909090) it is below 9.090909091 EUR.
+    assert tightest([state("e", "9.090909091", "EUR"), usd], rates) is usd
+    assert tightest([eur, usd], rates) is usd
+    assert tightest([usd, eur], NoConverter()) is None
+    assert tightest([], rates) is None
