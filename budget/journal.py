@@ -25,7 +25,6 @@ import asyncio
 import base64
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,8 +32,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from budget import jsonl
+from budget.durable import sync_data, sync_directory
 from budget.ids import new_id
-from budget.statedir import sync_directory
 from budget.store import CounterRef, Hold, Line, counter_record
 
 log = logging.getLogger(__name__)
@@ -84,11 +83,6 @@ INLINE_RETRY_S = 10.0
 # How long a record nobody waits for (durable=False) may stay queued when no write comes to take
 # it along: under load the next purchase's intent carries it out within milliseconds.
 LAZY_FLUSH_S = 0.05
-
-
-# The data and what reading it back needs (the file's size), without the timestamps fsync also
-# writes: a fifth to a third less per write on ext4 here. fsync where there is no fdatasync (macOS).
-_sync_data: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
 
 class Journal:
@@ -256,7 +250,7 @@ class Journal:
         try:
             f.write(b"".join(line + b"\n" for line in lines))
             f.flush()
-            _sync_data(f.fileno())
+            sync_data(f.fileno())
         except BaseException:
             self._close_file()  # the next write reopens: nothing half-known is kept
             raise

@@ -2,9 +2,9 @@
 
 orjson encodes them several times faster than the standard library, byte-compatible with
 what `json.loads` reads (compact separators, keys in insertion order), so journals and intents
-written before it read back unchanged. orjson refuses integers beyond 64 bits; the standard
-library writes those (no amount reaches them today: nano-units stay below 10^18), and strings
-with lone surrogates.
+written before it read back unchanged. What orjson refuses, integers beyond 64 bits (no amount
+reaches them today: nano-units stay below 10^18) and strings with lone surrogates, the standard
+library writes.
 """
 
 from __future__ import annotations

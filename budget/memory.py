@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from budget.statedir import sync_directory
+from budget.durable import sync_directory
 from budget.store import CounterRef, StoreIdentity
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,4 @@
-"""Where the broker keeps its files when the config does not say (the user's state directory), and
-making a file's name durable."""
+"""Where the broker keeps its files when the config does not say: the user's state directory."""
 
 from __future__ import annotations
 
@@ -13,12 +12,3 @@ def state_dir() -> Path:
     # The XDG spec says a relative value is invalid and must be ignored.
     base = Path(state) if state and Path(state).is_absolute() else Path.home() / ".local" / "state"
     return base / "ramp-broker"
-
-
-def sync_directory(path: Path) -> None:
-    """fsync a directory: a file created or renamed in it keeps its name after a power cut."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
