@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
@@ -212,7 +213,10 @@ def build_period_layer(
     return period
 
 
-async def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Broker:
+async def build_broker(
+    config: BrokerConfig, clock: Clock | None = None, rng: random.Random | None = None,
+) -> Broker:
+    """`rng`: pacing's admission draws (budget.pacing), seeded by tests that must not be left to chance."""
     clock = clock or SystemClock()
     auth = Authenticator(config.agents, config.anonymous)
     admin_token = AdminToken(config)
@@ -234,7 +238,7 @@ async def build_broker(config: BrokerConfig, clock: Clock | None = None) -> Brok
         alerter = Alerter(config.alerts, store, clock, metrics,
                           grace_ms=config.period_budgets.grace_seconds * 1000, instance=config.listen)
     watch = BudgetWatch(SpendRates(config.forecast.half_life_seconds), metrics, alerter,
-                        Pacer(clock.now))
+                        Pacer(clock.now, rng))
     default = config.session.default_limit.money() if config.session.default_limit else None
     sessions = SessionBudgets(clock, default, idle_seconds=config.session.idle_seconds)
     exchanges = {

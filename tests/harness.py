@@ -147,10 +147,10 @@ def broker_config(exchanges: list[Exchange], **overrides: Any) -> BrokerConfig:
 @contextlib.asynccontextmanager
 async def running_broker(
     config: BrokerConfig, clock: Clock | None = None,
-    edit: Callable[[BrokerConfig], BrokerConfig] | None = None,
+    edit: Callable[[BrokerConfig], BrokerConfig] | None = None, rng: random.Random | None = None,
 ) -> AsyncIterator[RunningBroker]:
     port = int(config.listen.rsplit(":", 1)[1])
-    broker = await build_broker(edit(config) if edit else config, clock)
+    broker = await build_broker(edit(config) if edit else config, clock, rng)
     broker.start()
     try:
         async with serving(broker.app, port):
