@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 # The data and what reading it back needs (the file's size), without the timestamps fsync also
-# writes: a fifth to a third less per journal write on ext4 here. fsync where there is no
-# fdatasync (macOS).
+# writes: about a fifth less per journal write on ext4 here (measured alone; under load it did not
+# show). fsync where there is no fdatasync (macOS).
 sync_data: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
 
