@@ -187,18 +187,27 @@ class Journal:
         await waiter
 
     def _start_writer(self) -> None:
+        self._cancel_lazy()
+        if self._writer is None and (self._waiters or self._lines or self._truncate):
+            self._writer = asyncio.create_task(self._write_queued())
+
+    def _cancel_lazy(self) -> None:
         if self._lazy is not None:
             self._lazy.cancel()
             self._lazy = None
-        if self._writer is None and (self._waiters or self._lines or self._truncate):
-            self._writer = asyncio.create_task(self._write_queued())
+
+    def _take_queued(self) -> tuple[list[bytes], bool]:
+        """What the next write writes (lines, and whether it starts the file afresh); the queue
+        starts empty again."""
+        lines, truncate = self._lines, self._truncate
+        self._lines, self._truncate = [], False
+        return lines, truncate
 
     async def _write_queued(self) -> None:
         try:
             while self._waiters or self._lines or self._truncate:
                 waiters, self._waiters = self._waiters, []
-                lines, truncate = self._lines, self._truncate
-                self._lines, self._truncate = [], False
+                lines, truncate = self._take_queued()
                 try:
                     if self._write_s < INLINE_BELOW_S or self._monotonic() >= self._inline_again_at:
                         started = time.perf_counter()
@@ -260,12 +269,8 @@ class Journal:
         Records not yet written (durable=False) are written first."""
         if self._writer is None:
             if self._lines or self._truncate:
-                if self._lazy is not None:
-                    self._lazy.cancel()
-                    self._lazy = None
-                lines, truncate = self._lines, self._truncate
-                self._lines, self._truncate = [], False
-                self._write(lines, truncate)
+                self._cancel_lazy()
+                self._write(*self._take_queued())
             self._close_file()
 
     def _close_file(self) -> None:

@@ -624,10 +624,9 @@ class SqliteStore:
                 return [self._transaction(fns[0], True)]
             except Exception as exc:
                 return [_Failed(exc)]
-        conn = self._conn
-        outcomes: list[Any] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+
+        def each_in_a_savepoint(conn: sqlite3.Connection) -> list[Any]:
+            outcomes: list[Any] = []
             for fn in fns:
                 conn.execute("SAVEPOINT op")
                 try:
@@ -636,15 +635,12 @@ class SqliteStore:
                     conn.execute("ROLLBACK TO op")
                     outcomes.append(_Failed(exc))
                 conn.execute("RELEASE op")
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            if not isinstance(exc, Exception):
-                raise
+            return outcomes
+
+        try:
+            return self._transaction(each_in_a_savepoint, True)
+        except Exception as exc:  # the transaction itself failed (rolled back): so did every operation
             return [_Failed(exc)] * len(fns)
-        return outcomes
 
     async def _drain_writes(self) -> None:
         """Run the queued write operations, a group commit at a time, until none is left: those
