@@ -22,12 +22,14 @@ import pytest
 
 from broker.app import build_broker, open_store
 from broker.config import BrokerConfig, StoreSetting
+from budget import leases as leases_module
 from budget.clock import ManualClock
 from budget.journal import Journal
 from budget.layers import BudgetExhausted, Layer, Snapshot
 from budget.leases import TIERS, LeaseBook, Phase, Rate, lease_size, phase_of
 from budget.pacing import Pacer
-from budget.store import Hold, Store, StoreUnavailable
+from budget.periods import to_ms
+from budget.store import CounterRef, Hold, Line, Store, StoreUnavailable
 from currency.money import Money
 from tests.harness import (
     Exchange,
@@ -312,21 +314,60 @@ async def test_a_broker_back_from_a_crash_gives_its_old_leases_back_without_a_pu
 
 class AnswerLost:
     """The real store, except that the answer of the next lease refresh is lost after the store
-    applied it (a connection cut on the way back)."""
+    applied it (a connection cut on the way back). `reported`: the spends each refresh sent."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
         self.drop_next = False
+        self.reported: list[list[str]] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
     async def lease(self, *args: Any, **kwargs: Any) -> Any:
+        self.reported.append([spend.idempotency_key for spend in args[4]])
         outcome = await self._store.lease(*args, **kwargs)
         if self.drop_next:
             self.drop_next = False
             raise StoreUnavailable("connection lost reading the answer (test)")
         return outcome
+
+
+async def test_spends_are_reported_a_few_to_a_store_step_and_a_refresh_is_due_once_that_many_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A store step's cost grows with the spends it reports, all built at once on the broker's
+    loop: at most REPORT_AT_ONCE go in one. A refresh reports every spend waiting, in as many
+    steps as that takes, each once; and one is due as soon as REPORT_AT_ONCE wait (not only when
+    a lease is half used, or the interval is up)."""
+    monkeypatch.setattr(leases_module, "REPORT_AT_ONCE", 3)
+    start, end = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+    ref = CounterRef("user:lee", "month", "2026-11", "USD", to_ms(start), to_ms(end))
+    hold = Hold(ref, NANO, 10**6 * NANO, to_ms(end + timedelta(days=7)))
+
+    async def no_identity(account: str) -> None:
+        return None
+
+    async with opened(tmp_path) as raw:
+        store = AnswerLost(raw)
+        book = LeaseBook(store, clock=ManualClock(datetime(2026, 11, 23, tzinfo=UTC)), broker="b1",
+                         journal=None, identity=no_identity, floor=lambda account, counter: 0)
+        tier = TIERS["standard"]
+        keys = [f"lee#s{i}" for i in range(7)]  # as the broker keys them: <agent>#<key>
+        for n, key in enumerate(keys, 1):
+            held = book.try_hold(ACCOUNT, [hold], [tier]) or await book.grow(ACCOUNT, [hold], [tier])
+            assert held is not None
+            book._due.clear()
+            await book.commit(held, key, (hold,), (Line(0, NANO, "1", "USD", "ex", "o", A),), b"answer")
+            assert book._due.is_set() == (n >= 3), n  # the lease is far from half used
+        assert store.reported == [[]]  # the grow's step: nothing spent yet
+        assert await book.refresh(ACCOUNT) is True
+        assert store.reported[1:] == [keys[0:3], keys[3:6], keys[6:7]]
+        assert book._account(ACCOUNT).pending == []
+    spent, reserved, leased, ledger = await books(tmp_path)
+    assert spent == 7 * NANO
+    assert reserved == leased > 0  # the lease it still holds
+    assert sorted(ledger) == [agent_key(k) for k in keys]
 
 
 async def test_a_refresh_whose_answer_was_lost_loses_no_spend_and_lends_nothing_twice(
