@@ -9,7 +9,7 @@ commit against the local lease in memory, all counters of a purchase at once or
 none, with their intent journaled locally (fsync) before the Exchange call and their
 spend after it (written with the next fsync: a crash before it rolls the intent
 forward). A refresh, batched over all counters of an account (every
-`refresh_seconds`, when a lease is half used, when REPORT_AT_ONCE spends wait, when a
+`refresh_seconds`, when a lease is half used, when REPORT_AT_ONCE / 2 spends wait, when a
 purchase needs more, or when the store asks lease holders to give back), reports the
 spend since the last one (ledger lines, once per idempotency key; REPORT_AT_ONCE to a
 store step) and renews, resizes or returns each lease in the same step; refreshes are
@@ -80,11 +80,12 @@ _LN2 = Decimal(2).ln()
 _RATE_WARM_S = Decimal(5)  # a new rate counts as if observed for at least this long
 # Answers of keys settled before a restart (from the journal), kept for retries (the newest ones).
 _RECOVERED_ANSWERS = 10_000
-# Spends reported in one store step at most; a refresh is due as soon as this many wait. The
-# step's cost grows with them (about 15 µs each of the broker's loop, more of Redis's): once a
-# second at a few hundred purchases a second, that was a 10 ms stall every second, the p99 of
-# every purchase caught behind it.
-REPORT_AT_ONCE = 64
+# Spends reported in one store step at most; a refresh is due as soon as half this many wait
+# (the step then has room for those that come meanwhile: one step, not a full one and a short
+# one). The step's cost grows with them (about 15 µs each of the broker's loop, more of
+# Redis's): all of a second's at once, at a few hundred purchases a second, held the loop
+# 10-20 ms every second, the p99 of every purchase caught behind it.
+REPORT_AT_ONCE = 128
 
 
 class Phase(StrEnum):
@@ -380,7 +381,7 @@ class LeaseBook:
             if lease.spent + lease.held >= lease.granted // 2:
                 self._due.set()
         acct.pending.append(_Pending(entry_id, key, lines, keys, result))
-        if len(acct.pending) >= REPORT_AT_ONCE:
+        if len(acct.pending) >= REPORT_AT_ONCE // 2:
             self._due.set()
 
     # --- refreshing ---------------------------------------------------------------------------

@@ -338,9 +338,9 @@ async def test_spends_are_reported_a_few_to_a_store_step_and_a_refresh_is_due_on
 ) -> None:
     """A store step's cost grows with the spends it reports, all built at once on the broker's
     loop: at most REPORT_AT_ONCE go in one. A refresh reports every spend waiting, in as many
-    steps as that takes, each once; and one is due as soon as REPORT_AT_ONCE wait (not only when
+    steps as that takes, each once; and one is due as soon as half that many wait (not only when
     a lease is half used, or the interval is up)."""
-    monkeypatch.setattr(leases_module, "REPORT_AT_ONCE", 3)
+    monkeypatch.setattr(leases_module, "REPORT_AT_ONCE", 4)
     start, end = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
     ref = CounterRef("user:lee", "month", "2026-11", "USD", to_ms(start), to_ms(end))
     hold = Hold(ref, NANO, 10**6 * NANO, to_ms(end + timedelta(days=7)))
@@ -359,10 +359,10 @@ async def test_spends_are_reported_a_few_to_a_store_step_and_a_refresh_is_due_on
             assert held is not None
             book._due.clear()
             await book.commit(held, key, (hold,), (Line(0, NANO, "1", "USD", "ex", "o", A),), b"answer")
-            assert book._due.is_set() == (n >= 3), n  # the lease is far from half used
+            assert book._due.is_set() == (n >= 2), n  # the lease is far from half used
         assert store.reported == [[]]  # the grow's step: nothing spent yet
         assert await book.refresh(ACCOUNT) is True
-        assert store.reported[1:] == [keys[0:3], keys[3:6], keys[6:7]]
+        assert store.reported[1:] == [keys[0:4], keys[4:7]]
         assert book._account(ACCOUNT).pending == []
     spent, reserved, leased, ledger = await books(tmp_path)
     assert spent == 7 * NANO
