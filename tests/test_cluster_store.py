@@ -48,8 +48,10 @@ PROMOTION_TIMEOUT_S = 20.0
 TTL_S = 2
 SETTLE_SECONDS = 25.0
 # Per account: the one on the dead primary still has budget after the failover and runs dry later
-# (denials on both sides of it); the others last through the outage.
+# (denials on both sides of it); the others last through the outage. At the paced rate below an
+# account spends about 50 USD/s: unpaced, a faster broker spent the first one's 150 before the kill.
 LIMITS_USD = ("150.00", "400.00", "400.00")
+REQUESTS_PER_S_PER_AGENT = 20.0
 
 
 def prefix() -> str:
@@ -297,6 +299,7 @@ async def test_a_primary_killed_under_load_fails_over_and_loses_no_charge(
 
         async def shopper(account: int, agent: int, rng: random.Random) -> None:
             while loop.time() < min(deadline[0], t0 + MAX_RUN_SECONDS) and len(answers) < MAX_REQUESTS:
+                started = loop.time()
                 body = {"sessionId": f"s-{agent}", "idempotencyKey": f"k{rng.getrandbits(48):012x}",
                         "uris": rng.sample(URIS, rng.randint(1, 2))}
                 try:
@@ -306,6 +309,7 @@ async def test_a_primary_killed_under_load_fails_over_and_loses_no_charge(
                     answers.append(Answer(account, loop.time() - t0, r.status_code, r.json()))
                 except (httpx.HTTPError, ValueError) as exc:
                     answers.append(Answer(account, loop.time() - t0, 0, {"error": repr(exc)}))
+                await asyncio.sleep(max(0.0, started + 1 / REQUESTS_PER_S_PER_AGENT - loop.time()))
 
         async def failover() -> None:
             await asyncio.sleep(KILL_AT_S)
