@@ -245,14 +245,21 @@ class _Batcher(Generic[Req, Out]):
         future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
         self._pending.append((request, future))
         if len(self.tasks) < MAX_IN_FLIGHT:
-            task = asyncio.create_task(self._drain())
-            self.tasks.add(task)
-            task.add_done_callback(self._done)
+            self._start_drain()
         return future
+
+    def _start_drain(self) -> None:
+        task = asyncio.create_task(self._drain())
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
-        if not self.tasks:
+        if self._pending and not task.cancelled():
+            # Submitted after the drain's last look but before this callback, while the drain still
+            # counted as running: no drain was started for it, and none would come back for it.
+            self._start_drain()
+        elif not self.tasks:
             self._on_idle()
 
     async def _drain(self) -> None:

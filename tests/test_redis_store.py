@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from budget.redis_store import MAX_BATCH, RedisStore
+from budget.redis_store import MAX_BATCH, MAX_IN_FLIGHT, RedisStore, _Batcher
 from budget.store import (
     Committed,
     CounterRef,
@@ -351,6 +351,44 @@ async def test_concurrent_commits_are_coalesced(store: RedisStore) -> None:
 
 
 # --- failures -------------------------------------------------------------------------------
+
+
+async def test_a_request_submitted_as_every_batch_returns_is_still_sent() -> None:
+    """A drain that has returned still counts as running until its done callback: a request
+    submitted in between started no drain, and once the callbacks ran the batcher went idle with it
+    inside. Its caller heard "store unreachable" after the timeout (a commit left held; seen about
+    once in 6000 commits of bench.layers' Redis strict row)."""
+    gates = [asyncio.Event() for _ in range(MAX_IN_FLIGHT)]
+    sent: list[list[int]] = []
+    late: list[asyncio.Future[int]] = []
+    submitted = asyncio.Event()
+
+    def submit_late() -> None:
+        late.append(batcher.submit(99))
+        submitted.set()
+
+    async def run(batch: list[int]) -> list[int]:
+        if batch[0] < len(gates):
+            await gates[batch[0]].wait()
+        sent.append(batch)
+        if batch[0] == 0:
+            # Queued behind the drains' last steps, ahead of every drain's done callback.
+            asyncio.get_running_loop().call_soon(submit_late)
+        return batch
+
+    batcher: _Batcher[int, int] = _Batcher(run, lambda: None)
+    first = []
+    for i in range(MAX_IN_FLIGHT):
+        first.append(batcher.submit(i))
+        await asyncio.sleep(0)  # a drain of its own takes it and waits at its gate
+    assert len(batcher.tasks) == MAX_IN_FLIGHT
+    for gate in gates:
+        gate.set()
+    assert await asyncio.gather(*first) == list(range(MAX_IN_FLIGHT))
+    async with asyncio.timeout(2):
+        await submitted.wait()
+        assert await late[0] == 99
+    assert sent == [[i] for i in range(MAX_IN_FLIGHT)] + [[99]]
 
 
 async def test_a_paused_server_is_unavailable_within_the_timeout(server: RedisServer) -> None:
