@@ -454,7 +454,8 @@ class Purchaser:
                 snaps = [account.snap()]  # bought and recorded; only the report is partial
         # Only money that moved counts as a committed purchase (utilization, alerts).
         watched = self._watch.seen(snaps) if spent.is_zero() else self._watch.committed(snaps)
-        response.budgets.extend(wire.budget_state(s) for s in watched)
+        for s in watched:
+            wire.budget_state(s, response.budgets.add())
         if held.period is not None and not all(r.answered for r in results.values()):
             # Not settled yet: a retry must go to the store (and roll it forward), not this answer.
             assert self._period is not None

@@ -31,28 +31,51 @@ _MICROSECOND = timedelta(microseconds=1)
 def timestamp(when: datetime) -> Timestamp:
     """Exact integer arithmetic (protobuf's FromDatetime goes through a time tuple: several times
     slower, and this runs for every budget of every answer). Naive datetimes are UTC."""
+    out = Timestamp()
+    _set_timestamp(out, when)
+    return out
+
+
+def _set_timestamp(out: Timestamp, when: datetime) -> None:
     micros = (when if when.tzinfo is not None else when.replace(tzinfo=UTC)) - _EPOCH
-    seconds, rest = divmod(micros // _MICROSECOND, 1_000_000)
-    return Timestamp(seconds=seconds, nanos=rest * 1000)
+    out.seconds, rest = divmod(micros // _MICROSECOND, 1_000_000)
+    out.nanos = rest * 1000
+
+
+def _set_cost(out: rpb.Cost, money: Money) -> None:
+    out.amount = money.text()
+    out.currency = money.currency
 
 
 @lru_cache(maxsize=1024)
 def _window_timestamp(when: datetime) -> Timestamp:
-    """A window's start or end: the same few in every answer. Shared: passed to a message's
-    constructor, which copies it."""
+    """A window's start or end: the same few in every answer. Shared: copied into each message."""
     return timestamp(when)
 
 
-def budget_state(snap: Snapshot) -> bpb.BudgetState:
-    return bpb.BudgetState(
-        layer=LAYERS[snap.layer], scope=snap.scope, limit=cost(snap.limit),
-        spent=cost(snap.spent), reserved=cost(snap.reserved), remaining=cost(snap.remaining),
-        mode=MODES.get(snap.mode, bpb.ENFORCEMENT_MODE_STRICT), transaction_count=snap.transaction_count,
-        as_of=timestamp(snap.as_of), period=snap.period, failure_policy=snap.failure_policy,
-        phase=snap.phase,
-        period_start=None if snap.period_start is None else _window_timestamp(snap.period_start),
-        period_end=None if snap.period_end is None else _window_timestamp(snap.period_end),
-        projected_exhaustion=(None if snap.projected_exhaustion is None
-                              else timestamp(snap.projected_exhaustion)),
-        spend_rate_per_hour=None if snap.spend_rate_per_hour is None else cost(snap.spend_rate_per_hour),
-    )
+def budget_state(snap: Snapshot, into: bpb.BudgetState | None = None) -> bpb.BudgetState:
+    """`snap` as a message, filled into `into` (`response.budgets.add()`) when given. Field by field
+    into the message's own submessages: building each Cost and Timestamp apart and handing them to
+    the constructor, which copies them, took 11 µs a budget against 7 (4 budgets per purchase)."""
+    b = bpb.BudgetState() if into is None else into
+    b.layer = LAYERS[snap.layer]
+    b.scope = snap.scope
+    b.mode = MODES.get(snap.mode, bpb.ENFORCEMENT_MODE_STRICT)
+    b.transaction_count = snap.transaction_count
+    b.period = snap.period
+    b.failure_policy = snap.failure_policy
+    b.phase = snap.phase
+    _set_cost(b.limit, snap.limit)
+    _set_cost(b.spent, snap.spent)
+    _set_cost(b.reserved, snap.reserved)
+    _set_cost(b.remaining, snap.remaining)
+    _set_timestamp(b.as_of, snap.as_of)
+    if snap.period_start is not None:
+        b.period_start.CopyFrom(_window_timestamp(snap.period_start))
+    if snap.period_end is not None:
+        b.period_end.CopyFrom(_window_timestamp(snap.period_end))
+    if snap.projected_exhaustion is not None:
+        _set_timestamp(b.projected_exhaustion, snap.projected_exhaustion)
+    if snap.spend_rate_per_hour is not None:
+        _set_cost(b.spend_rate_per_hour, snap.spend_rate_per_hour)
+    return b

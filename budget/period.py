@@ -576,11 +576,13 @@ class PeriodLayer:
                 return None
             self._check_lost(plan)
             now_ms = to_ms(self._clock.now())
-            # Each part holds its own cost, rounded up on its own, so it can be settled alone.
-            costs = [part.cost for part in parts] or [cost]
+            # Each part holds its own cost, rounded up on its own, so it can be settled alone (converted
+            # once per currency: a purchase's counters mostly share one).
+            currencies = dict.fromkeys(counter.ref.currency for counter in plan.counters)
             part_holds = tuple(
-                tuple(convert(c, counter.ref.currency, self._converter).units() for counter in plan.counters)
-                for c in costs)
+                tuple(units[counter.ref.currency] for counter in plan.counters)
+                for units in ({cur: convert(c, cur, self._converter).units() for cur in currencies}
+                              for c in ([part.cost for part in parts] or [cost])))
             holds = tuple(
                 Hold(c.ref, sum(p[i] for p in part_holds), c.limit.units(), c.window.end_ms + self._grace_ms,
                      floor=self.guard.floor(plan.account, c.ref))
