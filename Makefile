@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run gen check-gen lint tools test bench bench-purchases bench-budget bench-scaleout bench-cluster clean
+.PHONY: setup run gen check-gen lint tools test bench bench-purchases bench-layers bench-budget bench-scaleout bench-cluster clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -43,12 +43,16 @@ tools:
 test: check-gen lint tools
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-## bench: the four benchmarks below (bench/README.md explains what each prints)
-bench: bench-purchases bench-budget bench-scaleout bench-cluster
+## bench: the five benchmarks below (bench/README.md explains what each prints)
+bench: bench-purchases bench-layers bench-budget bench-scaleout bench-cluster
 
 ## bench-purchases: purchases/s and latency through the broker, per protocol
 bench-purchases: setup
 	$(BIN)/python -m bench.purchases
+
+## bench-layers: the broker's CPU per purchase for each budget layer, in process, without the HTTP server (about 1 minute)
+bench-layers: setup
+	$(BIN)/python -m bench.layers $(LAYERS_ARGS)
 
 ## bench-budget: the Redis store against redis-benchmark, and what the period layer adds per purchase
 bench-budget: setup tools
