@@ -49,6 +49,7 @@ from bench.purchases import (
     bench_catalog,
     broker_config,
     free_port,
+    period_stores,
 )
 from broker.app import Broker, build_broker
 from broker.auth import Agent, Authenticator
@@ -113,8 +114,7 @@ async def _drive(
 
 
 async def _run(workdir: Path, xport: int, redis_url: str, args: argparse.Namespace) -> list[Row]:
-    stores = {"embedded": {"kind": "embedded", "path": str(workdir / "store.sqlite3")},
-              "redis": {"kind": "redis", "url": redis_url}}
+    stores = period_stores(workdir, redis_url)
     brokers: dict[str, tuple[Broker, Agent]] = {}
     writes = _Writes()
     try:

@@ -247,6 +247,12 @@ def broker_config(workdir: Path, xport: int, name: str, store: dict[str, Any] | 
     return config
 
 
+def period_stores(workdir: Path, redis_url: str) -> dict[str, dict[str, Any]]:
+    """The stores of the PERIOD_BROKERS, by kind: the embedded one in `workdir`, and Redis."""
+    return {"embedded": {"kind": "embedded", "path": str(workdir / "store.sqlite3")},
+            "redis": {"kind": "redis", "url": redis_url}}
+
+
 @dataclass
 class Servers:
     exchange: Child
@@ -272,8 +278,7 @@ def running_servers(period: bool, event_loop: str = "asyncio", quote_reuse: bool
 
             redis = stack.enter_context(redis_server())
             redis_pid = redis.proc.pid
-            stores = {"embedded": {"kind": "embedded", "path": str(workdir / "store.sqlite3")},
-                      "redis": {"kind": "redis", "url": redis.url}}
+            stores = period_stores(workdir, redis.url)
             for name, (kind, mode) in PERIOD_BROKERS.items():
                 configs[name] = broker_config(workdir, xport, name, stores[kind], mode, event_loop,
                                               quote_reuse)

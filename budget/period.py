@@ -579,10 +579,11 @@ class PeriodLayer:
             # Each part holds its own cost, rounded up on its own, so it can be settled alone (converted
             # once per currency: a purchase's counters mostly share one).
             currencies = dict.fromkeys(counter.ref.currency for counter in plan.counters)
-            part_holds = tuple(
-                tuple(units[counter.ref.currency] for counter in plan.counters)
-                for units in ({cur: convert(c, cur, self._converter).units() for cur in currencies}
-                              for c in ([part.cost for part in parts] or [cost])))
+            by_part: list[tuple[int, ...]] = []
+            for part_cost in [part.cost for part in parts] or [cost]:
+                units = {cur: convert(part_cost, cur, self._converter).units() for cur in currencies}
+                by_part.append(tuple(units[counter.ref.currency] for counter in plan.counters))
+            part_holds = tuple(by_part)
             holds = tuple(
                 Hold(c.ref, sum(p[i] for p in part_holds), c.limit.units(), c.window.end_ms + self._grace_ms,
                      floor=self.guard.floor(plan.account, c.ref))

@@ -454,6 +454,24 @@ async def test_period_budget_in_another_currency_is_converted_against_the_spende
     assert st["spent"] == {"amount": "0.90909091", "currency": "EUR"}
 
 
+async def test_counters_in_two_currencies_each_hold_and_spend_the_price_in_their_own(
+    exchange: Exchange, tmp_path: Path, clock: ManualClock, store: dict[str, Any]
+) -> None:
+    """One purchase over counters in USD and in EUR: each holds, then spends, the price converted
+    to its own currency (converted once per currency, so the amounts must not trade places). The
+    EUR limit fits 1.00 USD (0.909 EUR), not a hold of 1.00 EUR."""
+    scopes = {"user:alice": {"limits": [limit("month", "6.00")]},
+              "team:eng": {"limits": [limit("day", "0.95", "EUR")]},
+              "org:acme": {"limits": [limit("month", "100.00")]}}
+    async with period_broker(exchange, tmp_path, clock, store=store, scopes=scopes) as b:
+        code, body = await buy(b, "k1", [A])
+        assert code == 200, body
+        spent = {scope: st["spent"] for (scope, _), st in states(body).items()}
+        assert spent == {"user:alice": {"amount": "1.00", "currency": "USD"},
+                         "team:eng": {"amount": "0.90909091", "currency": "EUR"},
+                         "org:acme": {"amount": "1.00", "currency": "USD"}}
+
+
 async def test_missing_rates_deny_clearly(
     exchange: Exchange, tmp_path: Path, clock: ManualClock, store: dict[str, Any]
 ) -> None:
