@@ -109,7 +109,8 @@ def exhausted_detail(exc: BudgetExhausted) -> bpb.BudgetExhausted:
         layer=wire.LAYERS[exc.layer], scope=exc.scope, spent=wire.cost(exc.spent),
         limit=wire.cost(exc.limit), remaining=wire.cost(exc.remaining),
         estimated_cost=wire.cost(exc.cost), reserved=wire.cost(exc.reserved),
-        mode=bpb.ENFORCEMENT_MODE_STRICT, reason=exc.reason, next_action=exc.next_action,
+        mode=wire.MODES.get(exc.mode, bpb.ENFORCEMENT_MODE_STRICT), reason=exc.reason,
+        next_action=exc.next_action,
     )
     if exc.period_end is not None:
         msg.period_end.CopyFrom(wire.timestamp(exc.period_end))

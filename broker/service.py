@@ -20,7 +20,7 @@ from broker.recovery import Recovery
 from broker.validation import Constraints, check_id
 from broker.watch import BudgetWatch
 from budget.clock import Clock, SystemClock
-from budget.layers import Snapshot
+from budget.layers import BudgetExhausted, Layer, Snapshot
 from budget.period import Charge, PeriodLayer, StoreDown
 from budget.periods import Period, from_ms
 from budget.scopes import check_account, check_scope
@@ -46,18 +46,27 @@ class BrokerHandlers:
         return await self._purchaser.resolve(request, caller())
 
     async def transact(self, request: bpb.TransactRequest, ctx: Ctx) -> bpb.TransactResponse:
-        answer = await self._purchaser.transact(request, caller())
         # How the tightest budget is enforced, and what it has left: clients can react to a
-        # scope near its end (synchronous mode, small remaining) without parsing the body.
+        # scope near its end (synchronous mode, small remaining) without parsing the body. A
+        # budget denial says it of the budget that denied.
+        try:
+            answer = await self._purchaser.transact(request, caller())
+        except BudgetExhausted as exc:
+            if exc.layer in (Layer.SESSION, Layer.PERIOD):
+                left = exc.remaining
+                _budget_headers(ctx, exc.mode, exc.phase, left.text(), left.currency, exc.scope)
+            raise
         tightest = self._purchaser.tightest(answer.budgets)
         if tightest is not None:
-            mode = "lease" if tightest.mode == bpb.ENFORCEMENT_MODE_LEASE else "strict"
-            if tightest.phase:
-                mode += f"; phase={tightest.phase}"
-            ctx.response_headers["x-budget-mode"] = mode
-            ctx.response_headers["x-budget-remaining"] = (
-                f"{tightest.remaining.amount} {tightest.remaining.currency}; scope={tightest.scope}")
+            _budget_headers(ctx, "lease" if tightest.mode == bpb.ENFORCEMENT_MODE_LEASE else "strict",
+                            tightest.phase, tightest.remaining.amount, tightest.remaining.currency,
+                            tightest.scope)
         return answer
+
+
+def _budget_headers(ctx: Ctx, mode: str, phase: str, remaining: str, currency: str, scope: str) -> None:
+    ctx.response_headers["x-budget-mode"] = f"{mode}; phase={phase}" if phase else mode
+    ctx.response_headers["x-budget-remaining"] = f"{remaining} {currency}; scope={scope}"
 
 
 class BudgetHandlers:

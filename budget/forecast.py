@@ -22,13 +22,15 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from budget.layers import Snapshot
-from currency.money import Money
+from currency.money import SCALE, Money
 
 _LN2 = Decimal(2).ln()
 _MICROS = Decimal(1_000_000)
 _ZERO = timedelta(0)
 # Projections further out than this are reported as none (and kept inside datetime's range).
 _HORIZON = timedelta(days=3660)
+_MICROSECOND = timedelta(microseconds=1)
+_HORIZON_MICROS = _HORIZON // _MICROSECOND
 
 
 # Once a budget has a rate, readings closer together than this are folded in together, as one
@@ -56,11 +58,12 @@ class SpendRates:
 
     def observe(self, snap: Snapshot) -> Snapshot:
         """Fold one reading into its budget's rate; returns the reading with the forecast."""
-        key = (snap.layer.value, snap.account, snap.scope, snap.period, snap.limit.currency)
-        spent = snap.spent.units()
+        # The layer itself, not its .value: an enum's value is a property lookup, on every budget of
+        # every purchase (a StrEnum hashes and compares as its string).
+        key = (snap.layer, snap.account, snap.scope, snap.period, snap.limit.currency)
         track = self._tracks.get(key)
         if track is None:
-            self._tracks[key] = _Track(snap.as_of, spent, snap.period_start, Decimal(0))
+            self._tracks[key] = _Track(snap.as_of, snap.spent.units(), snap.period_start, Decimal(0))
             if len(self._tracks) > self._max:
                 self._tracks.popitem(last=False)
             return snap
@@ -68,17 +71,17 @@ class SpendRates:
         elapsed = snap.as_of - track.at
         if track.window != snap.period_start:
             # A new window starts from zero: keep the rate, restart the baseline.
-            track.at, track.spent, track.window = snap.as_of, spent, snap.period_start
-        elif elapsed > _ZERO and spent >= track.spent and (
-                elapsed >= _FOLD_EVERY or track.per_hour is None):
-            # (An older reading arriving late, with less spent, is skipped.)
-            dt = Decimal(elapsed // timedelta(microseconds=1)) / _MICROS
-            instant = Decimal(spent - track.spent) / dt
-            weight = 1 - (-(dt * _LN2) / self._half_life).exp()
-            track.rate += weight * (instant - track.rate)
-            track.at, track.spent = snap.as_of, spent
-            per_hour = int((track.rate * 3600).to_integral_value())
-            track.per_hour = Money.from_units(per_hour, snap.limit.currency)
+            track.at, track.spent, track.window = snap.as_of, snap.spent.units(), snap.period_start
+        elif elapsed > _ZERO and (elapsed >= _FOLD_EVERY or track.per_hour is None):
+            spent = snap.spent.units()
+            if spent >= track.spent:  # (an older reading arriving late, with less spent, is skipped)
+                dt = Decimal(elapsed // _MICROSECOND) / _MICROS
+                instant = Decimal(spent - track.spent) / dt
+                weight = 1 - (-(dt * _LN2) / self._half_life).exp()
+                track.rate += weight * (instant - track.rate)
+                track.at, track.spent = snap.as_of, spent
+                per_hour = int((track.rate * 3600).to_integral_value())
+                track.per_hour = Money.from_units(per_hour, snap.limit.currency)
         if track.per_hour is None:
             return snap
         return self._forecast(snap, track.rate, track.per_hour)
@@ -89,12 +92,14 @@ class SpendRates:
     @staticmethod
     def _forecast(snap: Snapshot, rate: Decimal, per_hour: Money) -> Snapshot:
         projected = None
-        remaining = snap.remaining.units()
-        if remaining == 0:
+        # snap.remaining, in Decimal without the Money objects (this runs for every budget of
+        # every purchase); exact: amounts have at most 18 digits.
+        remaining = snap.limit.amount - snap.spent.amount - snap.reserved.amount
+        if remaining <= 0:
             projected = snap.as_of
         elif rate > 0:
-            micros = (Decimal(remaining) * _MICROS / rate).to_integral_value()
-            if micros < _HORIZON // timedelta(microseconds=1):
+            micros = (remaining.scaleb(SCALE) * _MICROS / rate).to_integral_value()
+            if micros < _HORIZON_MICROS:
                 projected = snap.as_of + timedelta(microseconds=int(micros))
             if projected is not None and snap.period_end is not None and projected >= snap.period_end:
                 projected = None  # the window resets before the money runs out

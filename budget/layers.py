@@ -53,14 +53,12 @@ class Snapshot:
         return (self.limit - self.spent - self.reserved).clamp_zero()
 
     def with_forecast(self, rate_per_hour: Money, projected_exhaustion: datetime | None) -> Snapshot:
-        """This reading with its forecast (dataclasses.replace, spelled out: it runs for every
-        budget of every purchase, and replace looks every field up by name)."""
+        """This reading with its forecast (dataclasses.replace, spelled out, positionally in field
+        order: it runs for every budget of every purchase, and replace looks every field up by name)."""
         return Snapshot(
-            layer=self.layer, scope=self.scope, limit=self.limit, spent=self.spent, reserved=self.reserved,
-            transaction_count=self.transaction_count, as_of=self.as_of, period_start=self.period_start,
-            period_end=self.period_end, period=self.period, failure_policy=self.failure_policy,
-            account=self.account, spend_rate_per_hour=rate_per_hour,
-            projected_exhaustion=projected_exhaustion, mode=self.mode, phase=self.phase)
+            self.layer, self.scope, self.limit, self.spent, self.reserved, self.transaction_count, self.as_of,
+            self.period_start, self.period_end, self.period, self.failure_policy, self.account, rate_per_hour,
+            projected_exhaustion, self.mode, self.phase)
 
 
 class BudgetExhausted(Exception):
@@ -79,6 +77,8 @@ class BudgetExhausted(Exception):
         next_action: str,
         period_end: datetime | None = None,
         retry_at: datetime | None = None,
+        mode: str = "strict",
+        phase: str = "",
     ) -> None:
         self.layer = layer
         self.scope = scope
@@ -91,6 +91,7 @@ class BudgetExhausted(Exception):
         self.period_end = period_end
         # When a retry can succeed: the period's end unless said otherwise (pacing knows sooner).
         self.retry_at = retry_at or period_end
+        self.mode, self.phase = mode, phase  # how the budget is enforced (Snapshot.mode and .phase)
         super().__init__(
             f"{layer} budget {scope!r} exhausted: cost {cost} does not fit; "
             f"spent {spent}, reserved {reserved}, limit {limit}, remaining {self.remaining}"
@@ -107,7 +108,7 @@ class BudgetExhausted(Exception):
         return cls(
             layer=snap.layer, scope=snap.scope, limit=snap.limit, spent=snap.spent,
             reserved=snap.reserved, cost=cost, reason=reason, next_action=next_action,
-            period_end=snap.period_end,
+            period_end=snap.period_end, mode=snap.mode, phase=snap.phase,
         )
 
 

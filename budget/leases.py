@@ -190,6 +190,7 @@ class CounterLease:
     granted: int = 0  # pre-debited in the store at the last refresh
     held: int = 0  # local purchases in flight
     spent: int = 0  # committed locally, not yet reported
+    count: int = 0  # purchases that spent on it locally, not yet reported (the store counts each once)
     returning: int = 0  # set aside while a refresh may give it back
     state: CounterState = field(default_factory=CounterState)
     holders: int = 0
@@ -217,6 +218,10 @@ class _Pending:
     lines: tuple[Line, ...]  # hold_index: position in `counters`
     counters: tuple[str, ...]  # counter keys, by hold_index
     result: bytes
+
+    def touched(self) -> set[str]:
+        """The counters it spent on: the store counts it once on each."""
+        return {self.counters[line.hold_index] for line in self.lines}
 
 
 @dataclass(slots=True)
@@ -374,6 +379,8 @@ class LeaseBook:
         per_key: dict[str, int] = {}
         for line in lines:
             per_key[keys[line.hold_index]] = per_key.get(keys[line.hold_index], 0) + line.amount
+        for k in per_key:
+            acct.counters[k].count += 1
         for k, amount in hold.amounts:
             lease = acct.counters[k]
             lease.held -= amount
@@ -486,6 +493,8 @@ class LeaseBook:
         for p in reported:
             for line in p.lines:
                 acct.counters[p.counters[line.hold_index]].spent -= line.amount
+            for key in p.touched():
+                acct.counters[key].count -= 1
         # Spends only ever join the end of the list, and refreshes of an account take turns (its
         # lock): what was reported is its head. (A membership test per entry was quadratic: at
         # hundreds of purchases a second it cost more than the purchases.)
@@ -595,8 +604,13 @@ class LeaseBook:
         if lease is None or self._account(account).seq == 0:
             return None
         st = lease.state
-        return (CounterState(st.spent + lease.spent, st.reserved - lease.spent, st.credit, st.count,
-                             st.leased), lease.phase)
+        return (CounterState(st.spent + lease.spent, st.reserved - lease.spent, st.credit,
+                             st.count + lease.count, st.leased), lease.phase)
+
+    def phase(self, account: str, counter: CounterRef) -> str:
+        """The phase of this broker's lease on `counter` ("" before its first lease)."""
+        lease = self._account(account).counters.get(counter.key)
+        return "" if lease is None else lease.phase.value
 
     def leases(self, account: str) -> list[CounterLease]:
         return list(self._account(account).counters.values())
@@ -626,6 +640,8 @@ class LeaseBook:
             self.counter(entry.account, h, TIERS["standard"])
         for line in entry.lines:
             acct.counters[entry.holds[line.hold_index].counter.key].spent += line.amount
+        for key in acct.pending[-1].touched():
+            acct.counters[key].count += 1
 
     def pending_intents(self) -> list[JournalEntry]:
         """Journaled intents of purchases cut off by a restart (not those in flight now)."""

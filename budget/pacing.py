@@ -95,7 +95,7 @@ class Pacer:
             next_action=(f"retry after {retry_at.isoformat()}: {latest.scope}'s {latest.period} budget is "
                          f"paced to last until {latest.period_end.isoformat()} (admitting "
                          f"{admission.probability * 100:.0f}% of purchases now)"),
-            period_end=latest.period_end, retry_at=retry_at,
+            period_end=latest.period_end, retry_at=retry_at, mode=latest.mode, phase=latest.phase,
         )
 
 

@@ -500,15 +500,22 @@ class PeriodLayer:
             self._saw(plan.account, c, st)
         return [self._snapshot(plan.account, c, s) for c, s in zip(plan.counters, states, strict=True)]
 
-    def _snapshot(self, account: str, c: Counter, s: CounterState, phase: str = "") -> Snapshot:
+    def _snapshot(
+        self, account: str, c: Counter, s: CounterState, phase: str | None = None,
+        as_of: datetime | None = None,
+    ) -> Snapshot:
+        """`phase`: the lease's, read from this broker's book unless given (a counter in lease mode read
+        or committed in the store is in the synchronous phase, or has no lease yet). `as_of`: now,
+        unless the caller read the clock once for several counters. Built positionally (Snapshot's
+        field order): three of these for every purchase on three scopes."""
+        if phase is None:
+            phase = self.leases.phase(account, c.ref) if c.mode == "lease" and self.leases is not None else ""
         cur = c.ref.currency
+        limit = c.limit if s.credit == 0 else c.limit + Money.from_units(s.credit, cur)
         return Snapshot(
-            account=account, layer=Layer.PERIOD, scope=c.ref.scope,
-            limit=c.limit if s.credit == 0 else c.limit + Money.from_units(s.credit, cur),
-            spent=Money.from_units(s.spent, cur), reserved=Money.from_units(s.reserved, cur),
-            transaction_count=s.count, as_of=self._clock.now(), period_start=c.window.start,
-            period_end=c.window.end, period=c.ref.period, failure_policy=c.failure,
-            mode=c.mode, phase=phase,
+            Layer.PERIOD, c.ref.scope, limit, Money.from_units(s.spent, cur),
+            Money.from_units(s.reserved, cur), s.count, self._clock.now() if as_of is None else as_of,
+            c.window.start, c.window.end, c.ref.period, c.failure, account, None, None, c.mode, phase,
         )
 
     def _lease_snapshots(self, plan: Plan) -> list[Snapshot] | None:
@@ -518,7 +525,8 @@ class PeriodLayer:
         views = [self.leases.view(plan.account, c.ref) for c in plan.counters]
         if any(v is None for v in views):
             return None
-        return [self._snapshot(plan.account, c, v[0], v[1].value)
+        now = self._clock.now()
+        return [self._snapshot(plan.account, c, v[0], v[1].value, now)
                 for c, v in zip(plan.counters, views, strict=True) if v is not None]
 
     def _local_snapshots(self, plan: Plan) -> list[Snapshot]:
@@ -585,7 +593,7 @@ class PeriodLayer:
                 by_part.append(tuple(units[counter.ref.currency] for counter in plan.counters))
             part_holds = tuple(by_part)
             holds = tuple(
-                Hold(c.ref, sum(p[i] for p in part_holds), c.limit.units(), c.window.end_ms + self._grace_ms,
+                Hold(c.ref, sum(p[i] for p in part_holds), c.limit.units(), c.ref.end_ms + self._grace_ms,
                      floor=self.guard.floor(plan.account, c.ref))
                 for i, c in enumerate(plan.counters)
             )

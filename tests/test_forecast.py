@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -199,13 +200,39 @@ def test_readings_a_moment_apart_fold_in_as_one_interval() -> None:
 
 
 def test_a_forecast_keeps_every_other_field_of_the_reading() -> None:
-    """Snapshot.with_forecast spells dataclasses.replace out (it runs for every budget of every
-    purchase): a field added to Snapshot and not copied there would vanish from every answer."""
+    """Snapshot.with_forecast spells dataclasses.replace out, positionally (it runs for every budget
+    of every purchase): a field added to Snapshot and not copied there would vanish from every
+    answer, and two fields out of order would swap values. Every field gets its own value."""
     import dataclasses
 
-    values: dict[str, object] = {"Layer": Layer.SESSION, "str": "x", "int": 7, "Money": usd("2"),
-                                 "datetime": T0, "Money | None": usd("3"), "datetime | None": END}
-    snap = Snapshot(**{f.name: values[str(f.type)] for f in dataclasses.fields(Snapshot)})  # type: ignore[arg-type]
-    later = T0 + timedelta(hours=1)
-    assert snap.with_forecast(usd("9"), later) == dataclasses.replace(
-        snap, spend_rate_per_hour=usd("9"), projected_exhaustion=later)
+    def value(i: int, f: dataclasses.Field[object]) -> object:
+        kind = str(f.type)
+        if kind == "Layer":
+            return Layer.PERIOD
+        if kind == "int":
+            return i
+        if kind.startswith("Money"):
+            return usd(f"{i}.00")
+        if kind.startswith("datetime"):
+            return T0 + timedelta(hours=i)
+        return f.name  # str fields: each its own name
+
+    snap = Snapshot(**{f.name: value(i, f) for i, f in enumerate(dataclasses.fields(Snapshot))})  # type: ignore[arg-type]
+    later = T0 + timedelta(days=1)
+    assert snap.with_forecast(usd("99"), later) == dataclasses.replace(
+        snap, spend_rate_per_hour=usd("99"), projected_exhaustion=later)
+
+
+def test_the_projection_counts_what_is_reserved_as_gone() -> None:
+    rates = SpendRates(60)
+    rates.observe(reading("1.00", T0))
+    first = rates.observe(reading("2.00", T0 + timedelta(seconds=60)))
+    held = rates.observe(replace(reading("2.00", T0 + timedelta(seconds=60)), reserved=usd("4.00")))
+    assert first.projected_exhaustion is not None
+    assert held.projected_exhaustion is not None
+    now = T0 + timedelta(seconds=60)
+    # 4.00 left instead of 8.00 at the same rate: half as long (to the microsecond it is rounded to).
+    assert abs((held.projected_exhaustion - now) * 2 - (first.projected_exhaustion - now)) <= timedelta(
+        microseconds=1)
+    spent_out = rates.observe(replace(reading("2.00", T0 + timedelta(seconds=60)), reserved=usd("9.00")))
+    assert spent_out.projected_exhaustion == T0 + timedelta(seconds=60)  # nothing left: exhausted now

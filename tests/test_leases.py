@@ -135,6 +135,74 @@ async def test_purchases_spend_leases_and_are_reported_in_batches(ex: Exchange, 
     assert await charged(ex) == 80
 
 
+@pytest.mark.parametrize("mode", ["lease", "strict"])
+async def test_a_period_state_reads_the_same_in_either_mode(ex: Exchange, tmp_path: Path, mode: str) -> None:
+    """Every field of the scope's state in each answer, purchase after purchase: on leases, the
+    purchases this broker has not reported yet count (transactionCount included), and once a
+    refresh has reported them they are not counted twice."""
+    async with running_broker(lease_config(ex, tmp_path, refresh_s=300, mode=mode)) as b:
+        book = b.broker.period.leases if b.broker.period else None
+        assert (book is not None) == (mode == "lease")
+        for n in range(1, 5):
+            if n == 3 and book is not None:
+                assert await book.refresh(ACCOUNT)
+            status, body, _ = await buy(b, f"s{n}")
+            assert status == 200, body
+            (state,) = [s for s in body["budgets"] if s["layer"] == "BUDGET_LAYER_PERIOD"]
+            now = datetime.now(UTC)
+            start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+            end = (start + timedelta(days=32)).replace(day=1)
+            reserved = state.pop("reserved")["amount"]
+            assert Decimal(reserved) >= 0 if mode == "lease" else reserved == "0.00"  # a lease is held
+            remaining = Decimal(state.pop("remaining")["amount"])
+            assert remaining == Decimal(100000) - n - Decimal(reserved)
+            assert state.pop("asOf")
+            state.pop("spendRatePerHour", None)  # a forecast, once two readings make one
+            state.pop("projectedExhaustion", None)
+            assert state == {
+                "layer": "BUDGET_LAYER_PERIOD", "scope": "user:lee", "period": "month",
+                "limit": {"amount": "100000.00", "currency": "USD"},
+                "spent": {"amount": f"{n}.00", "currency": "USD"},
+                "transactionCount": str(n),
+                "periodStart": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "periodEnd": end.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "failurePolicy": "closed",
+                "mode": f"ENFORCEMENT_MODE_{mode.upper()}",
+                **({"phase": "generous"} if mode == "lease" else {}),
+            }, n
+
+
+@pytest.mark.parametrize("mode", ["lease", "strict"])
+async def test_the_mode_and_phase_are_reported_to_the_end_and_on_the_denial(
+    ex: Exchange, tmp_path: Path, mode: str,
+) -> None:
+    """x-budget-mode and x-budget-remaining on every Transact, denials included, and the denial's
+    own mode. Near its end a lease scope is synchronous (every purchase reserves in the store): it
+    still says lease, with that phase."""
+    async with running_broker(lease_config(ex, tmp_path, limit="5.00", mode=mode)) as b:
+        phases = []
+        for n in range(1, 6):
+            status, body, headers = await buy(b, f"e{n}")
+            assert status == 200, body
+            (state,) = [s for s in body["budgets"] if s["layer"] == "BUDGET_LAYER_PERIOD"]
+            left = Decimal(5 - n) - Decimal(state["reserved"]["amount"])  # a lease held is not left
+            assert headers["x-budget-remaining"] == f"{left} USD; scope=user:lee"
+            expected = "lease; phase=" + state["phase"] if mode == "lease" else "strict"
+            assert headers["x-budget-mode"] == expected
+            phases.append(state.get("phase", ""))
+        status, body, headers = await buy(b, "e6")
+        assert status == 429, body
+        assert headers["x-budget-remaining"] == "0.00 USD; scope=user:lee"
+        (exhausted,) = [d["debug"] for d in body["details"] if d["type"] == "ramp.broker.v1.BudgetExhausted"]
+        assert exhausted["mode"] == f"ENFORCEMENT_MODE_{mode.upper()}"
+        if mode == "lease":
+            assert headers["x-budget-mode"] in ("lease; phase=synchronous", "lease; phase=exhausted")
+            assert phases[-1] == "synchronous"  # the last dollar was bought in the store
+        else:
+            assert headers["x-budget-mode"] == "strict"
+            assert phases == [""] * 5
+
+
 async def test_a_retry_on_lease_is_replayed_without_the_store_or_the_exchange(
     ex: Exchange, tmp_path: Path,
 ) -> None:
