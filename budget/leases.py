@@ -608,8 +608,10 @@ class LeaseBook:
                              st.count + lease.count, st.leased), lease.phase)
 
     def phase(self, account: str, counter: CounterRef) -> str:
-        """The phase of this broker's lease on `counter` ("" before its first lease)."""
-        lease = self._account(account).counters.get(counter.key)
+        """The phase of this broker's lease on `counter` ("" before its first lease). Reads only: a
+        status read of an account this broker never leased on starts no book (nor refreshes) for it."""
+        acct = self._accounts.get(account)
+        lease = None if acct is None else acct.counters.get(counter.key)
         return "" if lease is None else lease.phase.value
 
     def leases(self, account: str) -> list[CounterLease]:
