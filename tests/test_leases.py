@@ -661,3 +661,22 @@ async def test_a_journal_that_cannot_be_written_at_shutdown_does_not_stop_the_sh
         await journal.ack("an-entry", durable=False)  # queued, not written
         await book.close()
     assert "could not be written at shutdown" in caplog.text
+
+
+async def test_reading_a_phase_starts_no_book_for_the_account(tmp_path: Path) -> None:
+    """A status read of a lease scope asks the book for its phase: an account this broker never
+    leased on must not join the book (the refresh loop would then call the store for it)."""
+    start, end = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+    ref = CounterRef("user:lee", "month", "2026-11", "USD", to_ms(start), to_ms(end))
+    hold = Hold(ref, NANO, 10**6 * NANO, to_ms(end + timedelta(days=7)))
+
+    async def no_identity(account: str) -> None:
+        return None
+
+    async with opened(tmp_path) as store:
+        book = LeaseBook(store, clock=ManualClock(datetime(2026, 11, 23, tzinfo=UTC)), broker="b1",
+                         journal=None, identity=no_identity, floor=lambda account, counter: 0)
+        assert book.phase(ACCOUNT, ref) == ""
+        assert book._accounts == {}
+        assert await book.grow(ACCOUNT, [hold], [TIERS["standard"]]) is not None
+        assert book.phase(ACCOUNT, ref) == "generous"
