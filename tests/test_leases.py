@@ -98,6 +98,23 @@ async def books(state: Path) -> tuple[int, int, int, list[str]]:
     return st.spent, st.reserved, st.leased, [agent_key(e.idempotency_key) for e in ledger]
 
 
+async def _no_identity(account: str) -> None:
+    return None
+
+
+def bare_book(store: Store, journal: Journal | None = None) -> LeaseBook:
+    """A LeaseBook on `store` alone, no broker around it, on 23 November 2026."""
+    return LeaseBook(store, clock=ManualClock(datetime(2026, 11, 23, tzinfo=UTC)), broker="b1",
+                     journal=journal, identity=_no_identity, floor=lambda account, counter: 0)
+
+
+def november_hold() -> Hold:
+    """One purchase's hold (1.00) on user:lee's November 2026 counter (limit 1,000,000)."""
+    start, end = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+    ref = CounterRef("user:lee", "month", "2026-11", "USD", to_ms(start), to_ms(end))
+    return Hold(ref, NANO, 10**6 * NANO, to_ms(end + timedelta(days=7)))
+
+
 async def charged(exchange: Exchange) -> Decimal:
     state = await exchange.state()
     return Decimal(1000) - Decimal(state["balances"]["ramp-broker"]["USD"])
@@ -409,17 +426,10 @@ async def test_spends_are_reported_a_few_to_a_store_step_and_a_refresh_is_due_on
     steps as that takes, each once; and one is due as soon as half that many wait (not only when
     a lease is half used, or the interval is up)."""
     monkeypatch.setattr(leases_module, "REPORT_AT_ONCE", 4)
-    start, end = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
-    ref = CounterRef("user:lee", "month", "2026-11", "USD", to_ms(start), to_ms(end))
-    hold = Hold(ref, NANO, 10**6 * NANO, to_ms(end + timedelta(days=7)))
-
-    async def no_identity(account: str) -> None:
-        return None
-
+    hold = november_hold()
     async with opened(tmp_path) as raw:
         store = AnswerLost(raw)
-        book = LeaseBook(store, clock=ManualClock(datetime(2026, 11, 23, tzinfo=UTC)), broker="b1",
-                         journal=None, identity=no_identity, floor=lambda account, counter: 0)
+        book = bare_book(store)
         tier = TIERS["standard"]
         keys = [f"lee#s{i}" for i in range(7)]  # as the broker keys them: <agent>#<key>
         for n, key in enumerate(keys, 1):
@@ -653,11 +663,7 @@ async def test_a_journal_that_cannot_be_written_at_shutdown_does_not_stop_the_sh
     blocked.write_text("")
     journal = Journal(blocked / "leases.jsonl", lazy_flush_s=3600)
     async with opened(tmp_path) as store:
-        async def no_identity(account: str) -> None:
-            return None
-
-        book = LeaseBook(store, clock=ManualClock(), broker="b1", journal=journal, identity=no_identity,
-                         floor=lambda account, counter: 0)
+        book = bare_book(store, journal)
         await journal.ack("an-entry", durable=False)  # queued, not written
         await book.close()
     assert "could not be written at shutdown" in caplog.text
@@ -666,17 +672,10 @@ async def test_a_journal_that_cannot_be_written_at_shutdown_does_not_stop_the_sh
 async def test_reading_a_phase_starts_no_book_for_the_account(tmp_path: Path) -> None:
     """A status read of a lease scope asks the book for its phase: an account this broker never
     leased on must not join the book (the refresh loop would then call the store for it)."""
-    start, end = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
-    ref = CounterRef("user:lee", "month", "2026-11", "USD", to_ms(start), to_ms(end))
-    hold = Hold(ref, NANO, 10**6 * NANO, to_ms(end + timedelta(days=7)))
-
-    async def no_identity(account: str) -> None:
-        return None
-
+    hold = november_hold()
     async with opened(tmp_path) as store:
-        book = LeaseBook(store, clock=ManualClock(datetime(2026, 11, 23, tzinfo=UTC)), broker="b1",
-                         journal=None, identity=no_identity, floor=lambda account, counter: 0)
-        assert book.phase(ACCOUNT, ref) == ""
+        book = bare_book(store)
+        assert book.phase(ACCOUNT, hold.counter) == ""
         assert book._accounts == {}
         assert await book.grow(ACCOUNT, [hold], [TIERS["standard"]]) is not None
-        assert book.phase(ACCOUNT, ref) == "generous"
+        assert book.phase(ACCOUNT, hold.counter) == "generous"
