@@ -209,7 +209,7 @@ def build_period_layer(
             journal=Journal(_file(ls.journal_path, state_dir() / f"leases-{port}.jsonl")),
             identity=period.guard.identity, floor=period.guard.floor, on_lost=period.guard.mark_lost,
             refresh_s=ls.refresh_seconds, ttl_s=ls.ttl_seconds, rate_half_life_s=ls.rate_half_life_seconds,
-            on_refresh=refreshed, accounts=leasing)
+            store_timeout_s=pb.store.timeout_ms / 1000, on_refresh=refreshed, accounts=leasing)
     return period
 
 

@@ -13,7 +13,9 @@ forward). A refresh, batched over all counters of an account (every
 purchase needs more, or when the store asks lease holders to give back), reports the
 spend since the last one (ledger lines, once per idempotency key; REPORT_AT_ONCE to a
 store step) and renews, resizes or returns each lease in the same step; refreshes are
-idempotent by sequence number.
+idempotent by sequence number. Purchases that need more share one refresh, after the one
+under way; a failure answers all of them at once, and none waits for more than the store
+timeout: a store outage refuses them within it, rather than one timeout after another.
 
 Lease size follows the broker's smoothed spend rate and the counter's remaining
 budget (seed 001): clamp(rate x headroom, L_min, L_max) with L_min the largest
@@ -225,6 +227,16 @@ class _Pending:
 
 
 @dataclass(slots=True)
+class _Waiter:
+    """A purchase waiting for a refresh of its account to make room for it."""
+
+    holds: Sequence[Hold]
+    tiers: Sequence[Tier]
+    need: dict[str, int]  # counter key -> room it asks for (nothing on counters past leasing)
+    answer: asyncio.Future[LeaseHold | None]
+
+
+@dataclass(slots=True)
 class _Account:
     name: str
     counters: dict[str, CounterLease] = field(default_factory=dict)
@@ -235,6 +247,8 @@ class _Account:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     down: bool = False  # the last refresh failed
     adopted: bool = False  # this broker's leases left in the store by an earlier run were looked up
+    waiting: list[_Waiter] = field(default_factory=list)  # for the next refresh to serve
+    serving: asyncio.Task[None] | None = None  # that refresh, until it starts (takes the lock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +265,7 @@ class LeaseBook:
         self, store: Store, *, clock: Clock, broker: str, journal: Journal | None,
         identity: Callable[[str], Awaitable[StoreIdentity | None]], floor: Callable[[str, CounterRef], int],
         refresh_s: float = 1.0, ttl_s: float = 30.0, rate_half_life_s: float = 60.0,
-        on_lost: Callable[[str, str], None] | None = None,
+        store_timeout_s: float = 1.0, on_lost: Callable[[str, str], None] | None = None,
         on_refresh: Callable[[bool], None] | None = None, accounts: Sequence[str] = (),
     ) -> None:
         self._store = store
@@ -264,10 +278,13 @@ class LeaseBook:
         self._ttl_ms = int(ttl_s * 1000)
         self._ttl_s = ttl_s
         self._half_life = Decimal(str(rate_half_life_s))
+        # The longest a purchase waits on the store for room in its leases, in all.
+        self._store_timeout_s = store_timeout_s
         self._on_lost = on_lost
         self._on_refresh = on_refresh or (lambda ok: None)
         self._accounts: dict[str, _Account] = {}
         self._due = asyncio.Event()  # some lease is half used: refresh soon
+        self._serving: set[asyncio.Task[None]] = set()  # refreshes for waiting purchases, referenced
         self._live: set[str] = set()  # journaled intents of purchases in flight here
         # Keys of the previous incarnation (from the journal): a retry of one it settled is shown
         # its answer, one it was cut off in waits for the roll-forward. (Retries of this
@@ -518,12 +535,16 @@ class LeaseBook:
 
     def _unreachable(self, acct: _Account, exc: StoreUnavailable) -> bool:
         """A refresh the store did not answer: the leases stay as they were, less what it set aside
-        (it may have been applied; the next applied refresh settles which)."""
+        (it may have been applied; the next applied refresh settles which). Purchases queued for
+        the next refresh hear it now, rather than each wait out a store timeout of its own."""
         self._on_refresh(False)
         if not acct.down:
             log.warning("lease refresh of account %s failed (%s): spending what is left of the leases "
                         "until they expire", acct.name, exc)
         acct.down = True
+        for waiter in acct.waiting:
+            _answer(waiter, exc)
+        acct.waiting.clear()
         return False
 
     def _target(self, lease: CounterLease) -> int:
@@ -543,7 +564,11 @@ class LeaseBook:
         return max(size, min(2 * lease.recent, l_max))
 
     async def grow(self, account: str, holds: Sequence[Hold], tiers: Sequence[Tier]) -> LeaseHold | None:
-        """A purchase that did not fit the leases: refresh now asking for its room, then hold."""
+        """A purchase that did not fit the leases: the next refresh of its account asks for its room
+        (one refresh for every purchase waiting by then), and holds it. None when the leases cannot
+        take it (the counter is past leasing, or the store lent too little): the caller reserves in
+        the store. StoreUnavailable when that refresh, or the one under way when it asked, failed, or
+        no answer came within the store timeout of its asking: it is not sent to the store again."""
         need: dict[str, int] = {}
         leases = []
         for h, t in zip(holds, tiers, strict=True):
@@ -554,18 +579,69 @@ class LeaseBook:
             # Past leasing: give back what is spare on those counters now, so the store
             # reservation that follows is not denied by this broker's own lease. (Leases on the
             # purchase's other counters are kept: they are not what stops it.)
-            if any(lease.available > 0 for lease in past):
-                await self.refresh(account)
-            return None
-        acct = self._account(account)
-        async with acct.lock:
-            # Purchases that queued behind a refresh take what it brought before asking again.
-            held = self.try_hold(account, holds, tiers)
-            if held is not None:
-                return held
-            if not await self._refresh(acct, need):
+            if not any(lease.available > 0 for lease in past):
                 return None
-        return self.try_hold(account, holds, tiers)
+            need = {}
+        acct = self._account(account)
+        waiter = _Waiter(holds, tiers, need, asyncio.get_running_loop().create_future())
+        acct.waiting.append(waiter)
+        if acct.serving is None:
+            acct.serving = serving = asyncio.create_task(self._serve(acct))
+            self._serving.add(serving)
+            serving.add_done_callback(lambda task: self._served(acct, task))
+        answer = waiter.answer
+        try:
+            async with asyncio.timeout(self._store_timeout_s):
+                return await asyncio.shield(answer)
+        except TimeoutError:
+            if _answered(answer):
+                return answer.result()  # as the time ran out
+            answer.cancel()  # the refresh serves it no more
+            raise StoreUnavailable(f"no lease refresh answered within {self._store_timeout_s:g} s") from None
+        except BaseException:
+            # Told the refresh failed, or the purchase is gone (cancelled): then what was held for it
+            # is let go.
+            if _answered(answer) and (held := answer.result()) is not None:
+                self.release(held)
+            answer.cancel()
+            raise
+
+    def _served(self, acct: _Account, task: asyncio.Task[None]) -> None:
+        self._serving.discard(task)
+        if acct.serving is task:  # cancelled before it started (a shutdown): the next waiter starts one
+            acct.serving = None
+
+    async def _serve(self, acct: _Account) -> None:
+        """Serve the purchases waiting for room: at once those that the refresh before this one made
+        room for, the others with one refresh that asks for all of their room."""
+        async with acct.lock:
+            waiting = [w for w in acct.waiting if not w.answer.done()]
+            acct.waiting, acct.serving = [], None  # purchases from now on wait for the next one
+            pending = []
+            for waiter in waiting:
+                held = self.try_hold(acct.name, waiter.holds, waiter.tiers)
+                if held is None:
+                    pending.append(waiter)
+                elif not waiter.answer.done():
+                    waiter.answer.set_result(held)
+            if not pending:
+                return
+            grow: dict[str, int] = {}
+            for waiter in pending:
+                for key, amount in waiter.need.items():
+                    grow[key] = grow.get(key, 0) + amount
+            try:
+                ok = await self._refresh(acct, grow)
+            except Exception as exc:
+                if not any(_answer(waiter, exc) for waiter in pending):
+                    log.exception("lease refresh of account %s failed", acct.name)
+                return
+            failed = StoreUnavailable("the lease refresh failed")
+            for waiter in pending:
+                if not ok:
+                    _answer(waiter, failed)
+                elif not waiter.answer.done():
+                    waiter.answer.set_result(self.try_hold(acct.name, waiter.holds, waiter.tiers))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Refresh every account every `refresh_s`, sooner when a lease is half used."""
@@ -672,3 +748,16 @@ class LeaseBook:
 
     def _now_ms(self) -> int:
         return to_ms(self._clock.now())
+
+
+def _answered(answer: asyncio.Future[LeaseHold | None]) -> bool:
+    """`answer` holds a result (a hold, or None), not an error, nor a cancellation."""
+    return answer.done() and not answer.cancelled() and answer.exception() is None
+
+
+def _answer(waiter: _Waiter, exc: Exception) -> bool:
+    """Tell a waiting purchase that its refresh failed (unless it was answered, or gave up)."""
+    if waiter.answer.done():
+        return False
+    waiter.answer.set_exception(exc)
+    return True

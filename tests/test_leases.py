@@ -102,17 +102,21 @@ async def _no_identity(account: str) -> None:
     return None
 
 
-def bare_book(store: Store, journal: Journal | None = None) -> LeaseBook:
-    """A LeaseBook on `store` alone, no broker around it, on 23 November 2026."""
-    return LeaseBook(store, clock=ManualClock(datetime(2026, 11, 23, tzinfo=UTC)), broker="b1",
-                     journal=journal, identity=_no_identity, floor=lambda account, counter: 0)
+def bare_book(
+    store: Store, journal: Journal | None = None, clock: ManualClock | None = None,
+    store_timeout_s: float = 1.0,
+) -> LeaseBook:
+    """A LeaseBook on `store` alone, no broker around it, on 23 November 2026 (unless `clock`)."""
+    return LeaseBook(store, clock=clock or ManualClock(datetime(2026, 11, 23, tzinfo=UTC)), broker="b1",
+                     journal=journal, identity=_no_identity, floor=lambda account, counter: 0,
+                     store_timeout_s=store_timeout_s)
 
 
-def november_hold() -> Hold:
+def november_hold(amount: int = NANO, limit: int = 10**6 * NANO) -> Hold:
     """One purchase's hold (1.00) on user:lee's November 2026 counter (limit 1,000,000)."""
     start, end = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
     ref = CounterRef("user:lee", "month", "2026-11", "USD", to_ms(start), to_ms(end))
-    return Hold(ref, NANO, 10**6 * NANO, to_ms(end + timedelta(days=7)))
+    return Hold(ref, amount, limit, to_ms(end + timedelta(days=7)))
 
 
 async def charged(exchange: Exchange) -> Decimal:
@@ -418,6 +422,68 @@ class AnswerLost:
         return outcome
 
 
+class Unanswered:
+    """The real store, except that lease refreshes get no answer until `gate` is set (a paused
+    store), then fail as an unreachable one does if `fail`. `calls`: refreshes sent (`sent` is set
+    at each)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.gate = asyncio.Event()
+        self.sent = asyncio.Event()
+        self.fail = False
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def lease(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        self.sent.set()
+        await self.gate.wait()
+        if self.fail:
+            raise StoreUnavailable("redis: no answer in time (test)")
+        return await self._store.lease(*args, **kwargs)
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["answered", "failed"])
+async def test_purchases_that_need_room_share_one_refresh_and_hear_its_failure_at_once(
+    tmp_path: Path, fails: bool,
+) -> None:
+    """Ten purchases that need room while a refresh is under way do not each refresh in turn (each
+    then waited out its own store timeout): when it fails they all hear so at once, with no store
+    call of their own; when it is answered, one more refresh asks for all of their room."""
+    small, large = november_hold(NANO, 1000 * NANO), november_hold(20 * NANO, 1000 * NANO)
+    tier = TIERS["standard"]
+    async with opened(tmp_path) as raw:
+        store = Unanswered(raw)
+        store.gate.set()
+        book = bare_book(store, store_timeout_s=30)  # far longer than this test: no one times out
+        first = await book.grow(ACCOUNT, [small], [tier])  # a first lease: about ten purchases
+        assert first is not None
+        book.release(first)
+        store.gate.clear()
+        store.sent.clear()
+        store.fail = fails
+        background = asyncio.create_task(book.refresh(ACCOUNT))
+        await asyncio.wait_for(store.sent.wait(), 5)
+        purchases = [asyncio.create_task(book.grow(ACCOUNT, [large], [tier])) for _ in range(10)]
+        await asyncio.sleep(0.01)
+        assert not any(p.done() for p in purchases)  # waiting for the refresh under way
+        store.gate.set()
+        answers = await asyncio.wait_for(asyncio.gather(*purchases, return_exceptions=True), 5)
+        assert await background is not fails
+        if fails:
+            assert all(isinstance(a, StoreUnavailable) for a in answers), answers
+            assert store.calls == 2
+        else:
+            assert all(a is not None and not isinstance(a, BaseException) for a in answers), answers
+            assert store.calls == 3
+        (lease,) = book.leases(ACCOUNT)
+        assert lease.held == (0 if fails else 10 * 20 * NANO)
+        lease.held = 0  # the test's holds, never spent
+
+
 async def test_spends_are_reported_a_few_to_a_store_step_and_a_refresh_is_due_once_that_many_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -679,3 +745,4 @@ async def test_reading_a_phase_starts_no_book_for_the_account(tmp_path: Path) ->
         assert book._accounts == {}
         assert await book.grow(ACCOUNT, [hold], [TIERS["standard"]]) is not None
         assert book.phase(ACCOUNT, hold.counter) == "generous"
+
