@@ -19,8 +19,9 @@ timeout: a store outage refuses them within it, rather than one timeout after an
 
 Lease size follows the broker's smoothed spend rate and the counter's remaining
 budget (seed 001): clamp(rate x headroom, L_min, L_max) with L_min the largest
-purchase seen and L_max = remaining / (2 x brokers holding leases), through
-phases set by remaining / the counter's smoothed spend rate:
+purchase seen (a restart's journal included; none seen: no lease) and L_max =
+remaining / (2 x brokers holding leases), through phases set by remaining / the
+counter's smoothed spend rate:
 
     generous     > 1 h of spend left        headroom 60 s
     tightening   > 5 min                    headroom 10 s
@@ -170,12 +171,13 @@ def phase_of(
 def lease_size(
     phase: Phase, local_rate: Decimal, remaining: int, holders: int, largest: int, tier: Tier,
 ) -> int:
-    """clamp(rate x headroom, L_min, L_max) for the phase (0 when no lease should be held)."""
+    """clamp(rate x headroom, L_min, L_max) for the phase (0 when no lease should be held, or
+    nothing was bought on the counter and nothing is spent on it: no purchase seen, no L_min)."""
     headroom = next((h for _, p, h in _PHASES if p == phase), 0) * tier.headroom_factor
     if not headroom:
         return 0
     l_max = remaining // (2 * max(holders, 1))
-    l_min = min(max(largest, 1), l_max)
+    l_min = min(largest, l_max)
     return max(l_min, min(int(local_rate * headroom), l_max))
 
 
@@ -184,7 +186,7 @@ class CounterLease:
     """This broker's lease on one counter, and what it does with it."""
 
     counter: CounterRef
-    limit: int  # effective, before credit
+    limit: int | None  # effective, before credit; None: not known yet (a lease found after a restart)
     expire_at_ms: int
     tier: Tier
     rate: Rate  # this broker's spend on it
@@ -197,8 +199,8 @@ class CounterLease:
     state: CounterState = field(default_factory=CounterState)
     holders: int = 0
     reclaim: bool = False
-    largest: int = 0
-    phase: Phase = Phase.GENEROUS
+    largest: int = 0  # the largest purchase seen on it (L_min), journaled ones of a previous run included
+    phase: Phase | None = None  # None until a refresh has read the counter (its numbers unknown)
     recent: int = 0  # spend reported at the last refresh, plus room purchases asked for since
 
     @property
@@ -208,7 +210,8 @@ class CounterLease:
     @property
     def remaining(self) -> int:
         """Budget neither spent nor held in the store (leases, this one's included, excluded)."""
-        return self.limit + self.state.credit - self.state.spent - (self.state.reserved - self.state.leased)
+        st = self.state
+        return (self.limit or 0) + st.credit - st.spent - (st.reserved - st.leased)
 
 
 @dataclass(slots=True)
@@ -319,6 +322,7 @@ class LeaseBook:
                                  Rate(self._half_life), Rate(self._half_life))
             acct.counters[hold.counter.key] = lease
         lease.limit, lease.expire_at_ms, lease.tier = hold.limit, hold.expire_at_ms, tier
+        lease.largest = max(lease.largest, hold.amount)  # seen: the next refresh sizes and phases with it
         return lease
 
     def usable(self, account: str) -> bool:
@@ -431,7 +435,7 @@ class LeaseBook:
             mine = acct.counters.get(lease.counter.key)
             if mine is None:
                 mine = acct.counters[lease.counter.key] = CounterLease(
-                    lease.counter, 0, lease.counter.end_ms, TIERS["standard"], Rate(self._half_life),
+                    lease.counter, None, lease.counter.end_ms, TIERS["standard"], Rate(self._half_life),
                     Rate(self._half_life))
             mine.granted = lease.granted
             acct.seq = max(acct.seq, lease.seq)
@@ -458,14 +462,14 @@ class LeaseBook:
             key = lease.counter.key
             in_use = lease.held + lease.spent - spent_now[key]  # what stays spent or in flight
             lease.recent += spent_now[key] + grow.get(key, 0)
-            target = self._target(lease) + grow.get(key, 0)
+            target = self._target(lease, grow.get(key, 0))
             want = max(target, in_use)
             keep = lease.granted - spent_now[key]
             # Set aside what this refresh may give back, so no hold takes it meanwhile. What an
             # earlier refresh set aside stays aside until one is known to be applied: its answer
             # may have been lost after the store applied it.
             lease.returning = max(lease.returning, keep - want, 0)
-            asks.append(LeaseAsk(Hold(lease.counter, 0, lease.limit, lease.expire_at_ms,
+            asks.append(LeaseAsk(Hold(lease.counter, 0, lease.limit or 0, lease.expire_at_ms,
                                       floor=self._floor(acct.name, lease.counter)), want))
         index = {lease.counter.key: i for i, lease in enumerate(leases)}
         spends = [
@@ -524,8 +528,9 @@ class LeaseBook:
             lease.rate.observe(spent_now[lease.counter.key], now)
             lease.counter_rate.observe(max(0, grant.state.spent - previous), now)
             lease.recent = 0
-            lease.phase = phase_of(lease.remaining, max(lease.counter_rate.per_s, lease.rate.per_s),
-                                   grant.holders, lease.largest, lease.limit, lease.tier)
+            if lease.limit is not None:  # else no phase: nothing is known to size one with
+                lease.phase = phase_of(lease.remaining, max(lease.counter_rate.per_s, lease.rate.per_s),
+                                       grant.holders, lease.largest, lease.limit, lease.tier)
         acct.valid_until = now + self._ttl_s / 2  # never spend on a lease the store may think expired
         if self._journal is not None:
             # Recorded: one write acknowledges them all (a crash before it reports them again,
@@ -547,21 +552,27 @@ class LeaseBook:
         acct.waiting.clear()
         return False
 
-    def _target(self, lease: CounterLease) -> int:
-        """The lease this counter should have after a refresh (what is in use is kept anyway)."""
+    def _target(self, lease: CounterLease, ask: int) -> int:
+        """The lease this counter should have after a refresh, with `ask` (room purchases wait for
+        now) in it; what is in use is kept anyway."""
+        if lease.phase is None and not ask:
+            # Known only from a previous run (its journal, its leases in the store) and its numbers
+            # not read yet: no purchase needs a lease on it now.
+            return 0
         if lease.reclaim or lease.phase in (Phase.SYNCHRONOUS, Phase.EXHAUSTED):
             # At the end, and while another broker was denied budget leases hold: nothing spare.
-            return 0
-        size = lease_size(lease.phase, lease.rate.per_s, lease.remaining, max(lease.holders, 1),
+            return ask
+        phase = lease.phase or Phase.GENEROUS  # a first purchase on it: demand pull, below
+        size = lease_size(phase, lease.rate.per_s, lease.remaining, max(lease.holders, 1),
                           lease.largest, lease.tier)
         l_max = lease.remaining // (2 * max(lease.holders, 1))
-        if lease.rate.gathered == 0 and lease.phase == Phase.GENEROUS:
+        if lease.rate.gathered == 0 and phase == Phase.GENEROUS:
             # No rate known yet (demand pull, first refresh): a hundredth of what remains, or ten
             # purchases, so the first burst does not refresh for every purchase.
             size = max(size, min(l_max, max(10 * lease.largest, lease.remaining // 100)))
         # Before the smoothed rate has caught up with a burst: at least twice the last interval's
         # spend and asks (within L_max).
-        return max(size, min(2 * lease.recent, l_max))
+        return max(size, min(2 * lease.recent, l_max)) + ask
 
     async def grow(self, account: str, holds: Sequence[Hold], tiers: Sequence[Tier]) -> LeaseHold | None:
         """A purchase that did not fit the leases: the next refresh of its account asks for its room
@@ -677,8 +688,8 @@ class LeaseBook:
     def view(self, account: str, counter: CounterRef) -> tuple[CounterState, Phase] | None:
         """The counter as this broker knows it: the last refresh's numbers plus its own spend since."""
         lease = self._account(account).counters.get(counter.key)
-        if lease is None or self._account(account).seq == 0:
-            return None
+        if lease is None or lease.phase is None:
+            return None  # not read from the store yet
         st = lease.state
         return (CounterState(st.spent + lease.spent, st.reserved - lease.spent, st.credit,
                              st.count + lease.count, st.leased), lease.phase)
@@ -688,7 +699,7 @@ class LeaseBook:
         status read of an account this broker never leased on starts no book (nor refreshes) for it."""
         acct = self._accounts.get(account)
         lease = None if acct is None else acct.counters.get(counter.key)
-        return "" if lease is None else lease.phase.value
+        return "" if lease is None or lease.phase is None else lease.phase.value
 
     def leases(self, account: str) -> list[CounterLease]:
         return list(self._account(account).counters.values())

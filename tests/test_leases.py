@@ -119,6 +119,11 @@ def november_hold(amount: int = NANO, limit: int = 10**6 * NANO) -> Hold:
     return Hold(ref, amount, limit, to_ms(end + timedelta(days=7)))
 
 
+def spend(hold_index: int, amount: int) -> Line:
+    """A line of a purchase that spent `amount` on its hold_index-th counter."""
+    return Line(hold_index, amount, str(Decimal(amount) / NANO), "USD", "ex", "o", A)
+
+
 async def charged(exchange: Exchange) -> Decimal:
     state = await exchange.state()
     return Decimal(1000) - Decimal(state["balances"]["ramp-broker"]["USD"])
@@ -578,6 +583,7 @@ async def test_nothing_reported_is_spent_again_while_a_refresh_is_being_applied(
         await asyncio.wait_for(acking.wait(), 5)
         async with opened(tmp_path) as store:
             granted = sum(x.granted for x in await store.leases(ACCOUNT) if x.broker == book.broker)
+        assert lease.limit is not None
         hold = Hold(lease.counter, NANO, lease.limit, lease.expire_at_ms)
         taken = 0
         while book.try_hold(ACCOUNT, [hold], [TIERS["standard"]]) is not None and taken <= 20:
@@ -746,3 +752,65 @@ async def test_reading_a_phase_starts_no_book_for_the_account(tmp_path: Path) ->
         assert await book.grow(ACCOUNT, [hold], [TIERS["standard"]]) is not None
         assert book.phase(ACCOUNT, hold.counter) == "generous"
 
+
+async def test_a_restarted_broker_leases_nothing_it_does_not_need_and_phases_with_its_journal(
+    tmp_path: Path,
+) -> None:
+    """A broker that died comes back knowing its counters from its journal (spends not reported) and
+    from its leases in the store, not their numbers nor its rates. It asks for no lease where no
+    purchase of this run asks for one (not one nano-unit on every counter, however little is left
+    there), and the largest purchase in its journal counts as L_min: 4.00 left of a counter bought 3.00
+    at a time is synchronous, not generous."""
+    clock = ManualClock(datetime(2026, 11, 23, tzinfo=UTC))
+    month = november_hold(3 * NANO, 13 * NANO)
+    day_ref = CounterRef("user:lee", "day", "2026-11-23", "USD", month.counter.start_ms, month.counter.end_ms)
+    day = Hold(day_ref, 3 * NANO, 1000 * NANO, month.expire_at_ms)
+    tier = TIERS["standard"]
+    async with opened(tmp_path) as store:
+        journal = Journal(tmp_path / "leases.jsonl")
+        first = bare_book(store, journal, clock)
+        for key, holds in (("k0", (month, day)), ("k1", (month,)), ("k2", (month,))):
+            held = first.try_hold(ACCOUNT, holds, [tier] * len(holds)) or await first.grow(
+                ACCOUNT, holds, [tier] * len(holds))
+            assert held is not None
+            lines = tuple(spend(i, 3 * NANO) for i in range(len(holds)))
+            await first.commit(held, f"lee#{key}", holds, lines, b"answer")
+            if key == "k0":
+                assert await first.refresh(ACCOUNT)  # k0 reported: the day counter is not in the journal
+        await journal.flush()  # k1 and k2 on disk, not reported; then the broker dies
+        assert {lease.counter.period for lease in await store.leases(ACCOUNT)} == {"month", "day"}
+
+        again = bare_book(store, Journal(tmp_path / "leases.jsonl"), clock)
+        for _ in range(4):  # refreshes, minutes apart: rates decay to nothing
+            assert await again.refresh(ACCOUNT)
+            clock.advance(600)
+        assert await store.leases(ACCOUNT) == []
+        assert again.phase(ACCOUNT, month.counter) == "synchronous"  # 4.00 left
+        assert again.phase(ACCOUNT, day_ref) == ""  # its limit is not known: no phase to tell
+        # A purchase on the day counter leases again, on demand.
+        assert await again.grow(ACCOUNT, [day], [tier]) is not None
+        assert again.phase(ACCOUNT, day_ref) == "generous"
+        ledger = sorted([(e.period, e.idempotency_key, e.amount) async for e in store.ledger(ACCOUNT)])
+    assert ledger == [("day", "lee#k0", 3 * NANO)] + [("month", f"lee#k{i}", 3 * NANO) for i in range(3)]
+
+
+async def test_a_purchase_larger_than_what_is_left_makes_the_counter_synchronous(tmp_path: Path) -> None:
+    """The largest purchase seen is L_min from the first refresh that purchase asks for: 2.00 left and
+    a purchase of 3.00 is the synchronous phase (it reserves in the store, which denies it), and the
+    lease that refresh got is given back at the next."""
+    hold = november_hold(3 * NANO, 10 * NANO)
+    tier = TIERS["standard"]
+    async with opened(tmp_path) as store:
+        other = LeaseBook(store, clock=ManualClock(datetime(2026, 11, 23, tzinfo=UTC)), broker="b2",
+                          journal=None, identity=_no_identity, floor=lambda account, counter: 0)
+        for i in range(2):
+            held = await other.grow(ACCOUNT, [november_hold(4 * NANO, 10 * NANO)], [tier])
+            assert held is not None
+            await other.commit(held, f"lee#o{i}", (hold,), (spend(0, 4 * NANO),), b"answer")
+        await other.close()  # 8.00 spent, reported, its lease given back
+        book = bare_book(store)
+        assert book.try_hold(ACCOUNT, [hold], [tier]) is None
+        assert await book.grow(ACCOUNT, [hold], [tier]) is None
+        assert book.phase(ACCOUNT, hold.counter) == "synchronous"
+        assert await book.refresh(ACCOUNT)
+        assert await store.leases(ACCOUNT) == []
