@@ -15,7 +15,8 @@ spend since the last one (ledger lines, once per idempotency key; REPORT_AT_ONCE
 store step) and renews, resizes or returns each lease in the same step; refreshes are
 idempotent by sequence number. Purchases that need more share one refresh, after the one
 under way; a failure answers all of them at once, and none waits for more than the store
-timeout: a store outage refuses them within it, rather than one timeout after another.
+timeout (where its calls have one: Redis): a store outage refuses them within it, rather than
+one timeout after another.
 
 Lease size follows the broker's smoothed spend rate and the counter's remaining
 budget (seed 001): clamp(rate x headroom, L_min, L_max) with L_min the largest
@@ -268,7 +269,7 @@ class LeaseBook:
         self, store: Store, *, clock: Clock, broker: str, journal: Journal | None,
         identity: Callable[[str], Awaitable[StoreIdentity | None]], floor: Callable[[str, CounterRef], int],
         refresh_s: float = 1.0, ttl_s: float = 30.0, rate_half_life_s: float = 60.0,
-        store_timeout_s: float = 1.0, on_lost: Callable[[str, str], None] | None = None,
+        store_timeout_s: float | None = 1.0, on_lost: Callable[[str, str], None] | None = None,
         on_refresh: Callable[[bool], None] | None = None, accounts: Sequence[str] = (),
     ) -> None:
         self._store = store
@@ -281,7 +282,8 @@ class LeaseBook:
         self._ttl_ms = int(ttl_s * 1000)
         self._ttl_s = ttl_s
         self._half_life = Decimal(str(rate_half_life_s))
-        # The longest a purchase waits on the store for room in its leases, in all.
+        # The longest a purchase waits on the store for room in its leases, in all (None: as long as
+        # the store takes; the embedded one's calls have no deadline).
         self._store_timeout_s = store_timeout_s
         self._on_lost = on_lost
         self._on_refresh = on_refresh or (lambda ok: None)
