@@ -635,7 +635,7 @@ class LeaseBook:
                 held = self.try_hold(acct.name, waiter.holds, waiter.tiers)
                 if held is None:
                     pending.append(waiter)
-                elif not waiter.answer.done():
+                else:
                     waiter.answer.set_result(held)
             if not pending:
                 return
@@ -646,9 +646,13 @@ class LeaseBook:
             try:
                 ok = await self._refresh(acct, grow)
             except Exception as exc:
-                if not any(_answer(waiter, exc) for waiter in pending):
+                if not [waiter for waiter in pending if _answer(waiter, exc)]:
                     log.exception("lease refresh of account %s failed", acct.name)
                 return
+            except BaseException:  # cancelled (a shutdown): no purchase is left waiting for it
+                for waiter in pending:
+                    _answer(waiter, StoreUnavailable("the lease refresh was cancelled"))
+                raise
             failed = StoreUnavailable("the lease refresh failed")
             for waiter in pending:
                 if not ok:

@@ -429,14 +429,14 @@ class AnswerLost:
 
 class Unanswered:
     """The real store, except that lease refreshes get no answer until `gate` is set (a paused
-    store), then fail as an unreachable one does if `fail`. `calls`: refreshes sent (`sent` is set
-    at each)."""
+    store), then raise what `failures` has for their number, if anything (StoreUnavailable: as an
+    unreachable one does). `calls`: refreshes sent (`sent` is set at each)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
         self.gate = asyncio.Event()
         self.sent = asyncio.Event()
-        self.fail = False
+        self.failures: dict[int, Exception] = {}
         self.calls = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -444,20 +444,22 @@ class Unanswered:
 
     async def lease(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
+        number = self.calls
         self.sent.set()
         await self.gate.wait()
-        if self.fail:
-            raise StoreUnavailable("redis: no answer in time (test)")
+        if number in self.failures:
+            raise self.failures[number]
         return await self._store.lease(*args, **kwargs)
 
 
-@pytest.mark.parametrize("fails", [False, True], ids=["answered", "failed"])
+@pytest.mark.parametrize("fails", ["", "unreachable", "raises"])
 async def test_purchases_that_need_room_share_one_refresh_and_hear_its_failure_at_once(
-    tmp_path: Path, fails: bool,
+    tmp_path: Path, fails: str,
 ) -> None:
     """Ten purchases that need room while a refresh is under way do not each refresh in turn (each
     then waited out its own store timeout): when it fails they all hear so at once, with no store
-    call of their own; when it is answered, one more refresh asks for all of their room."""
+    call of their own; when it is answered, one more refresh asks for all of their room, and if
+    that one raises, all of them hear it."""
     small, large = november_hold(NANO, 1000 * NANO), november_hold(20 * NANO, 1000 * NANO)
     tier = TIERS["standard"]
     async with opened(tmp_path) as raw:
@@ -469,7 +471,10 @@ async def test_purchases_that_need_room_share_one_refresh_and_hear_its_failure_a
         book.release(first)
         store.gate.clear()
         store.sent.clear()
-        store.fail = fails
+        if fails == "unreachable":  # the refresh under way
+            store.failures[2] = StoreUnavailable("redis: no answer in time (test)")
+        elif fails == "raises":  # the purchases' own
+            store.failures[3] = ValueError("lease want out of range (test)")
         background = asyncio.create_task(book.refresh(ACCOUNT))
         await asyncio.wait_for(store.sent.wait(), 5)
         purchases = [asyncio.create_task(book.grow(ACCOUNT, [large], [tier])) for _ in range(10)]
@@ -477,10 +482,11 @@ async def test_purchases_that_need_room_share_one_refresh_and_hear_its_failure_a
         assert not any(p.done() for p in purchases)  # waiting for the refresh under way
         store.gate.set()
         answers = await asyncio.wait_for(asyncio.gather(*purchases, return_exceptions=True), 5)
-        assert await background is not fails
+        assert await background is (fails != "unreachable")
         if fails:
-            assert all(isinstance(a, StoreUnavailable) for a in answers), answers
-            assert store.calls == 2
+            error = StoreUnavailable if fails == "unreachable" else ValueError
+            assert all(isinstance(a, error) for a in answers), answers
+            assert store.calls == (2 if fails == "unreachable" else 3)
         else:
             assert all(a is not None and not isinstance(a, BaseException) for a in answers), answers
             assert store.calls == 3
