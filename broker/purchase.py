@@ -456,8 +456,9 @@ class Purchaser:
         watched = self._watch.seen(snaps) if spent.is_zero() else self._watch.committed(snaps)
         for s in watched:
             wire.budget_state(s, response.budgets.add())
-        if held.period is not None and not all(r.answered for r in results.values()):
-            # Not settled yet: a retry must go to the store (and roll it forward), not this answer.
+        if held.period is not None and not held.period.settled:
+            # Not settled yet (an Exchange did not answer, or a part's commit did not land): a retry
+            # must go to the store (and roll it forward), not this answer.
             assert self._period is not None
             self._period.hand_over(held.period)
             self._idem.forget((order.caller.id, order.key))
@@ -467,13 +468,21 @@ class Purchaser:
         self, order: Order, held: _Held, part: _Part, result: PartResult, results: dict[int, PartResult],
         response: bpb.TransactResponse,
     ) -> list[Snapshot] | None:
-        """Commit one Exchange's answer; the last answer ends the hold. Called under the purchase's lock."""
+        """Commit one Exchange's answer; the last one ends the hold, but only once every other part is
+        recorded too (committed, or answered with nothing charged): a part whose commit did not
+        land keeps its hold and intent until it is rolled forward. Called under the purchase's lock."""
         assert held.period is not None
         assert self._period is not None
         if not result.answered:
             return None  # stays held with its intent: rolled forward later
         items = [o.spend() for o in result.charged()]
-        last = len(results) == len(held.parts) and all(r.answered for r in results.values())
+        others = [results.get(p.index) for p in held.parts if p.index != part.index]
+        nothing_charged = [p.index for p in held.parts
+                           if p.index != part.index and (r := results.get(p.index)) is not None
+                           and r.answered and not r.charged()]
+        recorded = set(held.period.done) | set(nothing_charged)
+        last = all(r is not None and r.answered for r in others) and all(
+            p.index in recorded for p in held.parts if p.index != part.index)
         try:
             if last:
                 everything = [o for p in held.parts for o in results[p.index].outcomes]
@@ -487,7 +496,7 @@ class Purchaser:
                     (o.actual for o in everything if o.actual is not None), held.session.amount.currency)))
                 # The answer is stored with the commit, so any broker can replay this key.
                 return await self._period.commit(held.period, items, stored_answer(order.fingerprint, final),
-                                                 part=part.index, final=True)
+                                                 part=part.index, final=True, nothing_charged=nothing_charged)
             if items:
                 answer = bpb.TransactResponse(items=[o.item for o in result.outcomes])
                 return await self._period.commit(held.period, items, answer.SerializeToString(),

@@ -713,19 +713,24 @@ class PeriodLayer:
 
     async def commit(
         self, hold: PeriodHold, items: Sequence[ItemSpend], result: bytes, *, part: int = 0,
-        final: bool = True,
+        final: bool = True, nothing_charged: Sequence[int] = (),
     ) -> list[Snapshot] | None:
         """Record what one part of the purchase bought (all of it, for a hold of one part); the
         final commit ends the hold. Returns every counter's numbers after the commit, when known.
 
-        A hold with nothing bought at all is released instead (by the caller, or here for a hold
-        of one part). If the store cannot be reached the part stays unsettled: its intent is in
-        the store, and whoever rolls it forward commits it. If the store lost its memory, the
-        spend goes to the journal and is recorded once an operator has adopted the store.
+        A final commit ends a store hold only if every other part was committed or is listed in
+        `nothing_charged` (answered, nothing charged); else the store changes nothing and the hold
+        stays, with its intent, until it is rolled forward: a part whose commit did not land is
+        never released by another's. A hold with nothing bought at all is released instead (by the
+        caller, or here when no part was charged). If the store cannot be reached the part stays
+        unsettled: its intent is in the store, and whoever rolls it forward commits it. If the
+        store lost its memory, the spend goes to the journal and is recorded once an operator has
+        adopted the store.
         """
         if hold.settled:
             raise RuntimeError("period reservation settled twice")
-        if not items and final and not hold.done:
+        others = set(range(hold.parts)) - {part}
+        if not items and final and not hold.done and others <= set(nothing_charged):
             await self.release(hold)
             return None
         lines = self._lines(hold.holds, items)
@@ -733,6 +738,7 @@ class PeriodLayer:
         if hold.lease is not None:
             assert self.leases is not None
             hold.local_lines += lines
+            hold.done.add(part)
             if not final:
                 return None
             hold.settled = True
@@ -744,6 +750,7 @@ class PeriodLayer:
         if hold.local:
             # Fail-open: nothing of it is in the store; the journal takes the whole purchase at once.
             hold.local_lines += lines
+            hold.done.add(part)
             if not final:
                 return None
             hold.settled = True
@@ -764,7 +771,8 @@ class PeriodLayer:
             done = await self.store.commit(
                 hold.plan.account, hold.reservation_id, floors, lines, idempotency_key=hold.key,
                 result=result, now_ms=now_ms, part=part, release=release, final=final,
-                identity=self.guard.seen_identity(hold.plan.account),
+                identity=self.guard.seen_identity(hold.plan.account), parts=hold.parts,
+                nothing_charged=nothing_charged,
             )
         except StoreLost as exc:
             self.guard.mark_lost(hold.plan.account, str(exc))
@@ -779,6 +787,12 @@ class PeriodLayer:
             log.warning("budget store unreachable at commit of %r: the hold stays until it is rolled "
                         "forward", hold.key)
             raise
+        if done.unsettled_parts:
+            # The caller thought every other part settled; the store knows better. Its hold stays
+            # with its intent, for the roll-forward to commit part by part.
+            log.error("final commit of %r refused: part(s) %s are not settled; the hold stays until it "
+                      "is rolled forward", hold.key, ", ".join(map(str, done.unsettled_parts)))
+            return None
         hold.done.add(part)
         hold.settled = final
         if done.duplicate:

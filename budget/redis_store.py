@@ -326,6 +326,8 @@ class _CommitRequest:
     release: Sequence[int]
     final: bool
     identity: StoreIdentity | None
+    parts: int
+    nothing_charged: tuple[int, ...]
 
 
 def _identity_args(identity: StoreIdentity | None) -> list[str]:
@@ -604,12 +606,13 @@ class RedisStore:
     async def commit(
         self, account: str, reservation_id: str, holds: Sequence[Hold], lines: Sequence[Line], *,
         idempotency_key: str, result: bytes, now_ms: int, part: int = 0, release: Sequence[int] = (),
-        final: bool = True, identity: StoreIdentity | None = None,
+        final: bool = True, identity: StoreIdentity | None = None, parts: int = 1,
+        nothing_charged: Sequence[int] = (),
     ) -> Committed:
         if release and len(release) != len(holds):
             raise ValueError(f"release has {len(release)} amounts for {len(holds)} holds")
         request = _CommitRequest(reservation_id, tuple(holds), tuple(lines), idempotency_key, bytes(result),
-                                 now_ms, part, tuple(release), final, identity)
+                                 now_ms, part, tuple(release), final, identity, parts, tuple(nothing_charged))
         # Build (and so validate) the arguments now, so a bad request fails alone, not its batch.
         self._commit_args(request)
         batcher = self._commit_batchers.get(account)
@@ -638,7 +641,8 @@ class RedisStore:
         args: list[str | bytes] = [
             r.rid, r.idempotency_key, r.result, str(r.now_ms), self._idempotency_ttl(r.holds, r.now_ms),
             str(len(r.holds)), str(len(r.lines)), str(r.part), "1" if r.final else "0",
-            "1" if r.release else "0", *_identity_args(r.identity)]
+            "1" if r.release else "0", *_identity_args(r.identity), str(r.parts),
+            " ".join(str(p) for p in r.nothing_charged)]
         sums = [0] * len(r.holds)
         for line in r.lines:
             if 0 <= line.hold_index < len(r.holds):
@@ -656,6 +660,9 @@ class RedisStore:
             return Committed(overage=(0,) * len(request.holds), duplicate=True)
         if reply[0] == b"lost":
             return StoreLost(f"redis: {_text(reply[1])}")
+        if reply[0] == b"open":
+            return Committed(overage=(0,) * len(request.holds),
+                             unsettled_parts=tuple(int(p) for p in _text(reply[1]).split()))
         late = reply[1] == b"1"
         held: dict[str, int] = {}
         words = _text(reply[2]).split()

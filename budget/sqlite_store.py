@@ -765,7 +765,8 @@ class SqliteStore:
     async def commit(
         self, account: str, reservation_id: str, holds: Sequence[Hold], lines: Sequence[Line], *,
         idempotency_key: str, result: bytes, now_ms: int, part: int = 0, release: Sequence[int] = (),
-        final: bool = True, identity: StoreIdentity | None = None,
+        final: bool = True, identity: StoreIdentity | None = None, parts: int = 1,
+        nothing_charged: Sequence[int] = (),
     ) -> Committed:
         _check_lines(holds, lines)
         holds, lines, release = tuple(holds), tuple(lines), tuple(release)
@@ -787,6 +788,12 @@ class SqliteStore:
             if lost is not None:
                 raise StoreLost(f"budget store {self.path}: {lost}")
             res = _load_reservation(conn, account, reservation_id)
+            if final and res is not None:
+                # A final commit settles only the parts it is told about (see Store.commit).
+                settled = {part, *res.done, *nothing_charged}
+                unsettled = tuple(p for p in range(parts) if p not in settled)
+                if unsettled:
+                    return Committed(overage=(0,) * len(holds), unsettled_parts=unsettled)
             spent = [0] * len(holds)
             # A part committed before (by another broker rolling it forward) adds, gives back and
             # records nothing again; only a final commit still ends the reservation.

@@ -281,6 +281,9 @@ class Committed:
     # Per hold, the counter's numbers right after this commit (empty for a duplicate), so the
     # caller can report them without another read. A report, not part of the outcome's identity.
     states: tuple[CounterState, ...] = field(default=(), compare=False)
+    # A final commit refused because these parts are neither committed nor said to have charged
+    # nothing: nothing was changed, and the reservation (with their holds) stays open.
+    unsettled_parts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,7 +357,8 @@ class Store(Protocol):
     async def commit(
         self, account: str, reservation_id: str, holds: Sequence[Hold], lines: Sequence[Line], *,
         idempotency_key: str, result: bytes, now_ms: int, part: int = 0, release: Sequence[int] = (),
-        final: bool = True, identity: StoreIdentity | None = None,
+        final: bool = True, identity: StoreIdentity | None = None, parts: int = 1,
+        nothing_charged: Sequence[int] = (),
     ) -> Committed:
         """Settle one part of a reservation with what was actually charged, atomically with the ledger.
 
@@ -363,6 +367,11 @@ class Store(Protocol):
         still holds there; without `release`, everything it holds), and the part is recorded
         with `result` (its answer). With `final`, the reservation then ends: whatever it still
         holds is refunded, count += 1, and `result` is stored as the key's answer for replay.
+        A final commit settles only what it is told about: every other part of the reservation's
+        `parts` (0 .. parts-1) must be committed already or listed in `nothing_charged` (answered,
+        nothing charged: their holds may go back); else nothing changes and `unsettled_parts`
+        names the others, whose holds stay until they are rolled forward (a part whose commit did
+        not land is never released by another part's commit).
         If the reservation is gone (refunded), the spend is still recorded (late=True); if the key
         was already committed, nothing changes (duplicate=True). `states` holds every hold's
         counter as the commit left it. StoreLost (changing nothing) if `identity` is given and
