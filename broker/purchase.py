@@ -68,12 +68,13 @@ from budget.period import (
     AlreadySettled,
     Charge,
     HoldUnsettled,
-    KeyInFlight,
+    OutcomePending,
     PeriodHold,
     PeriodLayer,
     Plan,
     StoreDown,
 )
+from budget.periods import from_ms
 from budget.session import SessionAccount, SessionBudgets
 from budget.store import StoreUnavailable, UnsettledHold
 from currency.convert import ConversionError, Converter, convert
@@ -177,8 +178,12 @@ class Purchaser:
             self._idem.add((agent.id, order.key), entry)
         try:
             answer = await entry.result()
-        except AfterWire as exc:
-            raise exc.__cause__ or exc from None
+        except AfterWire:
+            # Its hold stays (handed over to be rolled forward): a retry must reach it, not this error.
+            self._idem.forget((agent.id, order.key), entry)
+            raise OutcomePending(
+                "the purchase failed after the Exchanges were asked to buy: it may be charged; retry "
+                "with the same idempotency key to hear what happened", order.key, "exchange") from None
         except Exception:
             # Nothing reached an Exchange: the agent may fix the cause and retry the key.
             self._idem.forget((agent.id, order.key), entry)
@@ -264,9 +269,10 @@ class Purchaser:
         assert self.recovery is not None
         result: bytes | None = await self.recovery.roll_forward(found.account, found.hold)
         if result is None:
-            raise KeyInFlight("this purchase was sent to an Exchange that has not confirmed it yet; the "
-                              "broker keeps asking: retry the same request in a moment",
-                              found.hold.idempotency_key.partition("#")[2])
+            raise OutcomePending("this purchase was sent to an Exchange that has not confirmed it yet; the "
+                                 "broker keeps asking: retry the same request later",
+                                 found.hold.idempotency_key.partition("#")[2], "exchange",
+                                 from_ms(found.hold.expires_ms))
         return result
 
     async def _quoted(

@@ -103,6 +103,20 @@ class AlreadySettled(Exception):
         self.result = result
 
 
+class OutcomePending(Exception):
+    """An Exchange may have been asked to charge for this key (or its hold, with the request it
+    would send, may have reached the store and be rolled forward), and the outcome is not known
+    yet: retry with the same key, never a new one (ABORTED outcome_pending)."""
+
+    reason = "outcome_pending"
+
+    def __init__(self, message: str, key: str, layer: str, retry_at: datetime | None = None) -> None:
+        super().__init__(message)
+        self.scope = key
+        self.layer = layer  # "store" or "exchange": where the outcome is unknown
+        self.retry_at = retry_at
+
+
 def in_flight(key: str) -> KeyInFlight:
     return KeyInFlight(f"a purchase with idempotency key {key!r} is still in progress; retry shortly", key)
 
@@ -336,7 +350,7 @@ class PeriodLayer:
         if probing:
             if domain in self._probing:
                 close_awaitable(call)
-                raise StoreUnavailable("the budget store failed moments ago")
+                raise StoreUnavailable("the budget store failed moments ago", not_sent=True)
             self._probing.add(domain)
         try:
             result = await call
@@ -612,9 +626,17 @@ class PeriodLayer:
                     plan.account, holds, ttl_ms=self._ttl_ms, idempotency_key=key, now_ms=now_ms,
                     limits_version=plan.version, intent=intent, owner=self.instance, identity=identity,
                 ))
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
                 if plan.fails_open():
                     return await self._reserve_locally(plan, holds, cost, key, intent)
+                if intent and not exc.not_sent:
+                    # The hold may have landed with its intent: a sweeper would then roll it forward
+                    # (and the Exchange execute it) after the TTL. Not "nothing happened".
+                    raise OutcomePending(
+                        "the budget store did not confirm the reservation, which may have been made: "
+                        "this purchase may still go through; retry with the same idempotency key "
+                        f"after {self._ttl_ms // 1000} s", key.partition("#")[2], "store",
+                        from_ms(now_ms + self._ttl_ms)) from None
                 raise self._down(plan) from None
             if isinstance(outcome, Reserved):
                 return PeriodHold(plan, holds, key, outcome.reservation_id, part_holds=part_holds)

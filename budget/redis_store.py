@@ -204,6 +204,17 @@ def _unavailable(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
 
 
+def _never_sent(exc: BaseException) -> bool:
+    """The command never left this client: no connection could be made or had (redis-py's own
+    messages for a refused or timed-out connect and an exhausted pool). Anything later (a timeout
+    reading the reply, a connection dropped, a WAIT short of replicas) may have run on the server."""
+    text = str(exc)
+    if isinstance(exc, RedisTimeoutError):
+        return text.startswith("Timeout connecting")
+    return isinstance(exc, RedisConnectionError) and (" connecting to " in text or text.startswith(
+        ("Error connecting to", "No connection available")))
+
+
 class _HiredisConnection(Connection):
     """Packs commands with hiredis (C) instead of redis-py's pure-Python packer.
 
@@ -295,7 +306,7 @@ class _Batcher(Generic[Req, Out]):
 def _copy(exc: Exception) -> Exception:
     """One exception per waiting caller (each raise extends the object's traceback)."""
     if isinstance(exc, StoreUnavailable):
-        fresh = StoreUnavailable(*exc.args)
+        fresh = StoreUnavailable(*exc.args, not_sent=exc.not_sent)
         fresh.__cause__ = exc.__cause__
         return fresh
     return exc
@@ -453,7 +464,8 @@ class RedisStore:
                     return await operation()
         except Exception as exc:
             if _unavailable(exc):
-                raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+                raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}",
+                                       not_sent=_never_sent(exc)) from exc
             raise
 
     async def _eval(self, name: str, keys: Sequence[str], args: Sequence[str | bytes]) -> Any:

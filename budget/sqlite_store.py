@@ -677,7 +677,7 @@ class SqliteStore:
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
         if self._closed:
-            raise StoreUnavailable(f"budget store {self.path} is closed")
+            raise StoreUnavailable(f"budget store {self.path} is closed", not_sent=True)
         loop = asyncio.get_running_loop()
         try:
             if not write:
@@ -689,7 +689,8 @@ class SqliteStore:
             return await done
         except sqlite3.Error as e:
             if _unavailable(e):
-                raise StoreUnavailable(f"budget store {self.path}: {e}") from e
+                # Busy or locked: the transaction was rolled back, so nothing of it happened.
+                raise StoreUnavailable(f"budget store {self.path}: {e}", not_sent=True) from e
             raise
 
     # --- reservations -----------------------------------------------------------------

@@ -326,12 +326,20 @@ class Limits:
 
 class StoreUnavailable(Exception):
     """The store did not answer in time or could not be reached. Nothing is known to have changed
-    for reads; for writes the outcome is unknown."""
+    for reads; for writes the outcome is unknown, unless `not_sent`: the call certainly changed
+    nothing (it never reached the store, or the store rolled it back)."""
+
+    def __init__(self, *args: object, not_sent: bool = False) -> None:
+        super().__init__(*args)
+        self.not_sent = not_sent
 
 
 class StoreLost(StoreUnavailable):
     """The store does not show what the caller has seen of it (a write checked against an identity
     or a floor): nothing was changed. Spend must be kept elsewhere until an operator adopts it."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args, not_sent=True)
 
 
 class Store(Protocol):

@@ -32,8 +32,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
+from google.protobuf import json_format
+from grpc_status import rpc_status
 from redis.asyncio import Redis
 
 from broker.auth import Agent
@@ -42,6 +45,8 @@ from budget.redis_store import RedisStore
 from budget.sqlite_store import SqliteStore
 from budget.store import CounterRef, CounterState, LedgerEntry, Store, UnsettledHold
 from currency.money import Money
+from ramp.broker.v1 import broker_pb2 as bpb
+from ramp.broker.v1 import broker_pb2_grpc
 from tests.harness import agent_key, denial, lasting_port
 from tests.processes import (
     Child,
@@ -890,3 +895,101 @@ async def test_broker_frozen_past_its_ttl_finds_its_purchase_settled(
                 answer.json(), again.json())
             assert "Traceback" not in b1.stderr, b1.stderr[-4000:]
             assert (await exchange_state(client, exchange))["charges"] == 1
+
+
+# --- 7. what a caller hears: "may be charged" (same key) is not "nothing happened" (new key is safe) ----
+
+
+async def _replica_in_sync(replica: RedisServer) -> bool:
+    client = Redis.from_url(replica.url)
+    try:
+        return (await client.info("replication")).get("master_link_status") == "up"
+    finally:
+        await client.aclose()
+
+
+async def _grpc_transact(broker: Child, body: dict[str, Any]) -> tuple[grpc.StatusCode, bpb.Denial | None]:
+    """The purchase over gRPC (grpcio): its status code and the Denial in its status details."""
+    request = json_format.ParseDict(body, bpb.TransactRequest())
+    async with grpc.aio.insecure_channel(broker.url.removeprefix("http://")) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        try:
+            await stub.Transact(request, metadata=(("authorization", f"Bearer {API_KEY}"),), timeout=10)
+        except grpc.aio.AioRpcError as err:
+            status = rpc_status.from_call(err)  # type: ignore[arg-type]
+            denials = [bpb.Denial.FromString(d.value) for d in (status.details if status else [])
+                       if d.type_url.endswith("ramp.broker.v1.Denial")]
+            return err.code(), (denials[0] if denials else None)
+    return grpc.StatusCode.OK, None
+
+
+async def test_a_reservation_the_store_may_have_made_is_answered_outcome_pending(tmp_path: Path) -> None:
+    """`wait_replicas: 1` with the replica stopped: the reservation (with its intent) lands on the
+    primary, but WAIT times out. The broker never asked the Exchange, yet a sweeper will roll that
+    hold forward and the Exchange execute it: the answer is ABORTED `outcome_pending` (retry the same
+    key), not `store_unavailable`. The retry is then answered with the purchase, bought once. A
+    store that cannot be reached at all (nothing sent) is `store_unavailable`, and nothing is ever
+    charged for it."""
+    (tmp_path / "p").mkdir()
+    (tmp_path / "r").mkdir()
+    primary = RedisServer(tmp_path / "p", appendonly=True, extra=("--repl-diskless-sync-delay", "0"))
+    await asyncio.to_thread(primary.start)
+    replica = RedisServer(tmp_path / "r", extra=("--replicaof", "127.0.0.1", str(primary.port)))
+    await asyncio.to_thread(replica.start)
+    backend = Backend("redis", tmp_path / "unused.sqlite3", primary)
+    limits = {"user:alice": "10.00", "team:eng": "10.00"}
+    try:
+        await eventually(lambda: _replica_in_sync(replica), 10.0, "the replica syncs")
+        async with start_exchange(tmp_path, catalog_tree()) as exchange, \
+                httpx.AsyncClient(timeout=15.0) as client:
+            config = broker_config([exchange], backend, limits, store_timeout_ms=500)
+            config["period_budgets"]["store"]["wait_replicas"] = 1
+            async with start_broker(tmp_path, config, name="broker-1", env=ADMIN_ENVIRON) as b1:
+                bodies = {"k0": transact("k0")}
+                warm = await connect_call(client, b1, "BrokerService/Transact", bodies["k0"], key=API_KEY)
+                assert warm.status_code == 200, warm.text
+
+                replica.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+                try:
+                    bodies["k1"] = transact("k1")
+                    pending = await connect_call(client, b1, "BrokerService/Transact", bodies["k1"],
+                                                 key=API_KEY)
+                    code, over_grpc = await _grpc_transact(b1, transact("k1-grpc"))
+                    bodies["k1-grpc"] = transact("k1-grpc")
+                finally:
+                    replica.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+                assert (pending.status_code, pending.json()["code"]) == (409, "aborted"), pending.text
+                d = denial(pending.json())
+                assert (d.reason, d.layer, d.scope) == ("outcome_pending", bpb.DENIAL_LAYER_STORE, "k1"), d
+                assert "same idempotency key" in d.next_action
+                assert "may already be charged" in d.next_action
+                assert d.HasField("retry_at"), d
+                assert (code, over_grpc and over_grpc.reason) == (grpc.StatusCode.ABORTED, "outcome_pending")
+                # Nothing was sent to the Exchange yet: only the warm-up is charged.
+                assert (await exchange_state(client, exchange))["charges"] == 1
+
+                # The hold, with its intent, is in the store: rolled forward after the TTL, so the
+                # Exchange does charge it; the retry with the same key hears it, bought once.
+                async def charged() -> bool:
+                    return int((await exchange_state(client, exchange))["charges"]) == 3
+                await eventually(charged, SETTLE_S, "the sweeper rolls the pending holds forward")
+                for key in ("k1", "k1-grpc"):
+                    retry = await connect_call(client, b1, "BrokerService/Transact", bodies[key], key=API_KEY)
+                    assert retry.status_code == 200, retry.text
+                    assert purchased(retry.json()) == [(A, Decimal("1.00"))], retry.text
+
+                # The store unreachable (nothing sent): store_unavailable, and a new key is safe.
+                await asyncio.to_thread(primary.stop)
+
+                async def not_ready() -> bool:
+                    return (await client.get(f"{b1.url}/readyz")).status_code == 503
+                await eventually(not_ready, 10.0, "the broker notices the store is down")
+                down = await connect_call(client, b1, "BrokerService/Transact", transact("k2"), key=API_KEY)
+                assert (down.status_code, denial(down.json()).reason) == (503, "store_unavailable"), down.text
+                await asyncio.to_thread(primary.start)
+                await asyncio.sleep(TTL_S + 10 * SWEEP_S)
+                assert (await exchange_state(client, exchange))["charges"] == 3  # never k2
+                await check_books(client, backend, {"ref.test": exchange}, limits, bodies, b1)
+    finally:
+        await asyncio.to_thread(replica.stop)
+        await asyncio.to_thread(primary.stop)
