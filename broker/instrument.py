@@ -131,11 +131,11 @@ class TimedStore:
 
     async def record_spend(
         self, account: str, holds: Sequence[Hold], lines: Sequence[Line], *, idempotency_key: str,
-        now_ms: int, kind: str, identity: StoreIdentity | None = None,
+        now_ms: int, kind: str, identity: StoreIdentity | None = None, result: bytes = b"",
     ) -> bool:
         return await self._timed("record_spend", self.inner.record_spend(
             account, holds, lines, idempotency_key=idempotency_key, now_ms=now_ms, kind=kind,
-            identity=identity))
+            identity=identity, result=result))
 
     async def claim(self, account: str, name: str, *, expire_at_ms: int, now_ms: int) -> bool:
         return await self._timed("claim", self.inner.claim(

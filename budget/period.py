@@ -627,16 +627,21 @@ class PeriodLayer:
                     limits_version=plan.version, intent=intent, owner=self.instance, identity=identity,
                 ))
             except StoreUnavailable as exc:
+                # Unanswered, the hold may have landed with its intent: a sweeper would then roll it
+                # forward (and the Exchange execute it) after the TTL. Not "nothing happened".
+                maybe_made = bool(intent) and not exc.not_sent
                 if plan.fails_open():
-                    return await self._reserve_locally(plan, holds, cost, key, intent)
-                if intent and not exc.not_sent:
-                    # The hold may have landed with its intent: a sweeper would then roll it forward
-                    # (and the Exchange execute it) after the TTL. Not "nothing happened".
+                    try:
+                        return await self._reserve_locally(plan, holds, cost, key, intent)
+                    except OpenAllowanceExhausted:
+                        if not maybe_made:
+                            raise
+                if maybe_made:
                     raise OutcomePending(
                         "the budget store did not confirm the reservation, which may have been made: "
-                        "this purchase may still go through; retry with the same idempotency key "
-                        f"after {self._ttl_ms // 1000} s", key.partition("#")[2], "store",
-                        from_ms(now_ms + self._ttl_ms)) from None
+                        "this purchase may still go through; retry with the same idempotency key (it is "
+                        "answered once the store is back, by retryAt at the latest)",
+                        key.partition("#")[2], "store", from_ms(now_ms + self._ttl_ms)) from None
                 raise self._down(plan) from None
             if isinstance(outcome, Reserved):
                 return PeriodHold(plan, holds, key, outcome.reservation_id, part_holds=part_holds)
@@ -705,6 +710,7 @@ class PeriodLayer:
     async def _reserve_locally(
         self, plan: Plan, holds: tuple[Hold, ...], cost: Money, key: str, intent: bytes,
     ) -> PeriodHold:
+        self._check_known_locally(plan.account, key)
         for snap in self._local_snapshots(plan):
             need = convert(cost, snap.limit.currency, self._converter)
             if snap.spent + need > snap.limit:
@@ -725,6 +731,18 @@ class PeriodLayer:
         log.warning("budget store unreachable: scopes %s spend from the fail-open allowance",
                     ", ".join(plan.scopes))
         return hold
+
+    def _check_known_locally(self, account: str, key: str) -> None:
+        """Without the store, a key is answered from what this broker knows of it: a spend it journaled
+        (AlreadySettled, with its answer) or a purchase of it still in flight here (KeyInFlight).
+        A key bought on another broker cannot be known here (see the README: a repeated key)."""
+        if any(h.key == key and h.plan.account == account for h in self._local_holds):
+            raise in_flight(key)
+        for entry in self._journal.pending() if self._journal is not None else ():
+            if entry.account == account and entry.idempotency_key == key:
+                if entry.intent:
+                    raise in_flight(key)  # cut off by a restart: its roll-forward settles it
+                raise AlreadySettled(entry.result)
 
     def _down(self, plan: Plan) -> StoreDown:
         closed = sorted({c.ref.scope for c in plan.counters if c.failure != "open"})
@@ -780,7 +798,7 @@ class PeriodLayer:
             if hold.local_lines:
                 # Its spend is journaled, and its intent with it: nothing to roll forward.
                 await self._journal.append(hold.plan.account, hold.key, hold.holds, hold.local_lines, now_ms,
-                                           settles=hold.journal_id)
+                                           result=result, settles=hold.journal_id)
                 self.events.fail_open_spend()
             elif hold.journal_id is not None:
                 await self._journal.ack(hold.journal_id)
@@ -919,17 +937,17 @@ class PeriodLayer:
         for entry in self._journal.pending():
             if self.guard.problem(entry.account) is not None or entry.id in live:
                 continue  # a lost store waits for adoption; a purchase in flight settles itself
-            lines = entry.lines
+            lines, result = entry.lines, entry.result
             if entry.intent:
                 rolled = await self._roll_forward_local(entry)
                 if rolled is None:
                     continue  # an Exchange has not answered: it stays counted, tried again later
-                lines, _ = rolled
+                lines, result = rolled
             identity = self.guard.seen_identity(entry.account)
             try:
                 await self.store.record_spend(
                     entry.account, entry.holds, lines, idempotency_key=entry.store_key,
-                    now_ms=entry.at_ms, kind="journal", identity=identity,
+                    now_ms=entry.at_ms, kind="journal", identity=identity, result=result,
                 )
             except StoreLost as exc:
                 self.guard.mark_lost(entry.account, str(exc))

@@ -776,14 +776,15 @@ class RedisStore:
 
     async def record_spend(
         self, account: str, holds: Sequence[Hold], lines: Sequence[Line], *, idempotency_key: str,
-        now_ms: int, kind: str, identity: StoreIdentity | None = None,
+        now_ms: int, kind: str, identity: StoreIdentity | None = None, result: bytes = b"",
     ) -> bool:
         p = self.account_prefix(account)
         keys = [f"{p}i:{idempotency_key}", f"{p}ledger", f"{p}counters"]
         keys += [f"{p}c:{h.counter.key}" for h in holds]
-        args = [p, idempotency_key, str(now_ms), kind, self._idempotency_ttl(holds, now_ms), str(len(holds)),
-                str(len(lines)), *_identity_args(identity), *self._spend_args(holds, lines, now_ms),
-                *self._line_args(holds, lines)]
+        args: list[str | bytes] = [
+            p, idempotency_key, str(now_ms), kind, self._idempotency_ttl(holds, now_ms), str(len(holds)),
+            str(len(lines)), *_identity_args(identity), bytes(result),
+            *self._spend_args(holds, lines, now_ms), *self._line_args(holds, lines)]
         reply = await self._script("record_spend", keys, args, retry=False)
         if isinstance(reply, list):
             raise StoreLost(f"redis: {_text(reply[1])}")

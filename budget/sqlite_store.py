@@ -928,7 +928,7 @@ class SqliteStore:
 
     async def record_spend(
         self, account: str, holds: Sequence[Hold], lines: Sequence[Line], *, idempotency_key: str,
-        now_ms: int, kind: str, identity: StoreIdentity | None = None,
+        now_ms: int, kind: str, identity: StoreIdentity | None = None, result: bytes = b"",
     ) -> bool:
         _check_lines(holds, lines)
         holds, lines = tuple(holds), tuple(lines)
@@ -951,7 +951,7 @@ class SqliteStore:
             _spend(conn, account, counters, holds, lines, idempotency_key=idempotency_key,
                    reservation_id=reservation_id, reserved_at_ms=reserved_at, now_ms=now_ms, kind=kind)
             counters.save()
-            _settle_key(conn, account, idempotency_key, reservation_id, b"")
+            _settle_key(conn, account, idempotency_key, reservation_id, bytes(result))
             return True
 
         return await self._run(run, write=True)

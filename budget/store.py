@@ -444,9 +444,10 @@ class Store(Protocol):
 
     async def record_spend(
         self, account: str, holds: Sequence[Hold], lines: Sequence[Line], *, idempotency_key: str,
-        now_ms: int, kind: str, identity: StoreIdentity | None = None,
+        now_ms: int, kind: str, identity: StoreIdentity | None = None, result: bytes = b"",
     ) -> bool:
-        """Add spend with no reservation (a fail-open journal replay), once per key.
+        """Add spend with no reservation (a fail-open journal replay), once per key; `result` is
+        kept as the key's answer for replay (empty: the spend is known, its answer is not).
 
         Returns False, changing nothing, when this key was already recorded.
         """
