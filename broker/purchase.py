@@ -481,6 +481,8 @@ class Purchaser:
         assert self._period is not None
         if not result.answered:
             return None  # stays held with its intent: rolled forward later
+        if held.period.settled:
+            return None  # another broker rolling it forward committed the key first: counted by it
         items = [o.spend() for o in result.charged()]
         others = [results.get(p.index) for p in held.parts if p.index != part.index]
         nothing_charged = [p.index for p in held.parts
