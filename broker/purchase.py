@@ -484,13 +484,10 @@ class Purchaser:
         if held.period.settled:
             return None  # another broker rolling it forward committed the key first: counted by it
         items = [o.spend() for o in result.charged()]
-        others = [results.get(p.index) for p in held.parts if p.index != part.index]
-        nothing_charged = [p.index for p in held.parts
-                           if p.index != part.index and (r := results.get(p.index)) is not None
-                           and r.answered and not r.charged()]
-        recorded = set(held.period.done) | set(nothing_charged)
-        last = all(r is not None and r.answered for r in others) and all(
-            p.index in recorded for p in held.parts if p.index != part.index)
+        others = {p.index: results.get(p.index) for p in held.parts if p.index != part.index}
+        nothing_charged = [i for i, r in others.items() if r is not None and r.answered and not r.charged()]
+        last = all(r is not None and r.answered for r in others.values()) and \
+            set(others) <= held.period.done | set(nothing_charged)
         try:
             if last:
                 everything = [o for p in held.parts for o in results[p.index].outcomes]

@@ -118,7 +118,9 @@ class OutcomePending(Exception):
 
 
 def in_flight(key: str) -> KeyInFlight:
-    return KeyInFlight(f"a purchase with idempotency key {key!r} is still in progress; retry shortly", key)
+    """`key`: the store's (`<agent id>#<key>`); the caller is told its own part."""
+    own = key.partition("#")[2] or key
+    return KeyInFlight(f"a purchase with idempotency key {own!r} is still in progress; retry shortly", own)
 
 
 class HoldUnsettled(Exception):
