@@ -247,11 +247,64 @@ def _hypercorn_config(listen: str, grace_seconds: float) -> HypercornConfig:
     return config
 
 
+# What requests cancelled at the end of the shutdown grace get to answer and end, before hypercorn
+# cuts their connections.
+_CANCEL_PATIENCE_S = 1.0
+
+
+class _InFlight:
+    """The app, keeping the tasks of the HTTP requests it is serving, so that `serve` can cancel
+    those still running when the shutdown grace runs out."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        if scope["type"] != "http" or task is None:
+            await self._app(scope, receive, send)
+            return
+        self._tasks.add(task)
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            self._tasks.discard(task)
+
+    def cancel(self) -> int:
+        """Cancel every request still running; how many there were."""
+        for task in self._tasks:
+            task.cancel()
+        return len(self._tasks)
+
+
 async def serve(app: ASGIApp, listen: str, grace_seconds: float, stop: asyncio.Event) -> None:
     """Serve until `stop` is set, then stop: no new connections, idle ones closed at once (HTTP/2
     ones after a GOAWAY), in-flight requests answered, each connection closed once it has none
-    left (see exchange_client.hypercorn_h2); returns when none is left, or after `grace_seconds`."""
-    await hypercorn_serve(app, _hypercorn_config(listen, grace_seconds), shutdown_trigger=stop.wait)
+    left (see exchange_client.hypercorn_h2); returns when none is left.
+
+    Requests still running after `grace_seconds` are cancelled (logged), so they answer CANCELED
+    and their connections close as above. hypercorn itself would cancel whole connections, and
+    then an answer sent on an HTTP/2 one waited for its cancelled sender: forever (connectrpc
+    answers a cancelled request), and the process never exited.
+    """
+    in_flight = _InFlight(app)
+
+    async def cancel_at_grace() -> None:
+        await stop.wait()
+        await asyncio.sleep(grace_seconds)
+        cancelled = in_flight.cancel()
+        if cancelled:
+            log.warning("%s: the shutdown grace (%g s) ran out: %d request(s) still running cancelled",
+                        listen, grace_seconds, cancelled)
+
+    canceller = asyncio.create_task(cancel_at_grace())
+    try:
+        await hypercorn_serve(in_flight, _hypercorn_config(listen, grace_seconds + _CANCEL_PATIENCE_S),
+                              shutdown_trigger=stop.wait)
+    finally:
+        canceller.cancel()
+        await asyncio.gather(canceller, return_exceptions=True)
 
 
 async def serve_until_signalled(

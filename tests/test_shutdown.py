@@ -3,7 +3,8 @@
 A sidecar is stopped on every deploy. An HTTP/2 connection that had not sent a request yet (every
 gRPC client keeps one) used to hold the stop up for the whole grace period, after which Python
 logged an asyncio CancelledError traceback per connection; an idle connection was closed without
-GOAWAY, and a request sent on a connection still draining was reset with NO_ERROR.
+GOAWAY, and a request sent on a connection still draining was reset with NO_ERROR. A call still
+running when the grace ran out kept the broker from ever exiting.
 """
 
 from __future__ import annotations
@@ -161,6 +162,34 @@ async def test_sigterm_lets_an_in_flight_call_finish_refuses_new_ones_then_exits
         code = await _exit_code(broker, grace + 5)
         assert time.monotonic() - answered_at < PROMPT_S, broker.stderr
     assert code == 0, broker.stderr
+    _quiet(broker)
+
+
+async def test_a_grace_that_runs_out_cancels_the_call_which_answers_canceled(
+        tmp_path: Path, exchange: Child) -> None:
+    """hypercorn cancelled the whole connection, and connectrpc's CANCELED answer then waited for
+    the connection's cancelled sender: the broker never exited."""
+    grace = 1.0
+    async with start_broker(tmp_path, broker_tree(exchange, shutdown_grace_seconds=grace)) as broker, \
+            H2Client.connect("127.0.0.1", _port(broker), patience=PATIENCE_S) as busy:
+        async with httpx.AsyncClient(timeout=5) as client:
+            await set_knobs(client, exchange, execute_latency_ms=int((grace + 2) * 1000))
+        purchase = await _transact(busy, "s1")
+        await _until_at_exchange(exchange)
+
+        started = time.monotonic()
+        broker.proc.send_signal(signal.SIGTERM)
+        answered = await busy.response(purchase)
+        assert answered.status == 499, bytes(answered.body)
+        assert json.loads(answered.body)["code"] == "canceled"
+        await asyncio.wait_for(busy.disconnected.wait(), PATIENCE_S)
+        assert [error for error, _ in busy.goaways] == [NO_ERROR]
+        # The purchase itself is given the grace again to finish (Purchaser.drain).
+        code = await _exit_code(broker, PATIENCE_S)
+        assert time.monotonic() - started < 2 * grace + PROMPT_S, broker.stderr
+    assert code == 0, broker.stderr
+    assert "the shutdown grace (1 s) ran out: 1 request(s) still running cancelled" in broker.stderr, \
+        broker.stderr
     _quiet(broker)
 
 
