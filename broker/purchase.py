@@ -68,12 +68,13 @@ from budget.period import (
     AlreadySettled,
     Charge,
     HoldUnsettled,
-    KeyInFlight,
+    OutcomePending,
     PeriodHold,
     PeriodLayer,
     Plan,
     StoreDown,
 )
+from budget.periods import from_ms
 from budget.session import SessionAccount, SessionBudgets
 from budget.store import StoreUnavailable, UnsettledHold
 from currency.convert import ConversionError, Converter, convert
@@ -177,8 +178,12 @@ class Purchaser:
             self._idem.add((agent.id, order.key), entry)
         try:
             answer = await entry.result()
-        except AfterWire as exc:
-            raise exc.__cause__ or exc from None
+        except AfterWire:
+            # Its hold stays (handed over to be rolled forward): a retry must reach it, not this error.
+            self._idem.forget((agent.id, order.key), entry)
+            raise OutcomePending(
+                "the purchase failed after the Exchanges were asked to buy: it may be charged; retry "
+                "with the same idempotency key to hear what happened", order.key, "exchange") from None
         except Exception:
             # Nothing reached an Exchange: the agent may fix the cause and retry the key.
             self._idem.forget((agent.id, order.key), entry)
@@ -264,9 +269,10 @@ class Purchaser:
         assert self.recovery is not None
         result: bytes | None = await self.recovery.roll_forward(found.account, found.hold)
         if result is None:
-            raise KeyInFlight("this purchase was sent to an Exchange that has not confirmed it yet; the "
-                              "broker keeps asking: retry the same request in a moment",
-                              found.hold.idempotency_key.partition("#")[2])
+            raise OutcomePending("this purchase was sent to an Exchange that has not confirmed it yet; the "
+                                 "broker keeps asking: retry the same request later",
+                                 found.hold.idempotency_key.partition("#")[2], "exchange",
+                                 from_ms(found.hold.expires_ms))
         return result
 
     async def _quoted(
@@ -456,8 +462,9 @@ class Purchaser:
         watched = self._watch.seen(snaps) if spent.is_zero() else self._watch.committed(snaps)
         for s in watched:
             wire.budget_state(s, response.budgets.add())
-        if held.period is not None and not all(r.answered for r in results.values()):
-            # Not settled yet: a retry must go to the store (and roll it forward), not this answer.
+        if held.period is not None and not held.period.settled:
+            # Not settled yet (an Exchange did not answer, or a part's commit did not land): a retry
+            # must go to the store (and roll it forward), not this answer.
             assert self._period is not None
             self._period.hand_over(held.period)
             self._idem.forget((order.caller.id, order.key))
@@ -467,13 +474,20 @@ class Purchaser:
         self, order: Order, held: _Held, part: _Part, result: PartResult, results: dict[int, PartResult],
         response: bpb.TransactResponse,
     ) -> list[Snapshot] | None:
-        """Commit one Exchange's answer; the last answer ends the hold. Called under the purchase's lock."""
+        """Commit one Exchange's answer; the last one ends the hold, but only once every other part is
+        recorded too (committed, or answered with nothing charged): a part whose commit did not
+        land keeps its hold and intent until it is rolled forward. Called under the purchase's lock."""
         assert held.period is not None
         assert self._period is not None
         if not result.answered:
             return None  # stays held with its intent: rolled forward later
+        if held.period.settled:
+            return None  # another broker rolling it forward committed the key first: counted by it
         items = [o.spend() for o in result.charged()]
-        last = len(results) == len(held.parts) and all(r.answered for r in results.values())
+        others = {p.index: results.get(p.index) for p in held.parts if p.index != part.index}
+        nothing_charged = [i for i, r in others.items() if r is not None and r.answered and not r.charged()]
+        last = all(r is not None and r.answered for r in others.values()) and \
+            set(others) <= held.period.done | set(nothing_charged)
         try:
             if last:
                 everything = [o for p in held.parts for o in results[p.index].outcomes]
@@ -487,7 +501,7 @@ class Purchaser:
                     (o.actual for o in everything if o.actual is not None), held.session.amount.currency)))
                 # The answer is stored with the commit, so any broker can replay this key.
                 return await self._period.commit(held.period, items, stored_answer(order.fingerprint, final),
-                                                 part=part.index, final=True)
+                                                 part=part.index, final=True, nothing_charged=nothing_charged)
             if items:
                 answer = bpb.TransactResponse(items=[o.item for o in result.outcomes])
                 return await self._period.commit(held.period, items, answer.SerializeToString(),

@@ -127,7 +127,8 @@ def next_action(snap: Snapshot) -> str:
     """What an agent denied by this budget can do about it."""
     if snap.period == OPEN_ALLOWANCE:
         return ("the budget store is unreachable and this broker's fail-open allowance is used up: "
-                "retry when the store is back")
+                "retry when the store is back (a key bought before on another broker is then answered "
+                "with that purchase)")
     if snap.layer == Layer.SESSION:
         return "raise the session budget with DeclareSessionBudget, or buy fewer or cheaper resources"
     if snap.period_end is not None:
