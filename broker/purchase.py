@@ -306,15 +306,9 @@ class Purchaser:
     def _pace(self, plan: Plan, cost: Money) -> None:
         """Draw admission for every paced budget of the purchase (BudgetExhausted budget_paced)."""
         pacer = self._watch.pacer
-        if pacer is None:
-            return
-        paced = [((plan.account, c.ref.scope, c.ref.period, c.ref.currency),
-                  convert(cost, c.ref.currency, self._converter)) for c in plan.counters if c.pacing]
-        for key, _ in paced:
-            admission = pacer.admission(key)
-            if admission is not None:
-                self._watch.metrics.paced(key[1], key[2], key[3], admission.probability)
-        pacer.admit(paced)
+        if pacer is not None and any(c.pacing for c in plan.counters):
+            pacer.admit([((plan.account, c.ref.scope, c.ref.period, c.ref.currency),
+                          convert(cost, c.ref.currency, self._converter)) for c in plan.counters if c.pacing])
 
     def tightest(self, budgets: Sequence[bpb.BudgetState]) -> bpb.BudgetState | None:
         return tightest(budgets, self._converter)
@@ -340,6 +334,7 @@ class Purchaser:
         """Prune to the tightest budget and hold the batch total on the session and period budgets."""
         currency = account.currency
         charge = order.charge
+        drawn = False
         for attempt in range(_RESERVE_ATTEMPTS):
             if attempt:
                 account = self._sessions.view(order.caller.id, order.session_id)  # as it is now
@@ -356,9 +351,17 @@ class Purchaser:
                 if optimistic:
                     continue  # explain the denial with every budget's numbers
                 raise self._nothing_to_buy(fitted, room, order.constraints, discovery)
+            cost = total((cand.price for cand in kept), account.currency)
+            if plan is not None and not drawn:
+                # A paced budget decides once per purchase, before anything is held (or read again): its
+                # refusal is final, never taken for a lost race and drawn again below.
+                drawn = True
+                self._pace(plan, cost)
             try:
-                held = await self._hold(account, order, plan, kept)
-            except BudgetExhausted:
+                held = await self._hold(account, order, plan, kept, cost)
+            except BudgetExhausted as exc:
+                if exc.snapshot is not None:
+                    self._watch.seen([exc.snapshot])  # the store's numbers: fresher than a lease's view
                 # Another purchase took budget since headroom was read (or an operator changed
                 # a limit, which the store made the period layer reload): look again.
                 if attempt == _RESERVE_ATTEMPTS - 1:
@@ -378,7 +381,7 @@ class Purchaser:
         raise AssertionError("unreachable")
 
     async def _hold(
-        self, account: SessionAccount, order: Order, plan: Plan | None, kept: list[Candidate],
+        self, account: SessionAccount, order: Order, plan: Plan | None, kept: list[Candidate], cost: Money,
     ) -> _Held:
         """Session first (in memory, no await), then every period counter in one store call, with
         the exact request each Exchange will be sent as the hold's intent."""
@@ -387,9 +390,6 @@ class Purchaser:
             by_exchange.setdefault(cand.exchange.name, []).append(cand)
         parts = [_Part(i, cands[0].exchange, self._buyer.request(cands, order.exchange_key), cands)
                  for i, cands in enumerate(by_exchange.values())]
-        cost = total((cand.price for cand in kept), account.currency)
-        if plan is not None:
-            self._pace(plan, cost)  # a paced budget may turn this purchase away: nothing held yet
         account, session = self._sessions.hold(order.caller.id, account, cost)
         if plan is None or order.charge is None or self._period is None:
             return _Held(account, session, None, parts)
