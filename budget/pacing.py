@@ -64,6 +64,7 @@ _ZERO = Decimal(0)
 _MICROSECOND = timedelta(microseconds=1)
 _MICROS = Decimal(1_000_000)
 _CENT = Decimal("0.01")
+_SHOWN_WEIGHT = 1 / 32
 
 
 def _seconds(span: timedelta) -> Decimal:
@@ -93,6 +94,7 @@ class _Curve:
     since: datetime  # the curve rises evenly from (since, base) to (window end, limit)
     base: Decimal
     credit: Decimal = _ZERO  # the dithered draw's carry: sum of p minus purchases admitted
+    shown: float = 1.0  # p averaged over the last purchases (the gauge; never an amount)
 
 
 class Pacer:
@@ -101,10 +103,11 @@ class Pacer:
     def __init__(
         self, clock_now: Callable[[], datetime], rng: random.Random | None = None, *,
         band_seconds: float = 900.0,
-        report: Callable[[PacedKey, Decimal], None] | None = None,
+        report: Callable[[PacedKey, float], None] | None = None,
     ) -> None:
         """`band_seconds`: G as seconds of the window's even rate (forecast.half_life_seconds);
-        `report`: told each drawn budget's admission probability (the exported gauge)."""
+        `report`: told each paced budget's admission probability at each purchase, averaged over the
+        last few dozen (an EWMA of weight 1/32: the exported gauge)."""
         self._now = clock_now
         self._rng = rng or random.Random()
         self._band_s = Decimal(str(band_seconds))
@@ -157,8 +160,11 @@ class Pacer:
             admission = self.admission(key)
             if admission is None:
                 continue
-            self._report(key, admission.probability)
             curve = self._curves[key]
+            # The gauge: p averaged over the last few dozen purchases (p itself moves with every one
+            # admitted; a scrape of it now and then told little of the share admitted).
+            curve.shown += (float(admission.probability) - curve.shown) * _SHOWN_WEIGHT
+            self._report(key, curve.shown)
             if admission.probability >= 1:
                 curve.credit = _ZERO
                 continue
