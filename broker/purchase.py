@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -64,6 +65,7 @@ from budget.layers import (
     headroom_of,
     next_action,
 )
+from budget.pacing import Admitted
 from budget.period import (
     AlreadySettled,
     Charge,
@@ -85,6 +87,8 @@ log = logging.getLogger(__name__)
 
 # An optimistic reservation, then re-reading headroom after a lost race for the last of a budget.
 _RESERVE_ATTEMPTS = 4
+# What pacing admitted of this purchase (set in its own task's context): in flight until it ends.
+_PACED: ContextVar[Admitted] = ContextVar("paced", default=())
 
 
 class AfterWire(Exception):
@@ -210,6 +214,10 @@ class Purchaser:
             self._watch.metrics.purchase(outcome)
             log.info("transact %s: %s", outcome, type(exc).__name__)
             raise
+        finally:
+            # Its spend is in the budgets' readings now (or there is none): no longer in flight.
+            if (admitted := _PACED.get()) and self._watch.pacer is not None:
+                self._watch.pacer.done(admitted)
         outcome = "replayed" if answer.replayed else _outcome_label(answer)
         self._watch.metrics.purchase(outcome)
         log.info("transact %s: %d item(s), total %s %s", outcome, len(answer.items),
@@ -303,12 +311,17 @@ class Purchaser:
         """The period counters a purchase is charged to now (None: no period layer)."""
         return await self._period.plan(charge) if charge and self._period else None
 
-    def _pace(self, plan: Plan, cost: Money) -> None:
-        """Draw admission for every paced budget of the purchase (BudgetExhausted budget_paced)."""
+    async def _pace(self, account: SessionAccount, plan: Plan, cost: Money) -> None:
+        """Draw admission for every paced budget of the purchase (BudgetExhausted budget_paced); what
+        is admitted counts as in flight until the purchase ends (_run)."""
         pacer = self._watch.pacer
-        if pacer is not None and any(c.pacing for c in plan.counters):
-            pacer.admit([((plan.account, c.ref.scope, c.ref.period, c.ref.currency),
-                          convert(cost, c.ref.currency, self._converter)) for c in plan.counters if c.pacing])
+        if pacer is None or not any(c.pacing for c in plan.counters):
+            return
+        paced = [((plan.account, c.ref.scope, c.ref.period, c.ref.currency),
+                  convert(cost, c.ref.currency, self._converter)) for c in plan.counters if c.pacing]
+        if pacer.unread(key for key, _ in paced):
+            await self.snapshots(account, plan)  # the curve needs the spend: read once a window
+        _PACED.set(pacer.admit(paced))
 
     def tightest(self, budgets: Sequence[bpb.BudgetState]) -> bpb.BudgetState | None:
         return tightest(budgets, self._converter)
@@ -356,7 +369,7 @@ class Purchaser:
                 # A paced budget decides once per purchase, before anything is held (or read again): its
                 # refusal is final, never taken for a lost race and drawn again below.
                 drawn = True
-                self._pace(plan, cost)
+                await self._pace(account, plan, cost)
             try:
                 held = await self._hold(account, order, plan, kept, cost)
             except BudgetExhausted as exc:

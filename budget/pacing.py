@@ -23,13 +23,17 @@ demand, not on the target):
     a purchase or two however few purchases there are, and every draw is still
     random (two agents taking turns are not told yes and no in turn).
 
+Spend is the budget's latest reading plus this broker's purchases in flight (admitted,
+not yet ended: a burst drawn against one reading is paced like spend); a broker's
+first purchase of a window reads the budget before it draws (Pacer.unread).
+
 Bounds (c the curve's rate, D the offered demand, h = band_seconds):
-  * spend <= curve + G + the purchases in flight + two (one past G, one carried by
-    the dithered draw), plus in lease mode what the other brokers spent since their
-    last refresh (each broker compares the scope's total as its last lease refresh
-    saw it, plus its own spend since, with the same curve); the curve is at most G
-    above the even line from the window's start;
-  * a budget offered more than its curve runs out no earlier than (G + those
+  * spend <= curve + G + two purchases (one past G, one carried by the dithered
+    draw), plus in lease mode what the other brokers spent since their last refresh
+    (each broker compares the scope's total as its last lease refresh saw it, plus
+    its own spend since, with the same curve); the curve is at most G above the even
+    line from the window's start;
+  * a budget offered more than its curve runs out no earlier than (G + two
     purchases) / c before the window's end: 2% of the window plus their share;
   * after demand drops to D' < c, every purchase is admitted again once spend is
     back on the curve: within G / (c - D'), about 2h for D' = c / 2.
@@ -58,6 +62,7 @@ from currency.money import Money
 MAX_BAND_SHARE = Decimal("0.02")
 
 PacedKey = tuple[str, str, str, str]  # account, scope, period, currency
+Admitted = tuple[tuple[PacedKey, Decimal], ...]  # a purchase's cost on each paced budget, in flight
 
 _ONE = Decimal(1)
 _ZERO = Decimal(0)
@@ -81,11 +86,12 @@ class Admission:
     rate: Decimal  # how fast the curve rises from here, per second
     band: Decimal  # G
     at: datetime
+    in_flight: Decimal = _ZERO  # admitted here, not yet ended (so not in the reading)
 
     @property
     def ahead(self) -> Decimal:
-        """How far spend is above the curve (negative: below it)."""
-        return self.snap.spent.amount - self.curve
+        """How far spend (read, and in flight) is above the curve (negative: below it)."""
+        return self.snap.spent.amount + self.in_flight - self.curve
 
 
 @dataclass(slots=True)
@@ -114,6 +120,9 @@ class Pacer:
         self._report = report or (lambda key, p: None)
         self._latest: dict[PacedKey, Snapshot] = {}
         self._curves: dict[PacedKey, _Curve] = {}
+        # Purchases admitted and not yet ended, per budget: their spend is in no reading yet (a burst
+        # of them, all drawn against the same reading, would otherwise all be admitted).
+        self._in_flight: dict[PacedKey, Decimal] = {}
 
     def observe(self, snaps: Iterable[Snapshot]) -> None:
         """Readings of budgets (BudgetWatch passes every one through); the latest of each is kept."""
@@ -127,16 +136,26 @@ class Pacer:
                     or (snap.period_start == old.period_start and snap.spent.amount >= old.spent.amount)):
                 self._latest[key] = snap
 
+    def unread(self, keys: Iterable[PacedKey]) -> bool:
+        """Some of these paced budgets have not been read in their current window."""
+        now = self._now()
+        return any(self._current(key, now) is None for key in keys)
+
+    def _current(self, key: PacedKey, now: datetime) -> Snapshot | None:
+        snap = self._latest.get(key)
+        if snap is None or snap.period_start is None or snap.period_end is None:
+            return None
+        return snap if snap.period_start <= now < snap.period_end else None
+
     def admission(self, key: PacedKey) -> Admission | None:
         """Where a paced budget stands now (None: nothing read of its current window yet)."""
-        snap = self._latest.get(key)
         now = self._now()
+        snap = self._current(key, now)
         if snap is None or snap.period_start is None or snap.period_end is None:
             return None
         start, end = snap.period_start, snap.period_end
-        if not start <= now < end:
-            return None
-        limit, spent = snap.limit.amount, snap.spent.amount
+        in_flight = self._in_flight.get(key, _ZERO)
+        limit, spent = snap.limit.amount, snap.spent.amount + in_flight
         band = min(limit * self._band_s / _seconds(end - start), limit * MAX_BAND_SHARE)
         if band <= 0:
             return None
@@ -151,11 +170,28 @@ class Pacer:
             value = curve.base
             rate = (limit - value) / _seconds(end - now)
         probability = min(_ONE, max(_ZERO, 1 - (spent - value) / band))
-        return Admission(probability, snap, value, max(rate, _ZERO), band, now)
+        return Admission(probability, snap, value, max(rate, _ZERO), band, now, in_flight)
 
-    def admit(self, paced: Sequence[tuple[PacedKey, Money]]) -> None:
+    def admit(self, paced: Sequence[tuple[PacedKey, Money]]) -> Admitted:
         """Draw once for each paced budget a purchase is charged to (its key, the purchase's cost in
-        its currency); raise BudgetExhausted `budget_paced` for the first that refuses it."""
+        its currency); raise BudgetExhausted `budget_paced` for the first that refuses it. What it
+        admits counts as spent until `done` is told the purchase ended (bought, or not)."""
+        self._draw(paced)
+        admitted = tuple((key, cost.amount) for key, cost in paced)
+        for key, amount in admitted:
+            self._in_flight[key] = self._in_flight.get(key, _ZERO) + amount
+        return admitted
+
+    def done(self, admitted: Admitted) -> None:
+        """The purchase `admit` let through has ended: its spend, if any, is in the readings now."""
+        for key, amount in admitted:
+            left = self._in_flight.get(key, _ZERO) - amount
+            if left > 0:
+                self._in_flight[key] = left
+            else:
+                self._in_flight.pop(key, None)
+
+    def _draw(self, paced: Sequence[tuple[PacedKey, Money]]) -> None:
         for key, cost in paced:
             admission = self.admission(key)
             if admission is None:
@@ -191,11 +227,14 @@ def _refusal(admission: Admission, cost: Money) -> BudgetExhausted:
     cur = snap.limit.currency
     curve = Money(admission.curve.quantize(_CENT), cur)
     percent = f"{admission.probability * 100:.0f}%"
+    spent = str(snap.spent)
+    if admission.in_flight:
+        spent += f" (and {Money(admission.in_flight, cur)} in flight)"
     return BudgetExhausted(
         layer=Layer.PERIOD, scope=snap.scope, limit=snap.limit, spent=snap.spent, reserved=snap.reserved,
         cost=cost, reason="budget_paced", period_end=snap.period_end, retry_at=retry_at, mode=snap.mode,
         phase=snap.phase,
-        message=(f"{snap.layer} budget {snap.scope!r} paced: spent {snap.spent} against an even curve at "
+        message=(f"{snap.layer} budget {snap.scope!r} paced: spent {spent} against an even curve at "
                  f"{curve} now, rising to the limit {snap.limit} at {snap.period_end.isoformat()}; "
                  f"admitting {percent} of purchases, and not this one (cost {cost})"),
         next_action=(f"retry after {retry_at.isoformat()}: {snap.scope}'s {snap.period} budget is paced to "
