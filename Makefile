@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run gen check-gen lint tools ts-client test bench bench-purchases bench-layers bench-budget bench-scaleout bench-cluster clean
+.PHONY: setup run gen check-gen lint tools ts-client test bench bench-purchases bench-layers bench-budget bench-scaleout bench-cluster bench-pacing clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -55,8 +55,8 @@ $(TS_CLIENT)/node_modules/.installed: $(TS_CLIENT)/package.json $(TS_CLIENT)/pac
 test: check-gen lint tools ts-client
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-## bench: the five benchmarks below (bench/README.md explains what each prints)
-bench: bench-purchases bench-layers bench-budget bench-scaleout bench-cluster
+## bench: the six benchmarks below (bench/README.md explains what each prints)
+bench: bench-purchases bench-layers bench-budget bench-scaleout bench-cluster bench-pacing
 
 ## bench-purchases: purchases/s and latency through the broker, per protocol
 bench-purchases: setup
@@ -78,6 +78,10 @@ bench-scaleout: setup tools
 ## bench-cluster: the store on one Redis against a 3-primary Redis Cluster, and the cost of wait_replicas (about 1 minute)
 bench-cluster: setup tools
 	$(BIN)/python -m bench.cluster $(CLUSTER_ARGS)
+
+## bench-pacing: paced budgets at 2x, 4x and 10x demand (and 2 lease brokers): where each ran out, how far off its even curve (1-2 minutes)
+bench-pacing: setup
+	$(BIN)/python -m bench.pacing $(PACING_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis $(TS_CLIENT)/node_modules

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -64,6 +65,7 @@ from budget.layers import (
     headroom_of,
     next_action,
 )
+from budget.pacing import Admitted
 from budget.period import (
     AlreadySettled,
     Charge,
@@ -86,6 +88,8 @@ log = logging.getLogger(__name__)
 
 # An optimistic reservation, then re-reading headroom after a lost race for the last of a budget.
 _RESERVE_ATTEMPTS = 4
+# What pacing admitted of this purchase (set in its own task's context): in flight until it ends.
+_PACED: ContextVar[Admitted] = ContextVar("paced", default=())
 
 
 class AfterWire(Exception):
@@ -215,6 +219,10 @@ class Purchaser:
             self._watch.metrics.purchase(outcome)
             log.info("transact %s: %s", outcome, type(exc).__name__)
             raise
+        finally:
+            # Its spend is in the budgets' readings now (or there is none): no longer in flight.
+            if (admitted := _PACED.get()) and self._watch.pacer is not None:
+                self._watch.pacer.done(admitted)
         outcome = "replayed" if answer.replayed else _outcome_label(answer)
         self._watch.metrics.purchase(outcome)
         log.info("transact %s: %d item(s), total %s %s", outcome, len(answer.items),
@@ -309,18 +317,17 @@ class Purchaser:
         """The period counters a purchase is charged to now (None: no period layer)."""
         return await self._period.plan(charge) if charge and self._period else None
 
-    def _pace(self, plan: Plan, cost: Money) -> None:
-        """Draw admission for every paced budget of the purchase (BudgetExhausted budget_paced)."""
+    async def _pace(self, account: SessionAccount, plan: Plan, cost: Money) -> None:
+        """Draw admission for every paced budget of the purchase (BudgetExhausted budget_paced); what
+        is admitted counts as in flight until the purchase ends (_run)."""
         pacer = self._watch.pacer
-        if pacer is None:
+        if pacer is None or not any(c.pacing for c in plan.counters):
             return
         paced = [((plan.account, c.ref.scope, c.ref.period, c.ref.currency),
                   convert(cost, c.ref.currency, self._converter)) for c in plan.counters if c.pacing]
-        for key, _ in paced:
-            admission = pacer.admission(key)
-            if admission is not None:
-                self._watch.metrics.paced(key[1], key[2], key[3], admission.probability)
-        pacer.admit(paced)
+        if pacer.unread(key for key, _ in paced):
+            await self.snapshots(account, plan)  # the curve needs the spend: read once a window
+        _PACED.set(pacer.admit(paced))
 
     def tightest(self, budgets: Sequence[bpb.BudgetState]) -> bpb.BudgetState | None:
         return tightest(budgets, self._converter)
@@ -346,6 +353,7 @@ class Purchaser:
         """Prune to the tightest budget and hold the batch total on the session and period budgets."""
         currency = account.currency
         charge = order.charge
+        drawn = False
         for attempt in range(_RESERVE_ATTEMPTS):
             if attempt:
                 account = self._sessions.view(order.caller.id, order.session_id)  # as it is now
@@ -362,9 +370,17 @@ class Purchaser:
                 if optimistic:
                     continue  # explain the denial with every budget's numbers
                 raise self._nothing_to_buy(fitted, room, order.constraints, discovery)
+            cost = total((cand.price for cand in kept), account.currency)
+            if plan is not None and not drawn:
+                # A paced budget decides once per purchase, before anything is held (or read again): its
+                # refusal is final, never taken for a lost race and drawn again below.
+                drawn = True
+                await self._pace(account, plan, cost)
             try:
-                held = await self._hold(account, order, plan, kept)
-            except BudgetExhausted:
+                held = await self._hold(account, order, plan, kept, cost)
+            except BudgetExhausted as exc:
+                if exc.snapshot is not None:
+                    self._watch.seen([exc.snapshot])  # the store's numbers: fresher than a lease's view
                 # Another purchase took budget since headroom was read (or an operator changed
                 # a limit, which the store made the period layer reload): look again.
                 if attempt == _RESERVE_ATTEMPTS - 1:
@@ -384,7 +400,7 @@ class Purchaser:
         raise AssertionError("unreachable")
 
     async def _hold(
-        self, account: SessionAccount, order: Order, plan: Plan | None, kept: list[Candidate],
+        self, account: SessionAccount, order: Order, plan: Plan | None, kept: list[Candidate], cost: Money,
     ) -> _Held:
         """Session first (in memory, no await), then every period counter in one store call, with
         the exact request each Exchange will be sent as the hold's intent."""
@@ -393,9 +409,6 @@ class Purchaser:
             by_exchange.setdefault(cand.exchange.name, []).append(cand)
         parts = [_Part(i, cands[0].exchange, self._buyer.request(cands, order.exchange_key), cands)
                  for i, cands in enumerate(by_exchange.values())]
-        cost = total((cand.price for cand in kept), account.currency)
-        if plan is not None:
-            self._pace(plan, cost)  # a paced budget may turn this purchase away: nothing held yet
         account, session = self._sessions.hold(order.caller.id, account, cost)
         if plan is None or order.charge is None or self._period is None:
             return _Held(account, session, None, parts)
