@@ -1,10 +1,11 @@
-# ramp-broker developer commands. Needs only Python 3.11+ and the package registries.
+# ramp-broker developer commands. Needs only Python 3.11+ and the package registries (make test:
+# also Node.js 20+ and npm, for tests/mcp_ts).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run gen check-gen lint tools test bench bench-purchases bench-layers bench-budget bench-scaleout bench-cluster clean
+.PHONY: setup run gen check-gen lint tools ts-client test bench bench-purchases bench-layers bench-budget bench-scaleout bench-cluster bench-pacing clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -39,12 +40,23 @@ lint: setup
 tools:
 	@tools/ensure-tools.sh
 
+## ts-client: install the TypeScript MCP SDK client the tests drive `ramp-broker mcp` with (tests/mcp_ts; needs node 20+ and npm)
+TS_CLIENT := tests/mcp_ts
+ts-client: $(TS_CLIENT)/node_modules/.installed
+
+$(TS_CLIENT)/node_modules/.installed: $(TS_CLIENT)/package.json $(TS_CLIENT)/package-lock.json
+	@node -e 'process.exit(Number(process.versions.node.split(".")[0]) < 20 ? 1 : 0)' 2>/dev/null && command -v npm >/dev/null \
+	  || { echo "make test needs Node.js 20+ and npm on PATH (tests/test_mcp_ts.py drives the MCP server" \
+	            "with the TypeScript SDK's client): install them, then run make test again" >&2; exit 1; }
+	cd $(TS_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
 ## test: everything CI runs: generated code fresh, lint, types, the whole test suite
-test: check-gen lint tools
+test: check-gen lint tools ts-client
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-## bench: the five benchmarks below (bench/README.md explains what each prints)
-bench: bench-purchases bench-layers bench-budget bench-scaleout bench-cluster
+## bench: the six benchmarks below (bench/README.md explains what each prints)
+bench: bench-purchases bench-layers bench-budget bench-scaleout bench-cluster bench-pacing
 
 ## bench-purchases: purchases/s and latency through the broker, per protocol
 bench-purchases: setup
@@ -67,5 +79,9 @@ bench-scaleout: setup tools
 bench-cluster: setup tools
 	$(BIN)/python -m bench.cluster $(CLUSTER_ARGS)
 
+## bench-pacing: paced budgets at 2x, 4x and 10x demand (and 2 lease brokers): where each ran out, how far off its even curve (1-2 minutes)
+bench-pacing: setup
+	$(BIN)/python -m bench.pacing $(PACING_ARGS)
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis $(TS_CLIENT)/node_modules

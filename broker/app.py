@@ -241,8 +241,9 @@ async def build_broker(
     if store is not None:
         alerter = Alerter(config.alerts, store, clock, metrics,
                           grace_ms=config.period_budgets.grace_seconds * 1000, instance=config.listen)
-    watch = BudgetWatch(SpendRates(config.forecast.half_life_seconds), metrics, alerter,
-                        Pacer(clock.now, rng))
+    pacer = Pacer(clock.now, rng, band_seconds=config.forecast.half_life_seconds,
+                  report=lambda key, p: metrics.paced(key[1], key[2], key[3], p))
+    watch = BudgetWatch(SpendRates(config.forecast.half_life_seconds), metrics, alerter, pacer)
     default = config.session.default_limit.money() if config.session.default_limit else None
     sessions = SessionBudgets(clock, default, idle_seconds=config.session.idle_seconds)
     exchanges = {

@@ -129,8 +129,8 @@ class ScopeSetting(_Strict):
     # How strict a lease's end game is: prepaid goes synchronous from 5% of the limit left,
     # postpaid leases twice the headroom (the bound stays zero overspend: leases are pre-debited).
     tier: Literal["standard", "prepaid", "postpaid"] = "standard"
-    # even: when the forecast says the budget runs out before its period ends, admit purchases
-    # with the probability that keeps spend on an even curve to the period's end (budget.pacing).
+    # even: while spend runs ahead of an even curve to the period's end, admit purchases with the
+    # probability that brings it back onto the curve (budget.pacing).
     pacing: Literal["off", "even"] = "off"
 
     @model_validator(mode="after")
@@ -327,7 +327,8 @@ class AlertsSetting(_Strict):
 
 
 class ForecastSetting(_Strict):
-    # Spend rate: an exponentially weighted moving average with this half-life.
+    # Spend rate: an exponentially weighted moving average with this half-life. Pacing's band is
+    # this many seconds of a window's even rate (at most 2% of the limit; budget.pacing).
     half_life_seconds: float = Field(default=900.0, gt=0, le=30 * 86400)
 
 

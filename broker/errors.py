@@ -23,7 +23,7 @@ from protobuf.wkt import Any as AnyDetail
 from broker import wire
 from broker.metrics import Metrics
 from budget.layers import BudgetExhausted, Layer
-from budget.period import KeyInFlight, LimitChangeRefused, StoreDown
+from budget.period import KeyInFlight, LimitChangeRefused, OutcomePending, StoreDown
 from budget.periods import PeriodError
 from budget.scopes import ScopeError
 from budget.session import SessionError
@@ -127,7 +127,8 @@ class _Kind:
 
 _STORE_DOWN = _Kind(
     Code.UNAVAILABLE, bpb.DENIAL_LAYER_STORE, "store_unavailable",
-    "retry in a few seconds; if it persists, an operator should check the budget store")
+    "nothing was charged: retry in a few seconds (a new idempotency key is safe); if it persists, an "
+    "operator should check the budget store")
 # Domain errors whose own message is what the client should read, with their Denial.
 _DENIALS: dict[type[Exception], _Kind] = {
     SessionError: _Kind(
@@ -149,7 +150,14 @@ _DENIALS: dict[type[Exception], _Kind] = {
     StoreUnavailable: _STORE_DOWN,
     KeyInFlight: _Kind(
         Code.ABORTED, bpb.DENIAL_LAYER_TRANSACTION, "idempotency_key_in_flight",
-        "retry the same request with the same idempotency key in a moment"),
+        "retry the same request with the same idempotency key in a moment; this purchase may already "
+        "be charged, and the retry is answered with what happened (never bought twice): do not retry "
+        "with a new key"),
+    OutcomePending: _Kind(
+        Code.ABORTED, bpb.DENIAL_LAYER_EXCHANGE, "outcome_pending",
+        "retry the same request with the same idempotency key (after retryAt, when given); this "
+        "purchase may already be charged, and the retry is answered with what happened (never bought "
+        "twice): do not retry with a new key"),
     ConversionError: _Kind(
         Code.FAILED_PRECONDITION, bpb.DENIAL_LAYER_CURRENCY, "conversion_rate_unavailable",
         "use a budget in the offer's currency, or retry once the broker has fresh reference rates"),
@@ -168,6 +176,7 @@ _NOTHING_LAYER = {
     "no_offer_meets_constraints": bpb.DENIAL_LAYER_TRANSACTION,
     "offer_not_quoted": bpb.DENIAL_LAYER_EXCHANGE,
 }
+_OUTCOME_LAYER = {"store": bpb.DENIAL_LAYER_STORE, "exchange": bpb.DENIAL_LAYER_EXCHANGE}
 _BUDGET_LAYER = {
     Layer.TRANSACTION: bpb.DENIAL_LAYER_TRANSACTION,
     Layer.SESSION: bpb.DENIAL_LAYER_SESSION,
@@ -187,6 +196,13 @@ def denial_of(exc: BaseException) -> bpb.Denial | None:
         return bpb.Denial(reason=exc.reason, layer=_NOTHING_LAYER[exc.reason],
                           scope=",".join(sorted({c.exchange for c in exc.calls})),
                           next_action=_NEXT[exc.reason], exchanges=exc.calls)
+    if isinstance(exc, OutcomePending):
+        k = _DENIALS[OutcomePending]
+        d = bpb.Denial(reason=exc.reason, layer=_OUTCOME_LAYER[exc.layer], scope=exc.scope,
+                       next_action=k.next_action)
+        if exc.retry_at is not None:
+            d.retry_at.CopyFrom(wire.timestamp(exc.retry_at))
+        return d
     for kind, k in _DENIALS.items():
         if isinstance(exc, kind):
             reason = getattr(exc, "reason", k.reason)

@@ -66,11 +66,13 @@ class TimedStore:
     async def commit(
         self, account: str, reservation_id: str, holds: Sequence[Hold], lines: Sequence[Line], *,
         idempotency_key: str, result: bytes, now_ms: int, part: int = 0, release: Sequence[int] = (),
-        final: bool = True, identity: StoreIdentity | None = None,
+        final: bool = True, identity: StoreIdentity | None = None, parts: int = 1,
+        nothing_charged: Sequence[int] = (),
     ) -> Committed:
         return await self._timed("commit", self.inner.commit(
             account, reservation_id, holds, lines, idempotency_key=idempotency_key, result=result,
-            now_ms=now_ms, part=part, release=release, final=final, identity=identity))
+            now_ms=now_ms, part=part, release=release, final=final, identity=identity, parts=parts,
+            nothing_charged=nothing_charged))
 
     async def settled(self, account: str, idempotency_key: str) -> bytes | None:
         return await self._timed("settled", self.inner.settled(account, idempotency_key))
@@ -129,11 +131,11 @@ class TimedStore:
 
     async def record_spend(
         self, account: str, holds: Sequence[Hold], lines: Sequence[Line], *, idempotency_key: str,
-        now_ms: int, kind: str, identity: StoreIdentity | None = None,
+        now_ms: int, kind: str, identity: StoreIdentity | None = None, result: bytes = b"",
     ) -> bool:
         return await self._timed("record_spend", self.inner.record_spend(
             account, holds, lines, idempotency_key=idempotency_key, now_ms=now_ms, kind=kind,
-            identity=identity))
+            identity=identity, result=result))
 
     async def claim(self, account: str, name: str, *, expire_at_ms: int, now_ms: int) -> bool:
         return await self._timed("claim", self.inner.claim(

@@ -11,10 +11,13 @@ unchanged: this module decides nothing about money, it only asks and reports. Fo
     declare_session_budget  BudgetService.DeclareSessionBudget  free: sets a session's cap
 
 Every result carries structured content (amounts as decimal strings, never floats) and a short
-text summary. A refusal is an error result (`isError`) whose structured content is the broker's
-`Denial` (reason, layer, scope, the numbers, what to do next, when a retry can succeed) with the
-broker's RPC names replaced by this server's tool names; any other failure (the broker down, a
-wrong key, bad arguments) is an error result with one clear message, never a traceback.
+text summary. A refusal is an error result (`isError`) whose structured content is `{"error":
+...}`: the broker's `Denial` (reason, layer, scope, the numbers, what to do next, when a retry can
+succeed) with the broker's RPC names replaced by this server's tool names; any other failure (the
+broker down, a wrong key, bad arguments: one sentence naming the argument) is an error result of
+the same shape with one clear message, never a traceback. Each tool's output schema admits that
+`error` besides the result's own fields: MCP requires structured content to match the declared
+schema, and the TypeScript SDK's client (1.32) checks error results too, throwing on a mismatch.
 
 `buy` derives the idempotency key itself from what identifies the purchase: the session, the set
 of URIs bought (given as `uris` or as chosen `offers`) and an optional `purchase_id`. An agent that
@@ -39,6 +42,7 @@ import socket
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC
+from importlib.metadata import version
 from typing import Annotated, Any, TypeVar
 
 import httpx
@@ -47,10 +51,14 @@ from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp_types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field
+from mcp_types import CallToolResult, InputRequiredResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field, GetJsonSchemaHandler, ValidationError
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
+from broker.mcp_arguments import argument_problem
 from broker.selection import offer_price
 from currency.money import MoneyError
 from ramp.broker.v1 import broker_pb2 as bpb
@@ -255,6 +263,27 @@ MaxPrice = Annotated[Price | None, Field(description=(
 BudgetScope = Annotated[str | None, Field(description=(
     "optional: an operator budget scope your key may name (e.g. project:q4) to charge as well"))]
 
+# What each argument must be, in an invalid argument's sentence (broker.mcp_arguments); a list's
+# items by the list's name and "[]".
+_ID_CHARS = "letters, digits and . _ : @ / + = -"
+ARGUMENT_FORMS = {
+    "session_id": f"1-128 {_ID_CHARS}",
+    "purchase_id": f"1-64 {_ID_CHARS}",
+    "uris": f"a list of 1 to {MAX_URIS} resource URIs (strings)",
+    "uris[]": "a resource URI (a string)",
+    "offers": f"a list of up to {MAX_URIS} offers chosen from find_offers",
+    "offers[]": 'an offer chosen from find_offers: {"uri": ..., "exchange": ..., "offer_id": ...}',
+    "uri": "the URI the offer was for (a non-empty string)",
+    "exchange": "the offer's exchange as find_offers gave it (a non-empty string)",
+    "offer_id": "the offer's offer_id as find_offers gave it (a non-empty string)",
+    "max_price": 'an amount such as {"amount": "2.50", "currency": "USD"}',
+    "limit": 'an amount such as {"amount": "20.00", "currency": "USD"}',
+    "amount": 'a decimal string such as "2.50", in quotes, with at most 9 digits before and '
+              "after the point",
+    "currency": 'a three-letter ISO 4217 code in capitals, such as "USD"',
+    "budget_scope": "the name of a budget scope your key may charge, such as project:q4",
+}
+
 
 # --- what the tools return --------------------------------------------------------------------------
 
@@ -318,7 +347,65 @@ class ExchangeCallOut(BaseModel):
     latency_ms: int | None = None
 
 
-class FindOffersResult(BaseModel):
+class BudgetNumbers(BaseModel):
+    """The numbers of a budget refusal: which budget, what did not fit and what is left."""
+
+    layer: str = Field(description='"session" or "period"')
+    scope: str
+    needed: Money | None = Field(default=None, description="the cost that did not fit")
+    spent: Money | None = Field(default=None)
+    reserved: Money | None = Field(default=None, description="held by purchases in flight")
+    limit: Money | None = Field(default=None)
+    remaining: Money | None = Field(default=None)
+    period_end: str | None = Field(default=None, description="when the period resets (RFC 3339)")
+
+
+class Refusal(BaseModel):
+    """Why a tool call was refused: the `error` of an error result (`isError`)."""
+
+    code: str = Field(description=(
+        'the broker\'s error code: "resource_exhausted" (a budget), "invalid_argument", '
+        '"unauthenticated", "permission_denied", "failed_precondition", "not_found", '
+        '"unavailable", "deadline_exceeded", ...'))
+    message: str = Field(description="what went wrong, in one sentence")
+    field: str | None = Field(default=None, description=(
+        'invalid_argument: the argument at fault, e.g. "max_price.amount"'))
+    reason: str | None = Field(default=None, description=(
+        'the broker\'s machine-readable reason, e.g. "session_budget_exhausted", '
+        '"period_budget_exhausted", "unauthenticated"'))
+    layer: str | None = Field(default=None, description=(
+        'what refused: "transaction", "session", "period", "authorization", "store", '
+        '"exchange", ...'))
+    scope: str | None = Field(default=None, description=(
+        "the session, budget scope, exchange or argument the refusal is about"))
+    retry_at: str | None = Field(default=None, description=(
+        "the earliest time a retry can succeed (RFC 3339), when known (a period's reset)"))
+    budget: BudgetNumbers | None = Field(default=None, description="a budget refusal's numbers")
+    exchanges: list[ExchangeCallOut] | None = Field(default=None, description=(
+        "an Exchange refusal: what each Exchange answered"))
+    next_action: str | None = Field(default=None, description="what to do about it, in words")
+
+
+class ToolOutput(BaseModel):
+    """A tool's structured result. Its output schema also admits `{"error": Refusal}`, the
+    structured content of an error result: a result must conform to the declared schema, and
+    MCP clients (the TypeScript SDK's, for one) check error results too."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        schema["properties"]["error"] = {
+            **handler(Refusal.__pydantic_core_schema__),
+            "description": "set instead of the result when the call was refused (isError): why, "
+                           "and what to do next"}
+        # Either the result's own fields or the error; "type": "object" stays at the top, as
+        # MCP requires of an output schema.
+        schema["anyOf"] = [{"required": schema.pop("required", [])}, {"required": ["error"]}]
+        return schema
+
+
+class FindOffersResult(ToolOutput):
     results: list[UriOffersOut] = Field(description="one entry per distinct URI, in request order")
     budgets: list[BudgetOut]
     exchanges: list[ExchangeCallOut]
@@ -339,7 +426,7 @@ class ItemOut(BaseModel):
     detail: str | None = None
 
 
-class BuyResult(BaseModel):
+class BuyResult(ToolOutput):
     idempotency_key: str = Field(description="derived from session_id, the URIs and purchase_id")
     purchase_id: str | None = None
     replayed: bool = Field(description="true: the stored answer of an earlier identical call; "
@@ -351,11 +438,11 @@ class BuyResult(BaseModel):
     exchanges: list[ExchangeCallOut]
 
 
-class BudgetStatusResult(BaseModel):
+class BudgetStatusResult(ToolOutput):
     budgets: list[BudgetOut]
 
 
-class DeclareResult(BaseModel):
+class DeclareResult(ToolOutput):
     budget: BudgetOut
 
 
@@ -559,45 +646,38 @@ def error_result(failure: Failure, tool: str) -> CallToolResult:
         next_action = ("to see that purchase's result, call buy again exactly as then; to buy "
                        "these resources again on purpose, pass a new purchase_id")
         field = "purchase_id"
-    error: dict[str, Any] = {"code": failure.code, "message": message}
-    if field:
-        error["field"] = field
+    error = Refusal(code=failure.code, message=message, field=field or None,
+                    next_action=next_action or None)
     if d is not None:
-        error["reason"] = d.reason
-        error["layer"] = _enum(bpb.DenialLayer, d.layer, "DENIAL_LAYER_")
-        if d.scope:
-            error["scope"] = d.scope
-        if d.HasField("retry_at"):
-            error["retry_at"] = _time(d, "retry_at")
+        # Any reason the broker gives passes through as it is: agents branch on it.
+        error.reason = d.reason
+        error.layer = _enum(bpb.DenialLayer, d.layer, "DENIAL_LAYER_")
+        error.scope = d.scope or None
+        error.retry_at = _time(d, "retry_at")
         if d.HasField("budget"):
             n = d.budget
-            error["budget"] = {
-                "layer": _enum(bpb.BudgetLayer, n.layer, "BUDGET_LAYER_"), "scope": n.scope,
-                **{k: v.model_dump() for k, v in (
-                    ("needed", _money(n, "estimated_cost")), ("spent", _money(n, "spent")),
-                    ("reserved", _money(n, "reserved")), ("limit", _money(n, "limit")),
-                    ("remaining", _money(n, "remaining"))) if v is not None},
-                **({"period_end": _time(n, "period_end")} if n.HasField("period_end") else {}),
-            }
-        if d.exchanges:
-            error["exchanges"] = [exchange_out(c).model_dump() for c in d.exchanges]
-    if next_action:
-        error["next_action"] = next_action
-    lines = [f"{tool} refused ({error.get('reason', failure.code)}): {error['message']}"]
-    if "budget" in error:
-        n = error["budget"]
-        cur = n.get("limit", n.get("needed", {})).get("currency", "")
-        numbers = ", ".join(f"{k} {n[k]['amount']}" for k in ("needed", "spent", "reserved", "limit",
-                                                                 "remaining") if k in n)
-        lines.append(f"Budget {n['scope']} ({n['layer']}): {numbers} {cur}.")
+            error.budget = BudgetNumbers(
+                layer=_enum(bpb.BudgetLayer, n.layer, "BUDGET_LAYER_"), scope=n.scope,
+                needed=_money(n, "estimated_cost"), spent=_money(n, "spent"),
+                reserved=_money(n, "reserved"), limit=_money(n, "limit"),
+                remaining=_money(n, "remaining"), period_end=_time(n, "period_end"))
+        error.exchanges = [exchange_out(c) for c in d.exchanges] or None
+    lines = [f"{tool} refused ({error.reason or failure.code}): {error.message}"]
+    if (b := error.budget) is not None:
+        numbers = ", ".join(f"{k} {m.amount}" for k in ("needed", "spent", "reserved", "limit",
+                                                        "remaining") if (m := getattr(b, k)))
+        cur = (b.limit or b.needed or Money(amount="", currency="")).currency
+        lines.append(f"Budget {b.scope} ({b.layer}): {numbers} {cur}.")
     if next_action:
         lines.append(f"Next: {next_action}.")
-    if "retry_at" in error:
-        lines.append(f"A retry can succeed from {error['retry_at']}.")
+    if error.retry_at:
+        lines.append(f"A retry can succeed from {error.retry_at}.")
     if tool == "buy" and failure.code in _NOTHING_BOUGHT:
         lines.append("Nothing was bought or charged.")
     return CallToolResult(content=[TextContent(type="text", text="\n".join(lines))],
-                          structured_content={"error": error}, is_error=True)
+                          structured_content={"error": error.model_dump(mode="json",
+                                                                         exclude_none=True)},
+                          is_error=True)
 
 
 def usage_error(tool: str, message: str) -> CallToolResult:
@@ -671,9 +751,31 @@ def _key_for(ctx: Context, settings: Settings) -> tuple[str | None, bool]:
     return settings.key, False
 
 
+class _Server(MCPServer):
+    """MCPServer whose tools' bad arguments are refusals like the broker's: one sentence naming
+    the argument, in the same structured `error` (the SDK's own is pydantic's text only)."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any],
+                        context: Context[Any, Any] | None = None,
+                        ) -> CallToolResult | InputRequiredResult:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            # The SDK's ToolError caused by a ValidationError is its check of the arguments; a
+            # tool body's exceptions arrive as UnexpectedToolError.
+            if isinstance(exc, UnexpectedToolError) or not isinstance(exc.__cause__,
+                                                                      ValidationError):
+                raise
+            field, message = argument_problem(exc.__cause__, ARGUMENT_FORMS)
+            return error_result(Failure("invalid_argument", message, field=field,
+                                        next_action=f"correct {field or 'the arguments'} and "
+                                                    f"call {name} again"), name)
+
+
 def build_server(broker: BrokerClient) -> MCPServer:
     """The MCP server with its four tools, each a call to `broker`."""
-    server: MCPServer = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING")
+    server = _Server(SERVER_NAME, version=version("ramp-broker"), instructions=INSTRUCTIONS,
+                     log_level="WARNING")
     settings = broker.settings
 
     async def ask(ctx: Context, method: str, request: Message, response: type[M]) -> M:

@@ -9,7 +9,6 @@ because Prometheus has nothing else; it is for graphs, never for enforcement.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from decimal import Decimal
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
@@ -78,8 +77,9 @@ class Metrics:
             "broker_lease_refreshes", "Lease refreshes this broker sent to the store, by outcome (ok, "
             "failed).", ["outcome"], registry=r)
         self.admission = Gauge(
-            "broker_pacing_admission_probability", "Share of purchases a paced budget admits now "
-            "(1: not pacing), for the scopes in metrics.export_scopes.", ["scope", "period", "currency"],
+            "broker_pacing_admission_probability", "Share of purchases a paced budget admits now, "
+            "averaged over its last few dozen (1: not pacing), for the scopes in metrics.export_scopes.",
+            ["scope", "period", "currency"],
             registry=r)
         self.over_limit = Counter(
             "broker_counters_over_limit", "Commits that left a counter's spend above its limit (an "
@@ -118,10 +118,10 @@ class Metrics:
     def purchase(self, outcome: str) -> None:
         self.purchases.labels(outcome).inc()
 
-    def paced(self, scope: str, period: str, currency: str, probability: Decimal) -> None:
+    def paced(self, scope: str, period: str, currency: str, probability: float) -> None:
         """A paced budget's admission probability, for the exported scopes."""
         if scope in self._export:
-            self.admission.labels(scope, period, currency).set(float(probability))
+            self.admission.labels(scope, period, currency).set(probability)
 
     def overcharged(self, exchange: str) -> None:
         self.overcharges.labels(exchange).inc()

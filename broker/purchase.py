@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -64,16 +65,18 @@ from budget.layers import (
     headroom_of,
     next_action,
 )
+from budget.pacing import Admitted
 from budget.period import (
     AlreadySettled,
     Charge,
     HoldUnsettled,
-    KeyInFlight,
+    OutcomePending,
     PeriodHold,
     PeriodLayer,
     Plan,
     StoreDown,
 )
+from budget.periods import from_ms
 from budget.session import SessionAccount, SessionBudgets
 from budget.store import StoreUnavailable, UnsettledHold
 from currency.convert import ConversionError, Converter, convert
@@ -85,6 +88,8 @@ log = logging.getLogger(__name__)
 
 # An optimistic reservation, then re-reading headroom after a lost race for the last of a budget.
 _RESERVE_ATTEMPTS = 4
+# What pacing admitted of this purchase (set in its own task's context): in flight until it ends.
+_PACED: ContextVar[Admitted] = ContextVar("paced", default=())
 
 
 class AfterWire(Exception):
@@ -177,8 +182,12 @@ class Purchaser:
             self._idem.add((agent.id, order.key), entry)
         try:
             answer = await entry.result()
-        except AfterWire as exc:
-            raise exc.__cause__ or exc from None
+        except AfterWire:
+            # Its hold stays (handed over to be rolled forward): a retry must reach it, not this error.
+            self._idem.forget((agent.id, order.key), entry)
+            raise OutcomePending(
+                "the purchase failed after the Exchanges were asked to buy: it may be charged; retry "
+                "with the same idempotency key to hear what happened", order.key, "exchange") from None
         except Exception:
             # Nothing reached an Exchange: the agent may fix the cause and retry the key.
             self._idem.forget((agent.id, order.key), entry)
@@ -210,6 +219,10 @@ class Purchaser:
             self._watch.metrics.purchase(outcome)
             log.info("transact %s: %s", outcome, type(exc).__name__)
             raise
+        finally:
+            # Its spend is in the budgets' readings now (or there is none): no longer in flight.
+            if (admitted := _PACED.get()) and self._watch.pacer is not None:
+                self._watch.pacer.done(admitted)
         outcome = "replayed" if answer.replayed else _outcome_label(answer)
         self._watch.metrics.purchase(outcome)
         log.info("transact %s: %d item(s), total %s %s", outcome, len(answer.items),
@@ -264,9 +277,10 @@ class Purchaser:
         assert self.recovery is not None
         result: bytes | None = await self.recovery.roll_forward(found.account, found.hold)
         if result is None:
-            raise KeyInFlight("this purchase was sent to an Exchange that has not confirmed it yet; the "
-                              "broker keeps asking: retry the same request in a moment",
-                              found.hold.idempotency_key.partition("#")[2])
+            raise OutcomePending("this purchase was sent to an Exchange that has not confirmed it yet; the "
+                                 "broker keeps asking: retry the same request later",
+                                 found.hold.idempotency_key.partition("#")[2], "exchange",
+                                 from_ms(found.hold.expires_ms))
         return result
 
     async def _quoted(
@@ -303,18 +317,17 @@ class Purchaser:
         """The period counters a purchase is charged to now (None: no period layer)."""
         return await self._period.plan(charge) if charge and self._period else None
 
-    def _pace(self, plan: Plan, cost: Money) -> None:
-        """Draw admission for every paced budget of the purchase (BudgetExhausted budget_paced)."""
+    async def _pace(self, account: SessionAccount, plan: Plan, cost: Money) -> None:
+        """Draw admission for every paced budget of the purchase (BudgetExhausted budget_paced); what
+        is admitted counts as in flight until the purchase ends (_run)."""
         pacer = self._watch.pacer
-        if pacer is None:
+        if pacer is None or not any(c.pacing for c in plan.counters):
             return
         paced = [((plan.account, c.ref.scope, c.ref.period, c.ref.currency),
                   convert(cost, c.ref.currency, self._converter)) for c in plan.counters if c.pacing]
-        for key, _ in paced:
-            admission = pacer.admission(key)
-            if admission is not None:
-                self._watch.metrics.paced(key[1], key[2], key[3], admission.probability)
-        pacer.admit(paced)
+        if pacer.unread(key for key, _ in paced):
+            await self.snapshots(account, plan)  # the curve needs the spend: read once a window
+        _PACED.set(pacer.admit(paced))
 
     def tightest(self, budgets: Sequence[bpb.BudgetState]) -> bpb.BudgetState | None:
         return tightest(budgets, self._converter)
@@ -340,6 +353,7 @@ class Purchaser:
         """Prune to the tightest budget and hold the batch total on the session and period budgets."""
         currency = account.currency
         charge = order.charge
+        drawn = False
         for attempt in range(_RESERVE_ATTEMPTS):
             if attempt:
                 account = self._sessions.view(order.caller.id, order.session_id)  # as it is now
@@ -356,9 +370,17 @@ class Purchaser:
                 if optimistic:
                     continue  # explain the denial with every budget's numbers
                 raise self._nothing_to_buy(fitted, room, order.constraints, discovery)
+            cost = total((cand.price for cand in kept), account.currency)
+            if plan is not None and not drawn:
+                # A paced budget decides once per purchase, before anything is held (or read again): its
+                # refusal is final, never taken for a lost race and drawn again below.
+                drawn = True
+                await self._pace(account, plan, cost)
             try:
-                held = await self._hold(account, order, plan, kept)
-            except BudgetExhausted:
+                held = await self._hold(account, order, plan, kept, cost)
+            except BudgetExhausted as exc:
+                if exc.snapshot is not None:
+                    self._watch.seen([exc.snapshot])  # the store's numbers: fresher than a lease's view
                 # Another purchase took budget since headroom was read (or an operator changed
                 # a limit, which the store made the period layer reload): look again.
                 if attempt == _RESERVE_ATTEMPTS - 1:
@@ -378,7 +400,7 @@ class Purchaser:
         raise AssertionError("unreachable")
 
     async def _hold(
-        self, account: SessionAccount, order: Order, plan: Plan | None, kept: list[Candidate],
+        self, account: SessionAccount, order: Order, plan: Plan | None, kept: list[Candidate], cost: Money,
     ) -> _Held:
         """Session first (in memory, no await), then every period counter in one store call, with
         the exact request each Exchange will be sent as the hold's intent."""
@@ -387,9 +409,6 @@ class Purchaser:
             by_exchange.setdefault(cand.exchange.name, []).append(cand)
         parts = [_Part(i, cands[0].exchange, self._buyer.request(cands, order.exchange_key), cands)
                  for i, cands in enumerate(by_exchange.values())]
-        cost = total((cand.price for cand in kept), account.currency)
-        if plan is not None:
-            self._pace(plan, cost)  # a paced budget may turn this purchase away: nothing held yet
         account, session = self._sessions.hold(order.caller.id, account, cost)
         if plan is None or order.charge is None or self._period is None:
             return _Held(account, session, None, parts)
@@ -456,8 +475,9 @@ class Purchaser:
         watched = self._watch.seen(snaps) if spent.is_zero() else self._watch.committed(snaps)
         for s in watched:
             wire.budget_state(s, response.budgets.add())
-        if held.period is not None and not all(r.answered for r in results.values()):
-            # Not settled yet: a retry must go to the store (and roll it forward), not this answer.
+        if held.period is not None and not held.period.settled:
+            # Not settled yet (an Exchange did not answer, or a part's commit did not land): a retry
+            # must go to the store (and roll it forward), not this answer.
             assert self._period is not None
             self._period.hand_over(held.period)
             self._idem.forget((order.caller.id, order.key))
@@ -467,13 +487,20 @@ class Purchaser:
         self, order: Order, held: _Held, part: _Part, result: PartResult, results: dict[int, PartResult],
         response: bpb.TransactResponse,
     ) -> list[Snapshot] | None:
-        """Commit one Exchange's answer; the last answer ends the hold. Called under the purchase's lock."""
+        """Commit one Exchange's answer; the last one ends the hold, but only once every other part is
+        recorded too (committed, or answered with nothing charged): a part whose commit did not
+        land keeps its hold and intent until it is rolled forward. Called under the purchase's lock."""
         assert held.period is not None
         assert self._period is not None
         if not result.answered:
             return None  # stays held with its intent: rolled forward later
+        if held.period.settled:
+            return None  # another broker rolling it forward committed the key first: counted by it
         items = [o.spend() for o in result.charged()]
-        last = len(results) == len(held.parts) and all(r.answered for r in results.values())
+        others = {p.index: results.get(p.index) for p in held.parts if p.index != part.index}
+        nothing_charged = [i for i, r in others.items() if r is not None and r.answered and not r.charged()]
+        last = all(r is not None and r.answered for r in others.values()) and \
+            set(others) <= held.period.done | set(nothing_charged)
         try:
             if last:
                 everything = [o for p in held.parts for o in results[p.index].outcomes]
@@ -487,7 +514,7 @@ class Purchaser:
                     (o.actual for o in everything if o.actual is not None), held.session.amount.currency)))
                 # The answer is stored with the commit, so any broker can replay this key.
                 return await self._period.commit(held.period, items, stored_answer(order.fingerprint, final),
-                                                 part=part.index, final=True)
+                                                 part=part.index, final=True, nothing_charged=nothing_charged)
             if items:
                 answer = bpb.TransactResponse(items=[o.item for o in result.outcomes])
                 return await self._period.commit(held.period, items, answer.SerializeToString(),

@@ -63,6 +63,7 @@ class Recovery:
             await self._period.release(hold)
             log.info("hold %s settled: nothing was charged", unsettled.reservation_id)
             return stored_answer(intent.fingerprint, self._answer(intent, key, answers, results))
+        nothing_charged = [p for p in todo[:-1] if not results[p].charged()]
         for p in todo[:-1]:
             spent = [o.spend() for o in results[p].charged()]
             if spent:
@@ -71,7 +72,9 @@ class Recovery:
         last = todo[-1] if todo else 0
         stored = stored_answer(intent.fingerprint, self._answer(intent, key, answers, results))
         await self._period.commit(hold, [o.spend() for o in results[last].charged()] if todo else [], stored,
-                                  part=last, final=True)
+                                  part=last, final=True, nothing_charged=nothing_charged)
+        if not hold.settled:
+            return None  # the store refused to end it (a part not settled): it stays counted
         log.info("hold %s rolled forward: %d part(s) settled with their Exchanges", unsettled.reservation_id,
                  len(todo))
         return stored

@@ -79,7 +79,9 @@ class BudgetExhausted(Exception):
         retry_at: datetime | None = None,
         mode: str = "strict",
         phase: str = "",
+        message: str | None = None,
     ) -> None:
+        """`message`: what the caller reads, when it is not that the cost does not fit (pacing)."""
         self.layer = layer
         self.scope = scope
         self.limit = limit
@@ -92,10 +94,11 @@ class BudgetExhausted(Exception):
         # When a retry can succeed: the period's end unless said otherwise (pacing knows sooner).
         self.retry_at = retry_at or period_end
         self.mode, self.phase = mode, phase  # how the budget is enforced (Snapshot.mode and .phase)
-        super().__init__(
+        self.snapshot: Snapshot | None = None  # the reading that refused it, when there is one
+        super().__init__(message or (
             f"{layer} budget {scope!r} exhausted: cost {cost} does not fit; "
             f"spent {spent}, reserved {reserved}, limit {limit}, remaining {self.remaining}"
-        )
+        ))
 
     @property
     def remaining(self) -> Money:
@@ -105,11 +108,13 @@ class BudgetExhausted(Exception):
     def from_snapshot(
         cls, snap: Snapshot, cost: Money, *, reason: str, next_action: str
     ) -> BudgetExhausted:
-        return cls(
+        exc = cls(
             layer=snap.layer, scope=snap.scope, limit=snap.limit, spent=snap.spent,
             reserved=snap.reserved, cost=cost, reason=reason, next_action=next_action,
             period_end=snap.period_end, mode=snap.mode, phase=snap.phase,
         )
+        exc.snapshot = snap
+        return exc
 
 
 # Snapshot.period of a fail-open scope's local allowance, used while the store is unreachable.
@@ -127,7 +132,8 @@ def next_action(snap: Snapshot) -> str:
     """What an agent denied by this budget can do about it."""
     if snap.period == OPEN_ALLOWANCE:
         return ("the budget store is unreachable and this broker's fail-open allowance is used up: "
-                "retry when the store is back")
+                "retry when the store is back (a key bought before on another broker is then answered "
+                "with that purchase)")
     if snap.layer == Layer.SESSION:
         return "raise the session budget with DeclareSessionBudget, or buy fewer or cheaper resources"
     if snap.period_end is not None:

@@ -103,8 +103,24 @@ class AlreadySettled(Exception):
         self.result = result
 
 
+class OutcomePending(Exception):
+    """An Exchange may have been asked to charge for this key (or its hold, with the request it
+    would send, may have reached the store and be rolled forward), and the outcome is not known
+    yet: retry with the same key, never a new one (ABORTED outcome_pending)."""
+
+    reason = "outcome_pending"
+
+    def __init__(self, message: str, key: str, layer: str, retry_at: datetime | None = None) -> None:
+        super().__init__(message)
+        self.scope = key
+        self.layer = layer  # "store" or "exchange": where the outcome is unknown
+        self.retry_at = retry_at
+
+
 def in_flight(key: str) -> KeyInFlight:
-    return KeyInFlight(f"a purchase with idempotency key {key!r} is still in progress; retry shortly", key)
+    """`key`: the store's (`<agent id>#<key>`); the caller is told its own part."""
+    own = key.partition("#")[2] or key
+    return KeyInFlight(f"a purchase with idempotency key {own!r} is still in progress; retry shortly", own)
 
 
 class HoldUnsettled(Exception):
@@ -336,7 +352,7 @@ class PeriodLayer:
         if probing:
             if domain in self._probing:
                 close_awaitable(call)
-                raise StoreUnavailable("the budget store failed moments ago")
+                raise StoreUnavailable("the budget store failed moments ago", not_sent=True)
             self._probing.add(domain)
         try:
             result = await call
@@ -615,10 +631,23 @@ class PeriodLayer:
                     plan.account, holds, ttl_ms=self._ttl_ms, idempotency_key=key, now_ms=now_ms,
                     limits_version=plan.version, intent=intent, owner=self.instance, identity=identity,
                 ))
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
                 self._check_lost(plan)  # a lease refresh may have found the store lost
+                # Unanswered, the hold may have landed with its intent: a sweeper would then roll it
+                # forward (and the Exchange execute it) after the TTL. Not "nothing happened".
+                maybe_made = bool(intent) and not exc.not_sent
                 if plan.fails_open():
-                    return await self._reserve_locally(plan, holds, cost, key, intent)
+                    try:
+                        return await self._reserve_locally(plan, holds, cost, key, intent)
+                    except OpenAllowanceExhausted:
+                        if not maybe_made:
+                            raise
+                if maybe_made:
+                    raise OutcomePending(
+                        "the budget store did not confirm the reservation, which may have been made: "
+                        "this purchase may still go through; retry with the same idempotency key (it is "
+                        "answered once the store is back, by retryAt at the latest)",
+                        key.partition("#")[2], "store", from_ms(now_ms + self._ttl_ms)) from None
                 raise self._down(plan) from None
             if isinstance(outcome, Reserved):
                 return PeriodHold(plan, holds, key, outcome.reservation_id, part_holds=part_holds)
@@ -660,7 +689,11 @@ class PeriodLayer:
         tiers = [TIERS.get(c.tier, TIERS["standard"]) for c in plan.counters]
         lease = self.leases.try_hold(plan.account, holds, tiers)
         if lease is None:
-            lease = await self.leases.grow(plan.account, holds, tiers)  # StoreUnavailable: the caller's
+            try:
+                lease = await self.leases.grow(plan.account, holds, tiers)
+            except StoreUnavailable as exc:
+                # What went unanswered was a lease refresh: nothing of this purchase was sent.
+                raise StoreUnavailable(str(exc), not_sent=True) from exc
         if lease is None:
             return None
         if intent:
@@ -685,6 +718,7 @@ class PeriodLayer:
     async def _reserve_locally(
         self, plan: Plan, holds: tuple[Hold, ...], cost: Money, key: str, intent: bytes,
     ) -> PeriodHold:
+        self._check_known_locally(plan.account, key)
         for snap in self._local_snapshots(plan):
             need = convert(cost, snap.limit.currency, self._converter)
             if snap.spent + need > snap.limit:
@@ -706,6 +740,18 @@ class PeriodLayer:
                     ", ".join(plan.scopes))
         return hold
 
+    def _check_known_locally(self, account: str, key: str) -> None:
+        """Without the store, a key is answered from what this broker knows of it: a spend it journaled
+        (AlreadySettled, with its answer) or a purchase of it still in flight here (KeyInFlight).
+        A key bought on another broker cannot be known here (see the README: a repeated key)."""
+        if any(h.key == key and h.plan.account == account for h in self._local_holds):
+            raise in_flight(key)
+        for entry in self._journal.pending() if self._journal is not None else ():
+            if entry.account == account and entry.idempotency_key == key:
+                if entry.intent:
+                    raise in_flight(key)  # cut off by a restart: its roll-forward settles it
+                raise AlreadySettled(entry.result)
+
     def _down(self, plan: Plan) -> StoreDown:
         closed = sorted({c.ref.scope for c in plan.counters if c.failure != "open"})
         return StoreDown(f"the budget store is unreachable and scope {', '.join(closed)} fails "
@@ -715,19 +761,24 @@ class PeriodLayer:
 
     async def commit(
         self, hold: PeriodHold, items: Sequence[ItemSpend], result: bytes, *, part: int = 0,
-        final: bool = True,
+        final: bool = True, nothing_charged: Sequence[int] = (),
     ) -> list[Snapshot] | None:
         """Record what one part of the purchase bought (all of it, for a hold of one part); the
         final commit ends the hold. Returns every counter's numbers after the commit, when known.
 
-        A hold with nothing bought at all is released instead (by the caller, or here for a hold
-        of one part). If the store cannot be reached the part stays unsettled: its intent is in
-        the store, and whoever rolls it forward commits it. If the store lost its memory, the
-        spend goes to the journal and is recorded once an operator has adopted the store.
+        A final commit ends a store hold only if every other part was committed or is listed in
+        `nothing_charged` (answered, nothing charged); else the store changes nothing and the hold
+        stays, with its intent, until it is rolled forward: a part whose commit did not land is
+        never released by another's. A hold with nothing bought at all is released instead (by the
+        caller, or here when no part was charged). If the store cannot be reached the part stays
+        unsettled: its intent is in the store, and whoever rolls it forward commits it. If the
+        store lost its memory, the spend goes to the journal and is recorded once an operator has
+        adopted the store.
         """
         if hold.settled:
             raise RuntimeError("period reservation settled twice")
-        if not items and final and not hold.done:
+        others = set(range(hold.parts)) - {part}
+        if not items and final and not hold.done and others <= set(nothing_charged):
             await self.release(hold)
             return None
         lines = self._lines(hold.holds, items)
@@ -735,6 +786,7 @@ class PeriodLayer:
         if hold.lease is not None:
             assert self.leases is not None
             hold.local_lines += lines
+            hold.done.add(part)
             if not final:
                 return None
             hold.settled = True
@@ -746,6 +798,7 @@ class PeriodLayer:
         if hold.local:
             # Fail-open: nothing of it is in the store; the journal takes the whole purchase at once.
             hold.local_lines += lines
+            hold.done.add(part)
             if not final:
                 return None
             hold.settled = True
@@ -753,7 +806,7 @@ class PeriodLayer:
             if hold.local_lines:
                 # Its spend is journaled, and its intent with it: nothing to roll forward.
                 await self._journal.append(hold.plan.account, hold.key, hold.holds, hold.local_lines, now_ms,
-                                           settles=hold.journal_id)
+                                           result=result, settles=hold.journal_id)
                 self.events.fail_open_spend()
             elif hold.journal_id is not None:
                 await self._journal.ack(hold.journal_id)
@@ -766,7 +819,8 @@ class PeriodLayer:
             done = await self.store.commit(
                 hold.plan.account, hold.reservation_id, floors, lines, idempotency_key=hold.key,
                 result=result, now_ms=now_ms, part=part, release=release, final=final,
-                identity=self.guard.seen_identity(hold.plan.account),
+                identity=self.guard.seen_identity(hold.plan.account), parts=hold.parts,
+                nothing_charged=nothing_charged,
             )
         except StoreLost as exc:
             self.guard.mark_lost(hold.plan.account, str(exc))
@@ -781,6 +835,12 @@ class PeriodLayer:
             log.warning("budget store unreachable at commit of %r: the hold stays until it is rolled "
                         "forward", hold.key)
             raise
+        if done.unsettled_parts:
+            # The caller thought every other part settled; the store knows better. Its hold stays
+            # with its intent, for the roll-forward to commit part by part.
+            log.error("final commit of %r refused: part(s) %s are not settled; the hold stays until it "
+                      "is rolled forward", hold.key, ", ".join(map(str, done.unsettled_parts)))
+            return None
         hold.done.add(part)
         hold.settled = final
         if done.duplicate:
@@ -885,17 +945,17 @@ class PeriodLayer:
         for entry in self._journal.pending():
             if self.guard.problem(entry.account) is not None or entry.id in live:
                 continue  # a lost store waits for adoption; a purchase in flight settles itself
-            lines = entry.lines
+            lines, result = entry.lines, entry.result
             if entry.intent:
                 rolled = await self._roll_forward_local(entry)
                 if rolled is None:
                     continue  # an Exchange has not answered: it stays counted, tried again later
-                lines, _ = rolled
+                lines, result = rolled
             identity = self.guard.seen_identity(entry.account)
             try:
                 await self.store.record_spend(
                     entry.account, entry.holds, lines, idempotency_key=entry.store_key,
-                    now_ms=entry.at_ms, kind="journal", identity=identity,
+                    now_ms=entry.at_ms, kind="journal", identity=identity, result=result,
                 )
             except StoreLost as exc:
                 self.guard.mark_lost(entry.account, str(exc))

@@ -190,7 +190,7 @@ class RedisClusterStore(RedisStore):
         for attempt in range(2):
             node = self._client.get_node_from_key(key)
             if node is None:  # not for a primary (SlotNotCoveredError), but typed so
-                raise StoreUnavailable(f"redis: no node serves {key}")
+                raise StoreUnavailable(f"redis: no node serves {key}", not_sent=True)
             pipe = self._client.pipeline()
             pipe.execute_command(*command, target_nodes=node)
             pipe.execute_command("WAIT", str(self._wait_replicas), self._wait_ms, target_nodes=node)

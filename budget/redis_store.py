@@ -79,6 +79,7 @@ from typing import Any, Final, Generic, Self, TypeVar, cast
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Connection, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterError,
@@ -90,7 +91,6 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 from redis.typing import EncodableT
 
 from budget.ids import new_id
@@ -204,6 +204,17 @@ def _unavailable(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
 
 
+def _never_sent(exc: BaseException) -> bool:
+    """The command never left this client: no connection could be made or had (redis-py's own
+    messages for a refused or timed-out connect and an exhausted pool). Anything later (a timeout
+    reading the reply, a connection dropped, a WAIT short of replicas) may have run on the server."""
+    text = str(exc)
+    if isinstance(exc, RedisTimeoutError):
+        return text.startswith("Timeout connecting")
+    return isinstance(exc, RedisConnectionError) and (" connecting to " in text or text.startswith(
+        ("Error connecting to", "No connection available")))
+
+
 class _HiredisConnection(Connection):
     """Packs commands with hiredis (C) instead of redis-py's pure-Python packer.
 
@@ -295,7 +306,7 @@ class _Batcher(Generic[Req, Out]):
 def _copy(exc: Exception) -> Exception:
     """One exception per waiting caller (each raise extends the object's traceback)."""
     if isinstance(exc, StoreUnavailable):
-        fresh = StoreUnavailable(*exc.args)
+        fresh = StoreUnavailable(*exc.args, not_sent=exc.not_sent)
         fresh.__cause__ = exc.__cause__
         return fresh
     return exc
@@ -326,6 +337,8 @@ class _CommitRequest:
     release: Sequence[int]
     final: bool
     identity: StoreIdentity | None
+    parts: int
+    nothing_charged: tuple[int, ...]
 
 
 def _identity_args(identity: StoreIdentity | None) -> list[str]:
@@ -451,7 +464,8 @@ class RedisStore:
                     return await operation()
         except Exception as exc:
             if _unavailable(exc):
-                raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+                raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}",
+                                       not_sent=_never_sent(exc)) from exc
             raise
 
     async def _eval(self, name: str, keys: Sequence[str], args: Sequence[str | bytes]) -> Any:
@@ -604,12 +618,13 @@ class RedisStore:
     async def commit(
         self, account: str, reservation_id: str, holds: Sequence[Hold], lines: Sequence[Line], *,
         idempotency_key: str, result: bytes, now_ms: int, part: int = 0, release: Sequence[int] = (),
-        final: bool = True, identity: StoreIdentity | None = None,
+        final: bool = True, identity: StoreIdentity | None = None, parts: int = 1,
+        nothing_charged: Sequence[int] = (),
     ) -> Committed:
         if release and len(release) != len(holds):
             raise ValueError(f"release has {len(release)} amounts for {len(holds)} holds")
         request = _CommitRequest(reservation_id, tuple(holds), tuple(lines), idempotency_key, bytes(result),
-                                 now_ms, part, tuple(release), final, identity)
+                                 now_ms, part, tuple(release), final, identity, parts, tuple(nothing_charged))
         # Build (and so validate) the arguments now, so a bad request fails alone, not its batch.
         self._commit_args(request)
         batcher = self._commit_batchers.get(account)
@@ -638,7 +653,8 @@ class RedisStore:
         args: list[str | bytes] = [
             r.rid, r.idempotency_key, r.result, str(r.now_ms), self._idempotency_ttl(r.holds, r.now_ms),
             str(len(r.holds)), str(len(r.lines)), str(r.part), "1" if r.final else "0",
-            "1" if r.release else "0", *_identity_args(r.identity)]
+            "1" if r.release else "0", *_identity_args(r.identity), str(r.parts),
+            " ".join(str(p) for p in r.nothing_charged)]
         sums = [0] * len(r.holds)
         for line in r.lines:
             if 0 <= line.hold_index < len(r.holds):
@@ -656,6 +672,9 @@ class RedisStore:
             return Committed(overage=(0,) * len(request.holds), duplicate=True)
         if reply[0] == b"lost":
             return StoreLost(f"redis: {_text(reply[1])}")
+        if reply[0] == b"open":
+            return Committed(overage=(0,) * len(request.holds),
+                             unsettled_parts=tuple(int(p) for p in _text(reply[1]).split()))
         late = reply[1] == b"1"
         held: dict[str, int] = {}
         words = _text(reply[2]).split()
@@ -757,14 +776,15 @@ class RedisStore:
 
     async def record_spend(
         self, account: str, holds: Sequence[Hold], lines: Sequence[Line], *, idempotency_key: str,
-        now_ms: int, kind: str, identity: StoreIdentity | None = None,
+        now_ms: int, kind: str, identity: StoreIdentity | None = None, result: bytes = b"",
     ) -> bool:
         p = self.account_prefix(account)
         keys = [f"{p}i:{idempotency_key}", f"{p}ledger", f"{p}counters"]
         keys += [f"{p}c:{h.counter.key}" for h in holds]
-        args = [p, idempotency_key, str(now_ms), kind, self._idempotency_ttl(holds, now_ms), str(len(holds)),
-                str(len(lines)), *_identity_args(identity), *self._spend_args(holds, lines, now_ms),
-                *self._line_args(holds, lines)]
+        args: list[str | bytes] = [
+            p, idempotency_key, str(now_ms), kind, self._idempotency_ttl(holds, now_ms), str(len(holds)),
+            str(len(lines)), *_identity_args(identity), bytes(result),
+            *self._spend_args(holds, lines, now_ms), *self._line_args(holds, lines)]
         reply = await self._script("record_spend", keys, args, retry=False)
         if isinstance(reply, list):
             raise StoreLost(f"redis: {_text(reply[1])}")

@@ -677,7 +677,7 @@ class SqliteStore:
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
         if self._closed:
-            raise StoreUnavailable(f"budget store {self.path} is closed")
+            raise StoreUnavailable(f"budget store {self.path} is closed", not_sent=True)
         loop = asyncio.get_running_loop()
         try:
             if not write:
@@ -689,7 +689,8 @@ class SqliteStore:
             return await done
         except sqlite3.Error as e:
             if _unavailable(e):
-                raise StoreUnavailable(f"budget store {self.path}: {e}") from e
+                # Busy or locked: the transaction was rolled back, so nothing of it happened.
+                raise StoreUnavailable(f"budget store {self.path}: {e}", not_sent=True) from e
             raise
 
     # --- reservations -----------------------------------------------------------------
@@ -765,7 +766,8 @@ class SqliteStore:
     async def commit(
         self, account: str, reservation_id: str, holds: Sequence[Hold], lines: Sequence[Line], *,
         idempotency_key: str, result: bytes, now_ms: int, part: int = 0, release: Sequence[int] = (),
-        final: bool = True, identity: StoreIdentity | None = None,
+        final: bool = True, identity: StoreIdentity | None = None, parts: int = 1,
+        nothing_charged: Sequence[int] = (),
     ) -> Committed:
         _check_lines(holds, lines)
         holds, lines, release = tuple(holds), tuple(lines), tuple(release)
@@ -787,6 +789,12 @@ class SqliteStore:
             if lost is not None:
                 raise StoreLost(f"budget store {self.path}: {lost}")
             res = _load_reservation(conn, account, reservation_id)
+            if final and res is not None:
+                # A final commit settles only the parts it is told about (see Store.commit).
+                settled = {part, *res.done, *nothing_charged}
+                unsettled = tuple(p for p in range(parts) if p not in settled)
+                if unsettled:
+                    return Committed(overage=(0,) * len(holds), unsettled_parts=unsettled)
             spent = [0] * len(holds)
             # A part committed before (by another broker rolling it forward) adds, gives back and
             # records nothing again; only a final commit still ends the reservation.
@@ -920,7 +928,7 @@ class SqliteStore:
 
     async def record_spend(
         self, account: str, holds: Sequence[Hold], lines: Sequence[Line], *, idempotency_key: str,
-        now_ms: int, kind: str, identity: StoreIdentity | None = None,
+        now_ms: int, kind: str, identity: StoreIdentity | None = None, result: bytes = b"",
     ) -> bool:
         _check_lines(holds, lines)
         holds, lines = tuple(holds), tuple(lines)
@@ -943,7 +951,7 @@ class SqliteStore:
             _spend(conn, account, counters, holds, lines, idempotency_key=idempotency_key,
                    reservation_id=reservation_id, reserved_at_ms=reserved_at, now_ms=now_ms, kind=kind)
             counters.save()
-            _settle_key(conn, account, idempotency_key, reservation_id, b"")
+            _settle_key(conn, account, idempotency_key, reservation_id, bytes(result))
             return True
 
         return await self._run(run, write=True)

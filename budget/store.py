@@ -281,6 +281,9 @@ class Committed:
     # Per hold, the counter's numbers right after this commit (empty for a duplicate), so the
     # caller can report them without another read. A report, not part of the outcome's identity.
     states: tuple[CounterState, ...] = field(default=(), compare=False)
+    # A final commit refused because these parts are neither committed nor said to have charged
+    # nothing: nothing was changed, and the reservation (with their holds) stays open.
+    unsettled_parts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,12 +326,20 @@ class Limits:
 
 class StoreUnavailable(Exception):
     """The store did not answer in time or could not be reached. Nothing is known to have changed
-    for reads; for writes the outcome is unknown."""
+    for reads; for writes the outcome is unknown, unless `not_sent`: the call certainly changed
+    nothing (it never reached the store, or the store rolled it back)."""
+
+    def __init__(self, *args: object, not_sent: bool = False) -> None:
+        super().__init__(*args)
+        self.not_sent = not_sent
 
 
 class StoreLost(StoreUnavailable):
     """The store does not show what the caller has seen of it (a write checked against an identity
     or a floor): nothing was changed. Spend must be kept elsewhere until an operator adopts it."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args, not_sent=True)
 
 
 class Store(Protocol):
@@ -354,7 +365,8 @@ class Store(Protocol):
     async def commit(
         self, account: str, reservation_id: str, holds: Sequence[Hold], lines: Sequence[Line], *,
         idempotency_key: str, result: bytes, now_ms: int, part: int = 0, release: Sequence[int] = (),
-        final: bool = True, identity: StoreIdentity | None = None,
+        final: bool = True, identity: StoreIdentity | None = None, parts: int = 1,
+        nothing_charged: Sequence[int] = (),
     ) -> Committed:
         """Settle one part of a reservation with what was actually charged, atomically with the ledger.
 
@@ -363,6 +375,11 @@ class Store(Protocol):
         still holds there; without `release`, everything it holds), and the part is recorded
         with `result` (its answer). With `final`, the reservation then ends: whatever it still
         holds is refunded, count += 1, and `result` is stored as the key's answer for replay.
+        A final commit settles only what it is told about: every other part of the reservation's
+        `parts` (0 .. parts-1) must be committed already or listed in `nothing_charged` (answered,
+        nothing charged: their holds may go back); else nothing changes and `unsettled_parts`
+        names the others, whose holds stay until they are rolled forward (a part whose commit did
+        not land is never released by another part's commit).
         If the reservation is gone (refunded), the spend is still recorded (late=True); if the key
         was already committed, nothing changes (duplicate=True). `states` holds every hold's
         counter as the commit left it. StoreLost (changing nothing) if `identity` is given and
@@ -427,9 +444,10 @@ class Store(Protocol):
 
     async def record_spend(
         self, account: str, holds: Sequence[Hold], lines: Sequence[Line], *, idempotency_key: str,
-        now_ms: int, kind: str, identity: StoreIdentity | None = None,
+        now_ms: int, kind: str, identity: StoreIdentity | None = None, result: bytes = b"",
     ) -> bool:
-        """Add spend with no reservation (a fail-open journal replay), once per key.
+        """Add spend with no reservation (a fail-open journal replay), once per key; `result` is
+        kept as the key's answer for replay (empty: the spend is known, its answer is not).
 
         Returns False, changing nothing, when this key was already recorded.
         """

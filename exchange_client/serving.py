@@ -10,21 +10,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
-import inspect
 import json
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Mapping
-from importlib.metadata import version
 from typing import Any
 
-import h2.events
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.protocol.h2 import H2Protocol
 
 from exchange_client.content_types import explain_unsupported, grpc_web_text, is_grpc_web_text
+from exchange_client.hypercorn_h2 import patch_hypercorn_h2
 
 log = logging.getLogger(__name__)
 
@@ -238,58 +234,8 @@ class Router:
         await send_json(send, status, answer)
 
 
-# hypercorn versions whose H2Protocol._handle_events the guard below was checked against.
-_H2_GUARD_CHECKED = ("0.18.",)
-
-
-def guard_h2_late_data() -> None:
-    """Make hypercorn's HTTP/2 protocol drop request data for a stream it already closed.
-
-    Upstream bug (hypercorn 0.18, pgjones/hypercorn#329; fixes proposed in #312 and
-    #334): once a response is complete hypercorn forgets the stream, and request body that
-    arrives after it (an answer sent before the body was read: an unknown path or method,
-    415, an auth refusal) makes `H2Protocol._handle_events` raise KeyError. That kills the
-    connection's reader: its other calls hang, the socket is never closed, and shutdown
-    waits for it forever. Such data is dropped here, its flow-control credit still given
-    back (h2 skips the stream window of a stream it has closed), so the client can finish.
-
-    Idempotent. Raises at startup if hypercorn no longer has what this wraps, rather than
-    serving unguarded. Harmless once upstream guards it itself.
-    """
-    original = getattr(H2Protocol, "_handle_events", None)
-    if getattr(original, "_ramp_guarded", False):
-        return
-    hypercorn = version("hypercorn")
-    if original is None or not inspect.iscoroutinefunction(original) or (
-            list(inspect.signature(original).parameters) != ["self", "events"]
-            or not hasattr(H2Protocol, "_flush")):
-        raise RuntimeError(
-            f"hypercorn {hypercorn}: H2Protocol._handle_events(self, events) is gone; re-check "
-            "the late-data guard in exchange_client/serving.py against pgjones/hypercorn#329")
-    if not hypercorn.startswith(_H2_GUARD_CHECKED):
-        log.info("hypercorn %s: guarding HTTP/2 late request data (checked against %s); "
-                 "see whether pgjones/hypercorn#329 is fixed", hypercorn, ", ".join(_H2_GUARD_CHECKED))
-
-    @functools.wraps(original)
-    async def handle_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
-        # One event at a time: the stream may close while an earlier event is awaited.
-        for event in events:
-            if (isinstance(event, h2.events.DataReceived | h2.events.StreamEnded)
-                    and event.stream_id not in self.streams):
-                if isinstance(event, h2.events.DataReceived):
-                    self.connection.acknowledge_received_data(
-                        event.flow_controlled_length, event.stream_id)
-                continue
-            await original(self, [event])
-        # What h2 queued without an event (window updates, a reset) goes out now too.
-        await self._flush()
-
-    handle_events._ramp_guarded = True  # type: ignore[attr-defined]
-    H2Protocol._handle_events = handle_events  # type: ignore[method-assign]
-
-
-def hypercorn_config(listen: str, grace_seconds: float) -> HypercornConfig:
-    guard_h2_late_data()
+def _hypercorn_config(listen: str, grace_seconds: float) -> HypercornConfig:
+    patch_hypercorn_h2()
     config = HypercornConfig()
     config.bind = [listen]
     config.graceful_timeout = grace_seconds
@@ -301,12 +247,72 @@ def hypercorn_config(listen: str, grace_seconds: float) -> HypercornConfig:
     return config
 
 
+# What requests cancelled at the end of the shutdown grace get to answer and end, before hypercorn
+# cuts their connections.
+_CANCEL_PATIENCE_S = 1.0
+
+
+class _InFlight:
+    """The app, keeping the tasks of the HTTP requests it is serving, so that `serve` can cancel
+    those still running when the shutdown grace runs out."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        if scope["type"] != "http" or task is None:
+            await self._app(scope, receive, send)
+            return
+        self._tasks.add(task)
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            self._tasks.discard(task)
+
+    def cancel(self) -> int:
+        """Cancel every request still running; how many there were."""
+        for task in self._tasks:
+            task.cancel()
+        return len(self._tasks)
+
+
+async def serve(app: ASGIApp, listen: str, grace_seconds: float, stop: asyncio.Event) -> None:
+    """Serve until `stop` is set, then stop: no new connections, idle ones closed at once (HTTP/2
+    ones after a GOAWAY), in-flight requests answered, each connection closed once it has none
+    left (see exchange_client.hypercorn_h2); returns when none is left.
+
+    Requests still running after `grace_seconds` are cancelled (logged), so they answer CANCELED
+    and their connections close as above. hypercorn itself would cancel whole connections, and
+    then an answer sent on an HTTP/2 one waited for its cancelled sender: forever (connectrpc
+    answers a cancelled request), and the process never exited.
+    """
+    in_flight = _InFlight(app)
+
+    async def cancel_at_grace() -> None:
+        await stop.wait()
+        await asyncio.sleep(grace_seconds)
+        cancelled = in_flight.cancel()
+        if cancelled:
+            log.warning("%s: the shutdown grace (%g s) ran out: %d request(s) still running cancelled",
+                        listen, grace_seconds, cancelled)
+
+    canceller = asyncio.create_task(cancel_at_grace())
+    try:
+        await hypercorn_serve(in_flight, _hypercorn_config(listen, grace_seconds + _CANCEL_PATIENCE_S),
+                              shutdown_trigger=stop.wait)
+    finally:
+        canceller.cancel()
+        await asyncio.gather(canceller, return_exceptions=True)
+
+
 async def serve_until_signalled(
     app: ASGIApp, listen: str, grace_seconds: float, stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop`), then let in-flight requests finish."""
+    """`serve` until SIGTERM/SIGINT (or `stop`)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await hypercorn_serve(app, hypercorn_config(listen, grace_seconds), shutdown_trigger=stop.wait)
+    await serve(app, listen, grace_seconds, stop)

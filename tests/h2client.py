@@ -67,6 +67,9 @@ class H2Client:
         self._streams: dict[int, Stream] = {}
         self._window = asyncio.Event()
         self.closed = asyncio.Event()
+        # The server's GOAWAY frames: (error code, last stream id).
+        self.goaways: list[tuple[int, int]] = []
+        self.disconnected = asyncio.Event()  # the server closed the socket (or reading failed)
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -103,6 +106,7 @@ class H2Client:
         except (OSError, h2.exceptions.ProtocolError):
             pass
         finally:
+            self.disconnected.set()
             self.closed.set()
             self._window.set()
             for stream in self._streams.values():
@@ -131,6 +135,7 @@ class H2Client:
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._window.set()
         elif isinstance(event, h2.events.ConnectionTerminated):
+            self.goaways.append((int(event.error_code or 0), int(event.last_stream_id or 0)))
             self.closed.set()
 
     async def start(self, path: str, headers: Sequence[tuple[str, str]] = (),

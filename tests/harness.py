@@ -18,14 +18,13 @@ from typing import Any
 
 import httpx
 from google.protobuf import json_format
-from hypercorn.asyncio import serve as hypercorn_serve
 
 from broker.app import Broker, build_broker
 from broker.config import BrokerConfig
 from budget.clock import Clock
 from exchange_client.catalog import Catalog
 from exchange_client.reference import ReferenceExchange, reference_app
-from exchange_client.serving import ASGIApp, hypercorn_config
+from exchange_client.serving import ASGIApp, serve
 from ramp.broker.v1 import broker_pb2 as bpb
 
 CONNECT_JSON = {"content-type": "application/json"}
@@ -67,9 +66,7 @@ async def _wait_listening(port: int) -> None:
 @contextlib.asynccontextmanager
 async def serving(app: ASGIApp, port: int) -> AsyncIterator[None]:
     stop = asyncio.Event()
-    task = asyncio.create_task(
-        hypercorn_serve(app, hypercorn_config(f"127.0.0.1:{port}", 2.0), shutdown_trigger=stop.wait)
-    )
+    task = asyncio.create_task(serve(app, f"127.0.0.1:{port}", 2.0, stop))
     try:
         await _wait_listening(port)
         yield

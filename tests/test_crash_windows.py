@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import signal
+import sqlite3
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -31,8 +32,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
+from google.protobuf import json_format
+from grpc_status import rpc_status
 from redis.asyncio import Redis
 
 from broker.auth import Agent
@@ -41,6 +45,8 @@ from budget.redis_store import RedisStore
 from budget.sqlite_store import SqliteStore
 from budget.store import CounterRef, CounterState, LedgerEntry, Store, UnsettledHold
 from currency.money import Money
+from ramp.broker.v1 import broker_pb2 as bpb
+from ramp.broker.v1 import broker_pb2_grpc
 from tests.harness import agent_key, denial, lasting_port
 from tests.processes import (
     Child,
@@ -176,6 +182,7 @@ async def read_store(backend: Backend) -> StoreView:
 def broker_config(
     exchanges: Sequence[Child], backend: Backend, limits: dict[str, str], *, ttl_s: int = TTL_S,
     sweep_s: float = SWEEP_S, store_timeout_ms: int = 1000, mode: str = "strict",
+    execute_timeout_ms: int = EXECUTE_TIMEOUT_MS,
 ) -> dict[str, Any]:
     """A broker on `backend` with its own fixed ports (so it can be restarted as itself), the
     admin API on, and agent alice charged to every scope of SCOPES."""
@@ -184,7 +191,7 @@ def broker_config(
         listen=f"127.0.0.1:{lasting_port()}",
         metrics={"listen": f"127.0.0.1:{lasting_port()}"},
         fanout={"discover_timeout_ms": 2000, "overall_timeout_ms": 4000,
-                "execute_timeout_ms": EXECUTE_TIMEOUT_MS},
+                "execute_timeout_ms": execute_timeout_ms},
         session={"default_limit": {"amount": "1000.00", "currency": "USD"}},
         period_budgets={
             "store": backend.setting(store_timeout_ms),
@@ -539,6 +546,161 @@ async def test_two_exchanges_fast_part_committed_slow_part_rolled_forward(
             assert Decimal(replays["k2"]["totalCost"]["amount"]) == 3, replays
 
 
+# --- 3b. two Exchanges: the first part's commit does not land, the last part answers ----------------------
+
+# The store is made to refuse writes for a moment: Redis paused (CLIENT PAUSE WRITE), or the shared
+# SQLite file locked by another connection (BEGIN EXCLUSIVE). Either way a commit waits out its timeout.
+LOST_COMMIT = "budget store unreachable at commit"  # budget.period's warning
+
+
+@contextlib.asynccontextmanager
+async def writes_refused(backend: Backend) -> AsyncIterator[None]:
+    if backend.redis is not None:
+        redis = Redis.from_url(backend.redis.url)
+        await redis.client_pause(30_000, all=False)
+        try:
+            yield
+        finally:
+            await redis.client_unpause()
+            await redis.aclose()
+        return
+    conn = sqlite3.connect(backend.sqlite_path, isolation_level=None, check_same_thread=False)
+    await asyncio.to_thread(conn.execute, "BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(conn.execute, "ROLLBACK")
+        conn.close()
+
+
+async def _held_by_leases(backend: Backend, amount: Decimal) -> bool:
+    view = await read_store(backend)
+    return all(usd(st.leased) == amount for _, st in view.counters.values())
+
+
+# Each store, mode and fault twice, in pairs (all eight took two minutes).
+@pytest.mark.parametrize(("backend", "mode", "fault"), [
+    ("redis", "strict", "live"), ("embedded", "strict", "killed"),
+    ("redis", "lease", "killed"), ("embedded", "lease", "live"),
+], indirect=["backend"])
+async def test_two_exchanges_a_part_whose_commit_failed_is_not_released_by_the_last(
+    tmp_path: Path, backend: Backend, mode: str, fault: str,
+) -> None:
+    """The fast Exchange charges and answers while the store refuses writes, so its part's commit
+    fails; the slow Exchange answers after the store is back, last. Its commit must not end the
+    hold: the fast part's charge is not in the ledger yet, and releasing its hold would free budget
+    the Exchange already took. The agent is answered (both bought); the fast part stays held with
+    its intent until a sweeper rolls it forward: the broker itself, or (`killed`: the broker
+    SIGKILLed right after answering) the other one. In lease mode the scopes are too small for a
+    lease (synchronous phase): the purchase reserves in the store, as in strict mode."""
+    # Lease mode first buys the slow resource (2.00) alone, so that what is left (3.50) is under twice
+    # the largest purchase seen: the synchronous phase. Then 1.00 + 2.00 fits; a part lost, or
+    # counted twice (one more 1.00 or 2.00 over the limit), does not.
+    limits = {scope: "5.50" if mode == "lease" else "3.50" for scope in SCOPES}
+    fast_catalog = catalog_tree("ref.fast", offers=[
+        {"uri": FAST, "offer_id": "fast-a", "rate": "1.00", "currency": "USD"}])
+    slow_catalog = catalog_tree("ref.slow", offers=[
+        {"uri": SLOW, "offer_id": "slow-b", "rate": "2.00", "currency": "USD"}])
+    execute_timeout_ms = 1000
+    ttl_s = 5  # the shortest the config allows with that timeout
+    async with start_exchange(tmp_path, fast_catalog, name="exchange-fast") as fast, \
+            start_exchange(tmp_path, slow_catalog, name="exchange-slow") as slow:
+        configs = [broker_config([fast, slow], backend, limits, mode=mode, ttl_s=ttl_s, store_timeout_ms=150,
+                                 execute_timeout_ms=execute_timeout_ms) for _ in range(2)]
+        async with two_brokers(tmp_path, configs[0], configs[1]) as (b1, b2), \
+                httpx.AsyncClient(timeout=15.0) as client:
+            # The fast Exchange charges at once and answers 200 ms later. The slow one's first call
+            # sleeps past the broker's timeout; the broker's retry (same key) is answered at once,
+            # once the knob is off: so the slow answer comes after the store is back.
+            bodies: dict[str, dict[str, Any]] = {}
+            spent_before = Decimal(0)
+            if mode == "lease":
+                bodies["k-warm"] = transact("k-warm", [SLOW])
+                warm = await connect_call(client, b1, "BrokerService/Transact", bodies["k-warm"], key=API_KEY)
+                assert warm.status_code == 200, warm.text
+                spent_before = Decimal(2)
+
+                async def synchronous() -> bool:
+                    r = await connect_call(client, b1, "BudgetService/GetBudgetStatus", {}, key=API_KEY)
+                    phases = [b.get("phase") for b in r.json()["budgets"]]
+                    return phases == ["synchronous"] * len(SCOPES)
+                await eventually(synchronous, 10.0, "the scopes' leases reach the synchronous phase")
+                await eventually(lambda: _held_by_leases(backend, Decimal(0)), 10.0,
+                                 "the broker reports its spend and gives its leases back")
+            await set_knobs(client, fast, answer_latency_ms=200)
+            await set_knobs(client, slow, execute_latency_ms=30_000)
+            body = bodies["k-two"] = transact("k-two", [FAST, SLOW])
+            purchase = asyncio.create_task(connect_call(client, b1, "BrokerService/Transact", body,
+                                                        key=API_KEY))
+            try:
+                await eventually(charged_at(client, fast), 10.0, "the fast Exchange charges", every=0.003)
+                async with writes_refused(backend):
+                    async def commit_failed() -> bool:
+                        return LOST_COMMIT in b1.stderr
+                    await eventually(commit_failed, 5.0, "the fast part's commit fails", every=0.005)
+                await set_knobs(client, slow, execute_latency_ms=0)
+                answer = await asyncio.wait_for(purchase, 15.0)
+            finally:
+                purchase.cancel()
+            assert answer.status_code == 200, f"{answer.text}\n{b1.stderr[-3000:]}"
+            assert purchased(answer.json()) == [(FAST, Decimal("1.00")), (SLOW, Decimal("2.00"))], answer.text
+            if mode == "lease":
+                assert "synchronous" in answer.headers["x-budget-mode"], answer.headers
+            # The slow part is committed; the fast part's hold is still there, with its intent.
+            view = await read_store(backend)
+            assert_in_window(view, spent_before + 2, Decimal(1), b1)
+            assert set(view.holds[0].done) == {1}, view.holds
+            survivor = b1
+            if fault == "killed":
+                assert await b1.kill() == -9
+                survivor = b2
+
+            async def settled() -> bool:
+                return (await read_store(backend)).reserved() == 0
+            await eventually(settled, ttl_s + 20 * SWEEP_S + 4.0, "the fast part is rolled forward")
+            # By either broker's sweeper (the live one's, or the other's), never refunded.
+            logs = b1.stderr + b2.stderr
+            assert ROLLING in (logs if fault == "live" else b2.stderr), logs[-5000:]
+            assert REFUNDED not in logs, logs[-5000:]
+            fast_state = await exchange_state(client, fast)
+            assert fast_state["charges"] == 1, fast_state
+            view, replays = await check_books(client, backend, {"ref.fast": fast, "ref.slow": slow}, limits,
+                                              bodies, survivor)
+            assert all(view.spent(scope) == spent_before + 3 for scope in SCOPES), view.brief()
+            assert purchased(replays["k-two"]) == [(FAST, Decimal("1.00")), (SLOW, Decimal("2.00"))], replays
+
+
+async def test_lease_purchase_whose_last_exchange_charges_nothing_keeps_the_first_charge(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """Lease mode, nobody killed: the fast Exchange charges its part, the slow one (no balance)
+    refuses its part last. The last answer charged nothing, but the purchase did: the fast part's
+    spend must be committed on the leases and reported, not released with the hold."""
+    limits = {"user:alice": "5.00", "team:eng": "5.00"}
+    fast_catalog = catalog_tree("ref.fast", offers=[
+        {"uri": FAST, "offer_id": "fast-a", "rate": "1.00", "currency": "USD"}])
+    slow_catalog = catalog_tree("ref.slow", accounts={"ramp-broker": {"USD": "0.00"}}, offers=[
+        {"uri": SLOW, "offer_id": "slow-b", "rate": "2.00", "currency": "USD"}])
+    async with start_exchange(tmp_path, fast_catalog, name="exchange-fast") as fast, \
+            start_exchange(tmp_path, slow_catalog, name="exchange-slow") as slow, \
+            httpx.AsyncClient(timeout=15.0) as client:
+        config = broker_config([fast, slow], backend, limits, mode="lease")
+        body = transact("k-denied-last", [FAST, SLOW])
+        async with start_broker(tmp_path, config, name="broker-1", env=ADMIN_ENVIRON) as b1:
+            await set_knobs(client, slow, answer_latency_ms=150)  # its refusal comes last
+            answer = await connect_call(client, b1, "BrokerService/Transact", body, key=API_KEY)
+            assert answer.status_code == 200, answer.text
+            statuses = [i["status"] for i in answer.json()["items"]]
+            assert statuses == ["ITEM_STATUS_PURCHASED", "ITEM_STATUS_DENIED"], answer.text
+        # Stopped cleanly: the leases reported their spend and went back.
+        view = await read_store(backend)
+        assert view.reserved() == 0, view.brief()
+        assert all(view.spent(scope) == 1 for scope in SCOPES), view.brief()
+        async with start_broker(tmp_path, config, name="broker-1", env=ADMIN_ENVIRON) as again:
+            await check_books(client, backend, {"ref.fast": fast, "ref.slow": slow}, limits,
+                              {"k-denied-last": body}, again, lease=True)
+
+
 # --- 4. a retry of the key after the TTL rolls the hold forward itself ----------------------------------
 
 
@@ -733,3 +895,101 @@ async def test_broker_frozen_past_its_ttl_finds_its_purchase_settled(
                 answer.json(), again.json())
             assert "Traceback" not in b1.stderr, b1.stderr[-4000:]
             assert (await exchange_state(client, exchange))["charges"] == 1
+
+
+# --- 7. what a caller hears: "may be charged" (same key) is not "nothing happened" (new key is safe) ----
+
+
+async def _replica_in_sync(replica: RedisServer) -> bool:
+    client = Redis.from_url(replica.url)
+    try:
+        return (await client.info("replication")).get("master_link_status") == "up"
+    finally:
+        await client.aclose()
+
+
+async def _grpc_transact(broker: Child, body: dict[str, Any]) -> tuple[grpc.StatusCode, bpb.Denial | None]:
+    """The purchase over gRPC (grpcio): its status code and the Denial in its status details."""
+    request = json_format.ParseDict(body, bpb.TransactRequest())
+    async with grpc.aio.insecure_channel(broker.url.removeprefix("http://")) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        try:
+            await stub.Transact(request, metadata=(("authorization", f"Bearer {API_KEY}"),), timeout=10)
+        except grpc.aio.AioRpcError as err:
+            status = rpc_status.from_call(err)  # type: ignore[arg-type]
+            denials = [bpb.Denial.FromString(d.value) for d in (status.details if status else [])
+                       if d.type_url.endswith("ramp.broker.v1.Denial")]
+            return err.code(), (denials[0] if denials else None)
+    return grpc.StatusCode.OK, None
+
+
+async def test_a_reservation_the_store_may_have_made_is_answered_outcome_pending(tmp_path: Path) -> None:
+    """`wait_replicas: 1` with the replica stopped: the reservation (with its intent) lands on the
+    primary, but WAIT times out. The broker never asked the Exchange, yet a sweeper will roll that
+    hold forward and the Exchange execute it: the answer is ABORTED `outcome_pending` (retry the same
+    key), not `store_unavailable`. The retry is then answered with the purchase, bought once. A
+    store that cannot be reached at all (nothing sent) is `store_unavailable`, and nothing is ever
+    charged for it."""
+    (tmp_path / "p").mkdir()
+    (tmp_path / "r").mkdir()
+    primary = RedisServer(tmp_path / "p", appendonly=True, extra=("--repl-diskless-sync-delay", "0"))
+    await asyncio.to_thread(primary.start)
+    replica = RedisServer(tmp_path / "r", extra=("--replicaof", "127.0.0.1", str(primary.port)))
+    await asyncio.to_thread(replica.start)
+    backend = Backend("redis", tmp_path / "unused.sqlite3", primary)
+    limits = {"user:alice": "10.00", "team:eng": "10.00"}
+    try:
+        await eventually(lambda: _replica_in_sync(replica), 10.0, "the replica syncs")
+        async with start_exchange(tmp_path, catalog_tree()) as exchange, \
+                httpx.AsyncClient(timeout=15.0) as client:
+            config = broker_config([exchange], backend, limits, store_timeout_ms=500)
+            config["period_budgets"]["store"]["wait_replicas"] = 1
+            async with start_broker(tmp_path, config, name="broker-1", env=ADMIN_ENVIRON) as b1:
+                bodies = {"k0": transact("k0")}
+                warm = await connect_call(client, b1, "BrokerService/Transact", bodies["k0"], key=API_KEY)
+                assert warm.status_code == 200, warm.text
+
+                replica.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+                try:
+                    bodies["k1"] = transact("k1")
+                    pending = await connect_call(client, b1, "BrokerService/Transact", bodies["k1"],
+                                                 key=API_KEY)
+                    code, over_grpc = await _grpc_transact(b1, transact("k1-grpc"))
+                    bodies["k1-grpc"] = transact("k1-grpc")
+                finally:
+                    replica.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+                assert (pending.status_code, pending.json()["code"]) == (409, "aborted"), pending.text
+                d = denial(pending.json())
+                assert (d.reason, d.layer, d.scope) == ("outcome_pending", bpb.DENIAL_LAYER_STORE, "k1"), d
+                assert "same idempotency key" in d.next_action
+                assert "may already be charged" in d.next_action
+                assert d.HasField("retry_at"), d
+                assert (code, over_grpc and over_grpc.reason) == (grpc.StatusCode.ABORTED, "outcome_pending")
+                # Nothing was sent to the Exchange yet: only the warm-up is charged.
+                assert (await exchange_state(client, exchange))["charges"] == 1
+
+                # The hold, with its intent, is in the store: rolled forward after the TTL, so the
+                # Exchange does charge it; the retry with the same key hears it, bought once.
+                async def charged() -> bool:
+                    return int((await exchange_state(client, exchange))["charges"]) == 3
+                await eventually(charged, SETTLE_S, "the sweeper rolls the pending holds forward")
+                for key in ("k1", "k1-grpc"):
+                    retry = await connect_call(client, b1, "BrokerService/Transact", bodies[key], key=API_KEY)
+                    assert retry.status_code == 200, retry.text
+                    assert purchased(retry.json()) == [(A, Decimal("1.00"))], retry.text
+
+                # The store unreachable (nothing sent): store_unavailable, and a new key is safe.
+                await asyncio.to_thread(primary.stop)
+
+                async def not_ready() -> bool:
+                    return (await client.get(f"{b1.url}/readyz")).status_code == 503
+                await eventually(not_ready, 10.0, "the broker notices the store is down")
+                down = await connect_call(client, b1, "BrokerService/Transact", transact("k2"), key=API_KEY)
+                assert (down.status_code, denial(down.json()).reason) == (503, "store_unavailable"), down.text
+                await asyncio.to_thread(primary.start)
+                await asyncio.sleep(TTL_S + 10 * SWEEP_S)
+                assert (await exchange_state(client, exchange))["charges"] == 3  # never k2
+                await check_books(client, backend, {"ref.test": exchange}, limits, bodies, b1)
+    finally:
+        await asyncio.to_thread(replica.stop)
+        await asyncio.to_thread(primary.stop)

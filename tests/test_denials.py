@@ -259,3 +259,49 @@ async def test_denials_are_counted_by_layer_and_reason(broker: RunningBroker) ->
         "broker_denials_total", {"layer": "authorization", "reason": "scope_not_granted"}) == 1
     assert registry.get_sample_value("broker_budget_exhausted_total", {"layer": "transaction"}) == 1
     assert registry.get_sample_value("broker_budget_exhausted_total", {"layer": "period"}) == 0
+
+
+# --- "may be charged": retry the same key ------------------------------------------------------------
+
+
+async def test_a_failure_after_the_exchange_was_asked_says_the_purchase_may_be_charged(
+    broker: RunningBroker, exchange: Exchange, clock: ManualClock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Something fails in the broker after the Exchange charged (here: reading its answer). The
+    agent must not hear a generic error it could take for "nothing happened" and retry under a new
+    key: it hears ABORTED `outcome_pending`. A retry of the same key is in flight until the hold is
+    rolled forward, then answered with the purchase, charged once."""
+    from broker.execute import Buyer
+
+    real = Buyer._outcome
+    failures = [RuntimeError("a bug after the Exchange answered")]
+
+    def outcome_or_bug(self: Buyer, *args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return real(self, *args)
+
+    monkeypatch.setattr(Buyer, "_outcome", outcome_or_bug)
+    code, body = await buy(broker, "k-bug", [A])
+    assert (code, body["code"]) == (409, "aborted"), body
+    d = denial(body)
+    assert (d.reason, d.layer, d.scope) == ("outcome_pending", bpb.DENIAL_LAYER_EXCHANGE, "k-bug"), d
+    assert "same idempotency key" in d.next_action
+    assert "may already be charged" in d.next_action
+    assert "a bug" not in body["message"]  # no internal text
+    assert (await exchange.state())["charges"] == 1
+
+    # Retried at once: the hold is not yet handed over to anyone (its TTL runs).
+    code, body = await buy(broker, "k-bug", [A])
+    assert (code, denial(body).reason) == (409, "idempotency_key_in_flight"), body
+    assert "may already be charged" in denial(body).next_action
+    # After the TTL a sweep rolls it forward; the retry is answered with the purchase.
+    assert broker.broker.period is not None
+    clock.advance(broker.broker.config.period_budgets.reservation_ttl_seconds + 1)
+    await broker.broker.period.upkeep()
+    code, body = await buy(broker, "k-bug", [A])
+    assert code == 200, body
+    assert body.get("replayed") is True, body
+    assert [i["status"] for i in body["items"]] == ["ITEM_STATUS_PURCHASED"]
+    state = await exchange.state()
+    assert state["charges"] == 1, state

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.protocol.h2 import H2Protocol
 
-from exchange_client.serving import guard_h2_late_data
+from exchange_client.hypercorn_h2 import patch_hypercorn_h2
 from ramp.broker.v1 import broker_pb2 as bpb
 from tests.h2client import H2Client
 from tests.processes import Child, broker_tree, catalog_tree, start_broker, start_exchange
@@ -110,13 +111,18 @@ async def test_grpc_over_http1_is_refused_clearly(broker: Child) -> None:
     assert "trailers extension" not in broker.stderr, broker.stderr
 
 
-def test_h2_guard_is_installed_once_and_fails_loudly_without_its_hook(
+def test_hypercorn_patches_are_installed_once_and_fail_loudly_without_their_hooks(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    guard_h2_late_data()
-    guarded = H2Protocol._handle_events
-    guard_h2_late_data()
-    assert H2Protocol._handle_events is guarded
-    assert getattr(guarded, "_ramp_guarded", False)
-    monkeypatch.delattr(H2Protocol, "_handle_events")
-    with pytest.raises(RuntimeError, match="hypercorn#329"):
-        guard_h2_late_data()
+    def installed() -> list[object]:
+        return [H2Protocol._handle_events, H2Protocol.initiate, TCPServer._initiate_server_close]
+
+    patch_hypercorn_h2()
+    patched = installed()
+    patch_hypercorn_h2()
+    assert installed() == patched
+    assert all(getattr(method, "_ramp_patched", False) for method in patched)
+    for cls, name in ((H2Protocol, "_handle_events"), (TCPServer, "_initiate_server_close")):
+        with monkeypatch.context() as m:
+            m.delattr(cls, name)
+            with pytest.raises(RuntimeError, match=f"{cls.__name__}.{name}.*hypercorn#329"):
+                patch_hypercorn_h2()

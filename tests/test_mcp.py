@@ -13,18 +13,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import httpx
 import httpx2
+import jsonschema
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult, TextContent
 
-from broker.mcp_server import purchase_key
+from broker.mcp_server import BrokerClient, Settings, build_server, purchase_key
 from tests.harness import free_port
 from tests.processes import (
     Child,
@@ -112,13 +114,24 @@ def assert_no_floats(value: Any, where: str = "$") -> None:
             assert_no_floats(v, f"{where}[{i}]")
 
 
+async def conforms(client: Client, tool: str, body: dict[str, Any]) -> None:
+    """A result, a refusal's too, matches the tool's declared output schema: MCP requires it, and
+    the TypeScript SDK's client throws on a mismatch even for an error result (the Python SDK's
+    checks successes only)."""
+    (schema,) = [t.output_schema for t in (await client.list_tools()).tools if t.name == tool]
+    assert schema is not None, tool
+    jsonschema.validate(body, schema)
+
+
 async def call(client: Client, tool: str, arguments: dict[str, Any], *,
                error: bool = False) -> dict[str, Any]:
-    """Call a tool; its structured content, checked for floats and for the expected isError."""
+    """Call a tool; its structured content, checked for floats, against the tool's output schema
+    and for the expected isError."""
     result = await client.call_tool(tool, arguments)
     assert result.is_error is error, text(result)
     body = structured(result)
     assert_no_floats(body)
+    await conforms(client, tool, body)
     assert "Traceback" not in text(result)
     return body
 
@@ -248,11 +261,64 @@ async def test_stdio_wrong_key_and_unreachable_broker_are_clear_errors(tmp_path:
         assert f"cannot reach the broker at {dead}" in error["message"]
         assert "Traceback" not in text(result)
         # Bad arguments are the tool's error too, never a crash.
-        result = await mcp.call_tool("buy", {"session_id": "s1", "uris": [A],
-                                             "max_price": {"amount": 2.5, "currency": "USD"}})
-        assert result.is_error
-        assert "max_price.amount" in text(result)
+        error = (await call(mcp, "buy", {"session_id": "s1", "uris": [A], "max_price": {
+            "amount": 2.5, "currency": "USD"}}, error=True))["error"]
+        assert (error["code"], error["field"]) == ("invalid_argument", "max_price.amount")
+        assert error["message"].startswith('max_price.amount must be a decimal string such as "2.50"')
     assert "Traceback" not in (tmp_path / "mcp.log").read_text(encoding="utf-8")
+
+
+# --- bad arguments, in process (refused before the broker is called) ------------------------------
+
+
+@contextlib.asynccontextmanager
+async def in_process() -> AsyncIterator[Client]:
+    """An SDK client of the server in this process; its broker is never reached."""
+    settings = Settings(broker=f"http://127.0.0.1:{free_port()}", key=None,
+                        key_env="RAMP_MCP_API_KEY", timeout=5.0)
+    async with httpx.AsyncClient(timeout=5.0) as http, \
+            Client(build_server(BrokerClient(settings, http))) as client:
+        yield client
+
+
+@pytest.mark.parametrize(("tool", "arguments", "field", "message"), [
+    ("buy", {"session_id": "s1", "uris": [A], "max_price": {"amount": 2.5, "currency": "USD"}},
+     "max_price.amount", 'max_price.amount must be a decimal string such as "2.50", in quotes, with '
+                         "at most 9 digits before and after the point (got 2.5)"),
+    ("buy", {"uris": [A]}, "session_id",
+     "session_id is missing: it must be 1-128 letters, digits and . _ : @ / + = -"),
+    ("buy", {"session_id": "a b", "uris": [A]}, "session_id",
+     'session_id must be 1-128 letters, digits and . _ : @ / + = - (got "a b")'),
+    ("find_offers", {"uris": [A, 7]}, "uris[1]", "uris[1] must be a resource URI (a string) (got 7)"),
+    ("find_offers", {"uris": []}, "uris",
+     "uris must be a list of 1 to 256 resource URIs (strings) (got a list of 0)"),
+    ("buy", {"session_id": "s1", "offers": [{"uri": A}]}, "offers[0].exchange",
+     "offers[0].exchange is missing: it must be the offer's exchange as find_offers gave it (a "
+     "non-empty string); also wrong: offers[0].offer_id"),
+    ("declare_session_budget", {"session_id": "s1", "limit": {"amount": "5", "currency": "usd"}},
+     "limit.currency", 'limit.currency must be a three-letter ISO 4217 code in capitals, such as '
+                       '"USD" (got "usd")'),
+    ("get_budget_status", {"budget_scope": ["a"]}, "budget_scope",
+     "budget_scope must be the name of a budget scope your key may charge, such as project:q4 (got "
+     "a list of 1)"),
+])
+async def test_bad_arguments_are_one_sentence_naming_the_argument(
+        tool: str, arguments: dict[str, Any], field: str, message: str) -> None:
+    async with in_process() as mcp:
+        result = await mcp.call_tool(tool, arguments)
+        assert result.is_error
+        await conforms(mcp, tool, structured(result))
+    error = structured(result)["error"]
+    assert error == {"code": "invalid_argument", "message": message, "field": field,
+                     "next_action": f"correct {field} and call {tool} again"}
+    assert text(result).startswith(f"{tool} refused (invalid_argument): {message}\n")
+    assert "pydantic" not in text(result)
+
+
+async def test_server_info_names_the_package_version() -> None:
+    async with in_process() as mcp:
+        assert mcp.server_info is not None
+        assert (mcp.server_info.name, mcp.server_info.version) == ("ramp-broker", version("ramp-broker"))
 
 
 # --- streamable HTTP ---------------------------------------------------------------------------------

@@ -436,11 +436,23 @@ async def test_redis_killed_mid_load_closed_denies_open_spends_allowance_then_re
             await eventually(settled, ttl_s + 5.0, "holds of purchases cut off by the kill are rolled "
                              "forward")
 
+            # A purchase whose reservation reached Redis as it died was told `outcome_pending` (its
+            # hold, restored from the AOF, is rolled forward): its retry, same key, is the purchase.
+            later: dict[str, Decimal] = {}
+            for agent in (closer, opener):
+                for a in agent.attempts:
+                    if a.status == 409:
+                        assert denial(a.body).reason == "outcome_pending", a
+                        retry = await connect_call(client, broker, "BrokerService/Transact", transact(a.key),
+                                                   key=agent.key)
+                        assert retry.status_code == 200, retry.text
+                        later[a.key] = charged(retry.json())
             view = await read_store(redis)
             # Every purchase the Exchange charged is in the ledger exactly once (one item, one
             # scope each), committed, rolled forward or replayed from the journal; nothing else is.
             bought = [a.key for agent in (closer, opener) for a in agent.attempts if a.status == 200]
-            assert sorted(agent_key(e.idempotency_key) for e in view.ledger) == sorted(bought)
+            assert sorted(agent_key(e.idempotency_key) for e in view.ledger) == sorted(
+                bought + [k for k, amount in later.items() if amount])
             journaled = {agent_key(e["idempotency_key"]) for e in spends.values()}
             replays = [agent_key(e.idempotency_key) for e in view.ledger if e.kind == "journal"]
             assert set(replays) <= journaled
@@ -449,8 +461,10 @@ async def test_redis_killed_mid_load_closed_denies_open_spends_allowance_then_re
                                                 if e.kind == "commit"}
             assert {a.key for a in opener.after(killed_at) if a.status == 200} <= set(replays)
             # The counters hold exactly what the Exchange charged, per agent and in total.
-            assert view.spent("team:closed") == closer.charged()
-            assert view.spent("team:open") == opener.charged()
+            assert view.spent("team:closed") == closer.charged() + sum(
+                (v for k, v in later.items() if k.startswith("closed-")), Decimal(0))
+            assert view.spent("team:open") == opener.charged() + sum(
+                (v for k, v in later.items() if k.startswith("open-")), Decimal(0))
             assert view.spent("team:closed") + view.spent("team:open") == \
                 await spent_at_exchange(client, exchange)
             assert sum(e.amount for e in view.ledger) == sum(s.spent for _, s in view.counters.values())
@@ -525,14 +539,20 @@ async def test_commits_survive_redis_sigkill_with_aof(tmp_path: Path, redis: Red
 async def test_frozen_redis_denies_closed_within_the_store_timeout(
     tmp_path: Path, redis: RedisServer
 ) -> None:
-    """SIGKILL refuses connections at once; a frozen server accepts and never answers."""
+    """SIGKILL refuses connections at once; a frozen server accepts and never answers. A closed
+    scope's purchase is refused within the store timeout, but a reservation sent to the frozen
+    server may still be made when it thaws (and its intent rolled forward after the TTL): that
+    refusal says `outcome_pending` (retry the same key), and the retry is answered with the one
+    purchase; one the broker never sent (it skips the store right after a failure) says
+    `store_unavailable`, and is never charged."""
     timeout_ms = 200
+    ttl_s = 3
     scopes, agents = closed_and_open()
     journal = tmp_path / "journal.jsonl"
     assert redis.proc is not None
     async with start_exchange(tmp_path, catalog_tree()) as exchange:
         config = period_config(exchange, redis, journal, scopes=scopes, agents=agents,
-                               timeout_ms=timeout_ms)
+                               timeout_ms=timeout_ms, ttl_s=ttl_s, execute_timeout_ms=500)
         async with start_broker(tmp_path, config, env=ADMIN_ENVIRON) as broker, \
                 httpx.AsyncClient(timeout=15.0) as client:
             loop = asyncio.get_running_loop()
@@ -547,11 +567,16 @@ async def test_frozen_redis_denies_closed_within_the_store_timeout(
                 status, body, _ = await buy(agent_key, f"{name}-warm")
                 assert status == 200, body
             redis.proc.send_signal(signal.SIGSTOP)
+            pending: list[str] = []
             try:
                 for i in range(3):
                     status, body, seconds = await buy(CLOSER, f"closed-frozen-{i}")
-                    assert (status, body.get("code")) == (503, "unavailable"), body
+                    assert (status, denial(body).reason) in ((409, "outcome_pending"),
+                                                             (503, "store_unavailable")), body
                     assert seconds < 2.0, seconds
+                    if status == 409:
+                        pending.append(f"closed-frozen-{i}")
+                assert pending, "the first call reached the frozen server"
                 status, body, seconds = await buy(OPENER, "open-frozen")
                 assert status == 200, body
                 assert seconds < 2.0, seconds
@@ -569,8 +594,17 @@ async def test_frozen_redis_denies_closed_within_the_store_timeout(
 
             await eventually(_journal_empty(journal), 10.0, "the journal is replayed once the server thaws")
             await buy_until_bought(client, broker, CLOSER, "closed-thawed")
+            # Each purchase that may have been made is one purchase: its retry (same key) is answered
+            # with it, at once or once its hold is rolled forward after the TTL.
+            for key in pending:
+                async def answered(key: str = key) -> bool:
+                    status, body, _ = await buy(CLOSER, key)
+                    assert status in (200, 409), body
+                    return status == 200 and charged(body) == 1
+                await eventually(answered, ttl_s + 10.0, f"the retry of {key} is answered")
             view = await read_store(redis)
-            assert view.spent("team:closed") == 2
+            assert view.reserved() == 0, view
+            assert view.spent("team:closed") == 2 + len(pending)
             assert view.spent("team:open") == 2
             assert [e.kind for e in view.ledger].count("journal") == 1
             assert view.spent("team:closed") + view.spent("team:open") == \

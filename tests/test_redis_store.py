@@ -38,6 +38,7 @@ from budget.store import (
     StoreLost,
     StoreUnavailable,
 )
+from tests.processes import run_cli, write_yaml
 from tests.redis_server import RedisServer, redis_server
 
 DAY_MS = 86_400_000
@@ -658,3 +659,21 @@ async def copy_info(replica: RedisServer) -> dict[str, Any]:
         return info
     finally:
         await client.aclose()
+
+
+# --- warnings ---------------------------------------------------------------------------------
+
+
+async def test_reconcile_on_redis_prints_no_warning(redis_url: str, tmp_path: Path) -> None:
+    """redis-py warned, for every connection pool the store built, that a synchronous Retry was
+    given to its asyncio client: 277 times in one `make test` (pyproject's filterwarnings now
+    makes any such warning fail the test), and as the first line `ramp-broker reconcile` printed."""
+    config = write_yaml(tmp_path / "broker.yaml", {"period_budgets": {
+        "store": {"kind": "redis", "url": redis_url, "key_prefix": f"w{uuid.uuid4().hex[:8]}"},
+        "accounts": {"acme": {"scopes": {"user:alice": {
+            "limits": [{"period": "month", "amount": "1", "currency": "USD"}]}}}},
+    }})
+    result = await asyncio.to_thread(run_cli, ["reconcile", "--config", str(config)], tmp_path)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert "counters match the ledger" in result.stdout, result.stdout
+    assert "Warning" not in result.stderr, result.stderr

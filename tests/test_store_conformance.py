@@ -181,10 +181,13 @@ async def commit(
     store: Store, r: Reserved | str, holds: Sequence[Hold], lines: Sequence[Line], *, key: str,
     now: int = T0 + SECOND, result: bytes = b"result", account: str = ACCT, part: int = 0,
     release: Sequence[int] = (), final: bool = True, identity: StoreIdentity | None = None,
+    parts: int | None = None, nothing_charged: Sequence[int] = (),
 ) -> Committed:
+    """`parts` defaults to this part and every one before it."""
     rid = r if isinstance(r, str) else r.reservation_id
     return await store.commit(account, rid, holds, lines, idempotency_key=key, result=result, now_ms=now,
-                              part=part, release=release, final=final, identity=identity)
+                              part=part, release=release, final=final, identity=identity,
+                              parts=part + 1 if parts is None else parts, nothing_charged=nothing_charged)
 
 
 async def read(store: Store, counters: Sequence[CounterRef], account: str = ACCT) -> list[CounterState]:
@@ -891,6 +894,50 @@ async def test_parts_are_committed_one_by_one_then_final(store: Store) -> None:
     assert await store.release(ACCT, r.reservation_id, now_ms=T0 + 4) is False
     assert await store.sweep(ACCT, now_ms=T0 + DAY, lease_ms=LEASE) == Swept(0, ())
     assert await read(store, [ALICE, ENG]) == done
+
+
+async def test_a_final_commit_never_releases_a_part_whose_commit_did_not_land(store: Store) -> None:
+    # Two Exchanges: part 0 (3 held) charged, but its commit never reached the store; part 1's
+    # answer is the last to come in. Ending the reservation now would refund part 0's charge.
+    holds = [hold(ALICE, 5 * USD, 10 * USD), hold(ENG, 5 * USD, 10 * USD)]
+    r = await reserved(store, holds, key="k", intent=INTENT, owner="a")
+    before = await read(store, [ALICE, ENG])
+    out = await commit(store, r, holds, [line(0, 2 * USD), line(1, 2 * USD)], key="k", part=1, parts=2,
+                       final=True, result=b"final", now=T0 + 1)
+    assert out.unsettled_parts == (0,)
+    assert not out.duplicate
+    # Nothing changed: part 1 is not recorded, both holds are counted, the key is open.
+    assert await read(store, [ALICE, ENG]) == before == [state(reserved=5 * USD), state(reserved=5 * USD)]
+    assert await ledger(store) == []
+    assert await store.settled(ACCT, "k") is None
+    assert await store.holds(ACCT) == [unsettled(r, "k", expires=r.expires_at_ms, attempts=0)]
+    # The caller commits its part on its own; the roll-forward then commits part 0 and ends it.
+    await commit(store, r, holds, [line(0, 2 * USD), line(1, 2 * USD)], key="k", part=1, parts=2,
+                 release=[2 * USD, 2 * USD], final=False, result=b"answer-1", now=T0 + 2)
+    assert await read(store, [ALICE, ENG]) == [state(spent=2 * USD, reserved=3 * USD),
+                                               state(spent=2 * USD, reserved=3 * USD)]
+    done = await commit(store, r, holds, [line(0, USD), line(1, USD)], key="k", part=0, parts=2,
+                        final=True, result=b"rolled", now=T0 + 3)
+    assert done.unsettled_parts == ()
+    assert await read(store, [ALICE, ENG]) == [state(spent=3 * USD, count=1), state(spent=3 * USD, count=1)]
+    assert await store.settled(ACCT, "k") == b"rolled"
+    assert await store.holds(ACCT) == []
+
+
+async def test_a_final_commit_ends_parts_said_to_have_charged_nothing(store: Store) -> None:
+    holds = [hold(ALICE, 6 * USD, 10 * USD)]
+    r = await reserved(store, holds, key="k", intent=INTENT, owner="a")
+    # Of three parts, part 1 was denied by its Exchange (nothing charged, never committed), part 0
+    # is committed, part 2 is the last answer.
+    await commit(store, r, holds, [line(0, USD)], key="k", part=0, parts=3, release=[2 * USD], final=False)
+    refused = await commit(store, r, holds, [line(0, USD)], key="k", part=2, parts=3, final=True)
+    assert refused.unsettled_parts == (1,)
+    assert await read(store, [ALICE]) == [state(spent=USD, reserved=4 * USD)]
+    out = await commit(store, r, holds, [line(0, USD)], key="k", part=2, parts=3, final=True,
+                       nothing_charged=[1], result=b"final")
+    assert out.unsettled_parts == ()
+    assert await read(store, [ALICE]) == [state(spent=2 * USD, count=1)]
+    assert await store.settled(ACCT, "k") == b"final"
 
 
 async def test_a_part_releases_at_most_what_the_reservation_holds(store: Store) -> None:

@@ -4,15 +4,17 @@
 -- ARGV: prefix, number of requests, then per request: reservation id, idempotency key, result,
 --       now_ms, idempotency record ttl ms, number of holds, number of lines, part, final ('1'/'0'),
 --       release given ('1'/'0'), expected identity id ('' checks nothing), expected generation,
+--       the reservation's number of parts, the parts that charged nothing (space-separated),
 --       then per hold the 9 counter arguments (see _lib) followed by the spend to add, the amount
 --       to release and the floor, then per line the 10 line arguments (see _lib).
--- Returns per request {'dup'}, {'lost', problem}, or {'ok', late ('1'/'0'), what this commit
+-- Returns per request {'dup'}, {'lost', problem}, {'open', the other parts not settled (a final
+-- commit that changed nothing)}, or {'ok', late ('1'/'0'), what this commit
 -- released per hold ("key amount ..."), part done before ('1'/'0'), then per hold the counter after
 -- the commit: spent, reserved, credit, count, leased}.
 local prefix = ARGV[1]
 local exp_key, ledger_key, index_key = KEYS[1], KEYS[2], KEYS[3]
 local HOLD_ARGS = COUNTER_ARGS + 3
-local REQUEST_ARGS = 12
+local REQUEST_ARGS = 14
 
 local function commit_one(k, a)
   local ikey, rkey = KEYS[k], KEYS[k + 1]
@@ -42,6 +44,19 @@ local function commit_one(k, a)
     end
   end
   local reserved_at = exists and r[1] or now
+
+  if final and exists then
+    -- A final commit settles only the parts it is told about: every other part must be committed
+    -- (its spend recorded) or have charged nothing. Else its hold would be released unrecorded.
+    local settled = {[part] = true}
+    for p in string.gmatch(r[3] or '', '%S+') do settled[p] = true end
+    for p in string.gmatch(ARGV[a + 13], '%S+') do settled[p] = true end
+    local open = {}
+    for p = 0, tonumber(ARGV[a + 12]) - 1 do
+      if not settled[tostring(p)] then open[#open + 1] = tostring(p) end
+    end
+    if #open > 0 then return {'open', table.concat(open, ' ')} end
+  end
 
   -- What the reservation still holds, per hold index, and what this commit gives back of it.
   local released = {}
