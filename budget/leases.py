@@ -237,6 +237,7 @@ class _Waiter:
     holds: Sequence[Hold]
     tiers: Sequence[Tier]
     need: dict[str, int]  # counter key -> room it asks for (nothing on counters past leasing)
+    sizes: dict[str, int]  # counter key -> what it costs there (a purchase seen: L_min)
     answer: asyncio.Future[LeaseHold | None]
 
 
@@ -324,7 +325,6 @@ class LeaseBook:
                                  Rate(self._half_life), Rate(self._half_life))
             acct.counters[hold.counter.key] = lease
         lease.limit, lease.expire_at_ms, lease.tier = hold.limit, hold.expire_at_ms, tier
-        lease.largest = max(lease.largest, hold.amount)  # seen: the next refresh sizes and phases with it
         return lease
 
     def usable(self, account: str) -> bool:
@@ -443,7 +443,12 @@ class LeaseBook:
             acct.seq = max(acct.seq, lease.seq)
         acct.adopted = True
 
-    async def _refresh(self, acct: _Account, grow: dict[str, int]) -> bool:
+    async def _refresh(
+        self, acct: _Account, grow: dict[str, int], seen: dict[str, int] | None = None,
+    ) -> bool:
+        """One store step (or a few, when the store says so). `seen`: counter key -> the largest
+        purchase waiting for this refresh, counted in L_min from its phase on (a purchase that
+        finds too little left makes the counter synchronous at once)."""
         if not acct.adopted:
             try:
                 await self._adopt_store_leases(acct)
@@ -501,7 +506,7 @@ class LeaseBook:
                 "(is another process running with this broker's memory file?)"))
         if isinstance(outcome, StaleLimits):
             acct.limits_version = outcome.version
-            return await self._refresh(acct, grow)
+            return await self._refresh(acct, grow, seen)
         if isinstance(outcome, Lost):
             acct.valid_until = 0.0  # nothing of it is spendable until the store is adopted
             if self._on_lost is not None:
@@ -530,6 +535,7 @@ class LeaseBook:
             lease.rate.observe(spent_now[lease.counter.key], now)
             lease.counter_rate.observe(max(0, grant.state.spent - previous), now)
             lease.recent = 0
+            lease.largest = max(lease.largest, (seen or {}).get(lease.counter.key, 0))
             if lease.limit is not None:  # else no phase: nothing is known to size one with
                 lease.phase = phase_of(lease.remaining, max(lease.counter_rate.per_s, lease.rate.per_s),
                                        grant.holders, lease.largest, lease.limit, lease.tier)
@@ -587,6 +593,7 @@ class LeaseBook:
         for h, t in zip(holds, tiers, strict=True):
             leases.append(self.counter(account, h, t))
             need[h.counter.key] = need.get(h.counter.key, 0) + h.amount
+        sizes = dict(need)
         past = [lease for lease in leases if lease.phase in (Phase.SYNCHRONOUS, Phase.EXHAUSTED)]
         if past:
             # Past leasing: give back what is spare on those counters now, so the store
@@ -596,7 +603,7 @@ class LeaseBook:
                 return None
             need = {}
         acct = self._account(account)
-        waiter = _Waiter(holds, tiers, need, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(holds, tiers, need, sizes, asyncio.get_running_loop().create_future())
         acct.waiting.append(waiter)
         if acct.serving is None:
             acct.serving = serving = asyncio.create_task(self._serve(acct))
@@ -619,6 +626,12 @@ class LeaseBook:
             answer.cancel()
             raise
 
+    @staticmethod
+    def _lent_past(acct: _Account, waiter: _Waiter) -> bool:
+        """A counter of the waiting purchase is past leasing, and this broker still holds a lease there."""
+        return any((lease := acct.counters[h.counter.key]).phase in (Phase.SYNCHRONOUS, Phase.EXHAUSTED)
+                   and lease.available > 0 for h in waiter.holds)
+
     def _served(self, acct: _Account, task: asyncio.Task[None]) -> None:
         self._serving.discard(task)
         if acct.serving is task:  # cancelled before it started (a shutdown): the next waiter starts one
@@ -640,11 +653,19 @@ class LeaseBook:
             if not pending:
                 return
             grow: dict[str, int] = {}
+            seen: dict[str, int] = {}
             for waiter in pending:
                 for key, amount in waiter.need.items():
                     grow[key] = grow.get(key, 0) + amount
+                for key, amount in waiter.sizes.items():
+                    seen[key] = max(seen.get(key, 0), amount)
             try:
-                ok = await self._refresh(acct, grow)
+                ok = await self._refresh(acct, grow, seen)
+                if ok and any(self._lent_past(acct, waiter) for waiter in pending):
+                    # That refresh lent on a counter it then found past leasing (too little left for
+                    # the purchases asking): give it back, so the store reservations that follow
+                    # are not denied by this broker's own lease.
+                    ok = await self._refresh(acct, {})
             except Exception as exc:
                 if not [waiter for waiter in pending if _answer(waiter, exc)]:
                     log.exception("lease refresh of account %s failed", acct.name)
@@ -718,7 +739,7 @@ class LeaseBook:
         for entry in journal.pending():
             if entry.intent:
                 for h in entry.holds:
-                    self.counter(entry.account, h, TIERS["standard"]).held += h.amount
+                    self._journaled(entry.account, h).held += h.amount
                 self._cut_off.add((entry.account, entry.idempotency_key))
             else:
                 self._adopt(entry)
@@ -732,11 +753,18 @@ class LeaseBook:
             while len(self._recovered) > _RECOVERED_ANSWERS:
                 self._recovered.popitem(last=False)
         for h in entry.holds:
-            self.counter(entry.account, h, TIERS["standard"])
+            self._journaled(entry.account, h)
         for line in entry.lines:
             acct.counters[entry.holds[line.hold_index].counter.key].spent += line.amount
         for key in acct.pending[-1].touched():
             acct.counters[key].count += 1
+
+    def _journaled(self, account: str, hold: Hold) -> CounterLease:
+        """The lease of a journaled purchase's counter, that purchase counted in L_min (a restarted
+        broker's phases know what it bought)."""
+        lease = self.counter(account, hold, TIERS["standard"])
+        lease.largest = max(lease.largest, hold.amount)
+        return lease
 
     def pending_intents(self) -> list[JournalEntry]:
         """Journaled intents of purchases cut off by a restart (not those in flight now)."""

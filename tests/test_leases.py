@@ -27,7 +27,7 @@ from budget.clock import ManualClock
 from budget.journal import Journal
 from budget.leases import TIERS, LeaseBook, Phase, Rate, lease_size, phase_of
 from budget.periods import to_ms
-from budget.store import CounterRef, Hold, Line, Store, StoreUnavailable
+from budget.store import CounterRef, Hold, Line, Reserved, Store, StoreUnavailable
 from tests.harness import (
     Exchange,
     RunningBroker,
@@ -764,22 +764,24 @@ async def test_a_restarted_broker_leases_nothing_it_does_not_need_and_phases_wit
 
 
 async def test_a_purchase_larger_than_what_is_left_makes_the_counter_synchronous(tmp_path: Path) -> None:
-    """The largest purchase seen is L_min from the first refresh that purchase asks for: 2.00 left and
-    a purchase of 3.00 is the synchronous phase (it reserves in the store, which denies it), and the
-    lease that refresh got is given back at the next."""
+    """The purchase asking counts in L_min from the refresh it asks for: with 5.00 left, a purchase of
+    3.00 is too large for leases (5.00 < 2 x 3.00: the synchronous phase, not generous), so it reserves
+    in the store; what that refresh lent is given back before it does, so its own lease does not deny it."""
     hold = november_hold(3 * NANO, 10 * NANO)
     tier = TIERS["standard"]
     async with opened(tmp_path) as store:
         other = LeaseBook(store, clock=ManualClock(datetime(2026, 11, 23, tzinfo=UTC)), broker="b2",
                           journal=None, identity=_no_identity, floor=lambda account, counter: 0)
-        for i in range(2):
-            held = await other.grow(ACCOUNT, [november_hold(4 * NANO, 10 * NANO)], [tier])
-            assert held is not None
-            await other.commit(held, f"lee#o{i}", (hold,), (spend(0, 4 * NANO),), b"answer")
-        await other.close()  # 8.00 spent, reported, its lease given back
+        held = await other.grow(ACCOUNT, [november_hold(5 * NANO, 10 * NANO)], [tier])
+        assert held is not None
+        await other.commit(held, "lee#o", (hold,), (spend(0, 5 * NANO),), b"answer")
+        await other.close()  # 5.00 spent, reported, its lease given back
         book = bare_book(store)
         assert book.try_hold(ACCOUNT, [hold], [tier]) is None
         assert await book.grow(ACCOUNT, [hold], [tier]) is None
         assert book.phase(ACCOUNT, hold.counter) == "synchronous"
-        assert await book.refresh(ACCOUNT)
         assert await store.leases(ACCOUNT) == []
+        reserved = await store.reserve(ACCOUNT, [hold], ttl_ms=60_000, idempotency_key="lee#k",
+                                       now_ms=to_ms(datetime(2026, 11, 23, tzinfo=UTC)),
+                                       limits_version=0)
+        assert isinstance(reserved, Reserved), reserved
