@@ -204,12 +204,16 @@ def build_period_layer(
                if any(rule.mode == "lease" for rule in scopes.values())]
     if leasing:
         ls = pb.leases
+        # A purchase waits on the store for room in its leases at most a store call's deadline in all;
+        # the embedded store's calls have none (its timeout_ms is SQLite's busy timeout): there it
+        # waits for its refresh as a strict purchase waits for its reservation.
+        wait_s = None if pb.store.kind == "embedded" else pb.store.timeout_ms / 1000
         period.leases = LeaseBook(
             store, clock=clock, broker=period.instance,
             journal=Journal(_file(ls.journal_path, state_dir() / f"leases-{port}.jsonl")),
             identity=period.guard.identity, floor=period.guard.floor, on_lost=period.guard.mark_lost,
             refresh_s=ls.refresh_seconds, ttl_s=ls.ttl_seconds, rate_half_life_s=ls.rate_half_life_seconds,
-            on_refresh=refreshed, accounts=leasing)
+            store_timeout_s=wait_s, on_refresh=refreshed, accounts=leasing)
     return period
 
 

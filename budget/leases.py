@@ -13,12 +13,16 @@ forward). A refresh, batched over all counters of an account (every
 purchase needs more, or when the store asks lease holders to give back), reports the
 spend since the last one (ledger lines, once per idempotency key; REPORT_AT_ONCE to a
 store step) and renews, resizes or returns each lease in the same step; refreshes are
-idempotent by sequence number.
+idempotent by sequence number. Purchases that need more share one refresh, after the one
+under way; a failure answers all of them at once, and none waits for more than the store
+timeout (where its calls have one: Redis): a store outage refuses them within it, rather than
+one timeout after another.
 
 Lease size follows the broker's smoothed spend rate and the counter's remaining
 budget (seed 001): clamp(rate x headroom, L_min, L_max) with L_min the largest
-purchase seen and L_max = remaining / (2 x brokers holding leases), through
-phases set by remaining / the counter's smoothed spend rate:
+purchase seen (a restart's journal included; none seen: no lease) and L_max =
+remaining / (2 x brokers holding leases), through phases set by remaining / the
+counter's smoothed spend rate:
 
     generous     > 1 h of spend left        headroom 60 s
     tightening   > 5 min                    headroom 10 s
@@ -168,12 +172,13 @@ def phase_of(
 def lease_size(
     phase: Phase, local_rate: Decimal, remaining: int, holders: int, largest: int, tier: Tier,
 ) -> int:
-    """clamp(rate x headroom, L_min, L_max) for the phase (0 when no lease should be held)."""
+    """clamp(rate x headroom, L_min, L_max) for the phase (0 when no lease should be held, or
+    nothing was bought on the counter and nothing is spent on it: no purchase seen, no L_min)."""
     headroom = next((h for _, p, h in _PHASES if p == phase), 0) * tier.headroom_factor
     if not headroom:
         return 0
     l_max = remaining // (2 * max(holders, 1))
-    l_min = min(max(largest, 1), l_max)
+    l_min = min(largest, l_max)
     return max(l_min, min(int(local_rate * headroom), l_max))
 
 
@@ -182,7 +187,7 @@ class CounterLease:
     """This broker's lease on one counter, and what it does with it."""
 
     counter: CounterRef
-    limit: int  # effective, before credit
+    limit: int | None  # effective, before credit; None: not known yet (a lease found after a restart)
     expire_at_ms: int
     tier: Tier
     rate: Rate  # this broker's spend on it
@@ -195,8 +200,8 @@ class CounterLease:
     state: CounterState = field(default_factory=CounterState)
     holders: int = 0
     reclaim: bool = False
-    largest: int = 0
-    phase: Phase = Phase.GENEROUS
+    largest: int = 0  # the largest purchase seen on it (L_min), journaled ones of a previous run included
+    phase: Phase | None = None  # None until a refresh has read the counter (its numbers unknown)
     recent: int = 0  # spend reported at the last refresh, plus room purchases asked for since
 
     @property
@@ -206,7 +211,8 @@ class CounterLease:
     @property
     def remaining(self) -> int:
         """Budget neither spent nor held in the store (leases, this one's included, excluded)."""
-        return self.limit + self.state.credit - self.state.spent - (self.state.reserved - self.state.leased)
+        st = self.state
+        return (self.limit or 0) + st.credit - st.spent - (st.reserved - st.leased)
 
 
 @dataclass(slots=True)
@@ -225,6 +231,17 @@ class _Pending:
 
 
 @dataclass(slots=True)
+class _Waiter:
+    """A purchase waiting for a refresh of its account to make room for it."""
+
+    holds: Sequence[Hold]
+    tiers: Sequence[Tier]
+    need: dict[str, int]  # counter key -> room it asks for (nothing on counters past leasing)
+    sizes: dict[str, int]  # counter key -> what it costs there (a purchase seen: L_min)
+    answer: asyncio.Future[LeaseHold | None]
+
+
+@dataclass(slots=True)
 class _Account:
     name: str
     counters: dict[str, CounterLease] = field(default_factory=dict)
@@ -235,6 +252,8 @@ class _Account:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     down: bool = False  # the last refresh failed
     adopted: bool = False  # this broker's leases left in the store by an earlier run were looked up
+    waiting: list[_Waiter] = field(default_factory=list)  # for the next refresh to serve
+    serving: asyncio.Task[None] | None = None  # that refresh, until it starts (takes the lock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +270,7 @@ class LeaseBook:
         self, store: Store, *, clock: Clock, broker: str, journal: Journal | None,
         identity: Callable[[str], Awaitable[StoreIdentity | None]], floor: Callable[[str, CounterRef], int],
         refresh_s: float = 1.0, ttl_s: float = 30.0, rate_half_life_s: float = 60.0,
-        on_lost: Callable[[str, str], None] | None = None,
+        store_timeout_s: float | None = 1.0, on_lost: Callable[[str, str], None] | None = None,
         on_refresh: Callable[[bool], None] | None = None, accounts: Sequence[str] = (),
     ) -> None:
         self._store = store
@@ -264,10 +283,14 @@ class LeaseBook:
         self._ttl_ms = int(ttl_s * 1000)
         self._ttl_s = ttl_s
         self._half_life = Decimal(str(rate_half_life_s))
+        # The longest a purchase waits on the store for room in its leases, in all (None: as long as
+        # the store takes; the embedded one's calls have no deadline).
+        self._store_timeout_s = store_timeout_s
         self._on_lost = on_lost
         self._on_refresh = on_refresh or (lambda ok: None)
         self._accounts: dict[str, _Account] = {}
         self._due = asyncio.Event()  # some lease is half used: refresh soon
+        self._serving: set[asyncio.Task[None]] = set()  # refreshes for waiting purchases, referenced
         self._live: set[str] = set()  # journaled intents of purchases in flight here
         # Keys of the previous incarnation (from the journal): a retry of one it settled is shown
         # its answer, one it was cut off in waits for the roll-forward. (Retries of this
@@ -414,13 +437,18 @@ class LeaseBook:
             mine = acct.counters.get(lease.counter.key)
             if mine is None:
                 mine = acct.counters[lease.counter.key] = CounterLease(
-                    lease.counter, 0, lease.counter.end_ms, TIERS["standard"], Rate(self._half_life),
+                    lease.counter, None, lease.counter.end_ms, TIERS["standard"], Rate(self._half_life),
                     Rate(self._half_life))
             mine.granted = lease.granted
             acct.seq = max(acct.seq, lease.seq)
         acct.adopted = True
 
-    async def _refresh(self, acct: _Account, grow: dict[str, int]) -> bool:
+    async def _refresh(
+        self, acct: _Account, grow: dict[str, int], seen: dict[str, int] | None = None,
+    ) -> bool:
+        """One store step (or a few, when the store says so). `seen`: counter key -> the largest
+        purchase waiting for this refresh, counted in L_min from its phase on (a purchase that
+        finds too little left makes the counter synchronous at once)."""
         if not acct.adopted:
             try:
                 await self._adopt_store_leases(acct)
@@ -441,14 +469,14 @@ class LeaseBook:
             key = lease.counter.key
             in_use = lease.held + lease.spent - spent_now[key]  # what stays spent or in flight
             lease.recent += spent_now[key] + grow.get(key, 0)
-            target = self._target(lease) + grow.get(key, 0)
+            target = self._target(lease, grow.get(key, 0))
             want = max(target, in_use)
             keep = lease.granted - spent_now[key]
             # Set aside what this refresh may give back, so no hold takes it meanwhile. What an
             # earlier refresh set aside stays aside until one is known to be applied: its answer
             # may have been lost after the store applied it.
             lease.returning = max(lease.returning, keep - want, 0)
-            asks.append(LeaseAsk(Hold(lease.counter, 0, lease.limit, lease.expire_at_ms,
+            asks.append(LeaseAsk(Hold(lease.counter, 0, lease.limit or 0, lease.expire_at_ms,
                                       floor=self._floor(acct.name, lease.counter)), want))
         index = {lease.counter.key: i for i, lease in enumerate(leases)}
         spends = [
@@ -478,7 +506,7 @@ class LeaseBook:
                 "(is another process running with this broker's memory file?)"))
         if isinstance(outcome, StaleLimits):
             acct.limits_version = outcome.version
-            return await self._refresh(acct, grow)
+            return await self._refresh(acct, grow, seen)
         if isinstance(outcome, Lost):
             acct.valid_until = 0.0  # nothing of it is spendable until the store is adopted
             if self._on_lost is not None:
@@ -507,8 +535,10 @@ class LeaseBook:
             lease.rate.observe(spent_now[lease.counter.key], now)
             lease.counter_rate.observe(max(0, grant.state.spent - previous), now)
             lease.recent = 0
-            lease.phase = phase_of(lease.remaining, max(lease.counter_rate.per_s, lease.rate.per_s),
-                                   grant.holders, lease.largest, lease.limit, lease.tier)
+            lease.largest = max(lease.largest, (seen or {}).get(lease.counter.key, 0))
+            if lease.limit is not None:  # else no phase: nothing is known to size one with
+                lease.phase = phase_of(lease.remaining, max(lease.counter_rate.per_s, lease.rate.per_s),
+                                       grant.holders, lease.largest, lease.limit, lease.tier)
         acct.valid_until = now + self._ttl_s / 2  # never spend on a lease the store may think expired
         if self._journal is not None:
             # Recorded: one write acknowledges them all (a crash before it reports them again,
@@ -518,54 +548,138 @@ class LeaseBook:
 
     def _unreachable(self, acct: _Account, exc: StoreUnavailable) -> bool:
         """A refresh the store did not answer: the leases stay as they were, less what it set aside
-        (it may have been applied; the next applied refresh settles which)."""
+        (it may have been applied; the next applied refresh settles which). Purchases queued for
+        the next refresh hear it now, rather than each wait out a store timeout of its own."""
         self._on_refresh(False)
         if not acct.down:
             log.warning("lease refresh of account %s failed (%s): spending what is left of the leases "
                         "until they expire", acct.name, exc)
         acct.down = True
+        for waiter in acct.waiting:
+            _answer(waiter, exc)
+        acct.waiting.clear()
         return False
 
-    def _target(self, lease: CounterLease) -> int:
-        """The lease this counter should have after a refresh (what is in use is kept anyway)."""
+    def _target(self, lease: CounterLease, ask: int) -> int:
+        """The lease this counter should have after a refresh, with `ask` (room purchases wait for
+        now) in it; what is in use is kept anyway."""
+        if lease.phase is None and not ask:
+            # Known only from a previous run (its journal, its leases in the store) and its numbers
+            # not read yet: no purchase needs a lease on it now.
+            return 0
         if lease.reclaim or lease.phase in (Phase.SYNCHRONOUS, Phase.EXHAUSTED):
             # At the end, and while another broker was denied budget leases hold: nothing spare.
-            return 0
-        size = lease_size(lease.phase, lease.rate.per_s, lease.remaining, max(lease.holders, 1),
+            return ask
+        phase = lease.phase or Phase.GENEROUS  # a first purchase on it: demand pull, below
+        size = lease_size(phase, lease.rate.per_s, lease.remaining, max(lease.holders, 1),
                           lease.largest, lease.tier)
         l_max = lease.remaining // (2 * max(lease.holders, 1))
-        if lease.rate.gathered == 0 and lease.phase == Phase.GENEROUS:
+        if lease.rate.gathered == 0 and phase == Phase.GENEROUS:
             # No rate known yet (demand pull, first refresh): a hundredth of what remains, or ten
             # purchases, so the first burst does not refresh for every purchase.
             size = max(size, min(l_max, max(10 * lease.largest, lease.remaining // 100)))
         # Before the smoothed rate has caught up with a burst: at least twice the last interval's
         # spend and asks (within L_max).
-        return max(size, min(2 * lease.recent, l_max))
+        return max(size, min(2 * lease.recent, l_max)) + ask
 
     async def grow(self, account: str, holds: Sequence[Hold], tiers: Sequence[Tier]) -> LeaseHold | None:
-        """A purchase that did not fit the leases: refresh now asking for its room, then hold."""
+        """A purchase that did not fit the leases: the next refresh of its account asks for its room
+        (one refresh for every purchase waiting by then), and holds it. None when the leases cannot
+        take it (the counter is past leasing, or the store lent too little): the caller reserves in
+        the store. StoreUnavailable when that refresh, or the one under way when it asked, failed, or
+        no answer came within the store timeout of its asking: it is not sent to the store again."""
         need: dict[str, int] = {}
         leases = []
         for h, t in zip(holds, tiers, strict=True):
             leases.append(self.counter(account, h, t))
             need[h.counter.key] = need.get(h.counter.key, 0) + h.amount
+        sizes = dict(need)
         past = [lease for lease in leases if lease.phase in (Phase.SYNCHRONOUS, Phase.EXHAUSTED)]
         if past:
             # Past leasing: give back what is spare on those counters now, so the store
             # reservation that follows is not denied by this broker's own lease. (Leases on the
             # purchase's other counters are kept: they are not what stops it.)
-            if any(lease.available > 0 for lease in past):
-                await self.refresh(account)
-            return None
-        acct = self._account(account)
-        async with acct.lock:
-            # Purchases that queued behind a refresh take what it brought before asking again.
-            held = self.try_hold(account, holds, tiers)
-            if held is not None:
-                return held
-            if not await self._refresh(acct, need):
+            if not any(lease.available > 0 for lease in past):
                 return None
-        return self.try_hold(account, holds, tiers)
+            need = {}
+        acct = self._account(account)
+        waiter = _Waiter(holds, tiers, need, sizes, asyncio.get_running_loop().create_future())
+        acct.waiting.append(waiter)
+        if acct.serving is None:
+            acct.serving = serving = asyncio.create_task(self._serve(acct))
+            self._serving.add(serving)
+            serving.add_done_callback(lambda task: self._served(acct, task))
+        answer = waiter.answer
+        try:
+            async with asyncio.timeout(self._store_timeout_s):
+                return await asyncio.shield(answer)
+        except TimeoutError:
+            if _answered(answer):
+                return answer.result()  # as the time ran out
+            answer.cancel()  # the refresh serves it no more
+            raise StoreUnavailable(f"no lease refresh answered within {self._store_timeout_s:g} s") from None
+        except BaseException:
+            # Told the refresh failed, or the purchase is gone (cancelled): then what was held for it
+            # is let go.
+            if _answered(answer) and (held := answer.result()) is not None:
+                self.release(held)
+            answer.cancel()
+            raise
+
+    @staticmethod
+    def _lent_past(acct: _Account, waiter: _Waiter) -> bool:
+        """A counter of the waiting purchase is past leasing, and this broker still holds a lease there."""
+        return any((lease := acct.counters[h.counter.key]).phase in (Phase.SYNCHRONOUS, Phase.EXHAUSTED)
+                   and lease.available > 0 for h in waiter.holds)
+
+    def _served(self, acct: _Account, task: asyncio.Task[None]) -> None:
+        self._serving.discard(task)
+        if acct.serving is task:  # cancelled before it started (a shutdown): the next waiter starts one
+            acct.serving = None
+
+    async def _serve(self, acct: _Account) -> None:
+        """Serve the purchases waiting for room: at once those that the refresh before this one made
+        room for, the others with one refresh that asks for all of their room."""
+        async with acct.lock:
+            waiting = [w for w in acct.waiting if not w.answer.done()]
+            acct.waiting, acct.serving = [], None  # purchases from now on wait for the next one
+            pending = []
+            for waiter in waiting:
+                held = self.try_hold(acct.name, waiter.holds, waiter.tiers)
+                if held is None:
+                    pending.append(waiter)
+                else:
+                    waiter.answer.set_result(held)
+            if not pending:
+                return
+            grow: dict[str, int] = {}
+            seen: dict[str, int] = {}
+            for waiter in pending:
+                for key, amount in waiter.need.items():
+                    grow[key] = grow.get(key, 0) + amount
+                for key, amount in waiter.sizes.items():
+                    seen[key] = max(seen.get(key, 0), amount)
+            try:
+                ok = await self._refresh(acct, grow, seen)
+                if ok and any(self._lent_past(acct, waiter) for waiter in pending):
+                    # That refresh lent on a counter it then found past leasing (too little left for
+                    # the purchases asking): give it back, so the store reservations that follow
+                    # are not denied by this broker's own lease.
+                    ok = await self._refresh(acct, {})
+            except Exception as exc:
+                if not [waiter for waiter in pending if _answer(waiter, exc)]:
+                    log.exception("lease refresh of account %s failed", acct.name)
+                return
+            except BaseException:  # cancelled (a shutdown): no purchase is left waiting for it
+                for waiter in pending:
+                    _answer(waiter, StoreUnavailable("the lease refresh was cancelled"))
+                raise
+            failed = StoreUnavailable("the lease refresh failed")
+            for waiter in pending:
+                if not ok:
+                    _answer(waiter, failed)
+                elif not waiter.answer.done():
+                    waiter.answer.set_result(self.try_hold(acct.name, waiter.holds, waiter.tiers))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Refresh every account every `refresh_s`, sooner when a lease is half used."""
@@ -601,8 +715,8 @@ class LeaseBook:
     def view(self, account: str, counter: CounterRef) -> tuple[CounterState, Phase] | None:
         """The counter as this broker knows it: the last refresh's numbers plus its own spend since."""
         lease = self._account(account).counters.get(counter.key)
-        if lease is None or self._account(account).seq == 0:
-            return None
+        if lease is None or lease.phase is None:
+            return None  # not read from the store yet
         st = lease.state
         return (CounterState(st.spent + lease.spent, st.reserved - lease.spent, st.credit,
                              st.count + lease.count, st.leased), lease.phase)
@@ -612,7 +726,7 @@ class LeaseBook:
         status read of an account this broker never leased on starts no book (nor refreshes) for it."""
         acct = self._accounts.get(account)
         lease = None if acct is None else acct.counters.get(counter.key)
-        return "" if lease is None else lease.phase.value
+        return "" if lease is None or lease.phase is None else lease.phase.value
 
     def leases(self, account: str) -> list[CounterLease]:
         return list(self._account(account).counters.values())
@@ -625,7 +739,7 @@ class LeaseBook:
         for entry in journal.pending():
             if entry.intent:
                 for h in entry.holds:
-                    self.counter(entry.account, h, TIERS["standard"]).held += h.amount
+                    self._journaled(entry.account, h).held += h.amount
                 self._cut_off.add((entry.account, entry.idempotency_key))
             else:
                 self._adopt(entry)
@@ -639,11 +753,18 @@ class LeaseBook:
             while len(self._recovered) > _RECOVERED_ANSWERS:
                 self._recovered.popitem(last=False)
         for h in entry.holds:
-            self.counter(entry.account, h, TIERS["standard"])
+            self._journaled(entry.account, h)
         for line in entry.lines:
             acct.counters[entry.holds[line.hold_index].counter.key].spent += line.amount
         for key in acct.pending[-1].touched():
             acct.counters[key].count += 1
+
+    def _journaled(self, account: str, hold: Hold) -> CounterLease:
+        """The lease of a journaled purchase's counter, that purchase counted in L_min (a restarted
+        broker's phases know what it bought)."""
+        lease = self.counter(account, hold, TIERS["standard"])
+        lease.largest = max(lease.largest, hold.amount)
+        return lease
 
     def pending_intents(self) -> list[JournalEntry]:
         """Journaled intents of purchases cut off by a restart (not those in flight now)."""
@@ -672,3 +793,16 @@ class LeaseBook:
 
     def _now_ms(self) -> int:
         return to_ms(self._clock.now())
+
+
+def _answered(answer: asyncio.Future[LeaseHold | None]) -> bool:
+    """`answer` holds a result (a hold, or None), not an error, nor a cancellation."""
+    return answer.done() and not answer.cancelled() and answer.exception() is None
+
+
+def _answer(waiter: _Waiter, exc: Exception) -> bool:
+    """Tell a waiting purchase that its refresh failed (unless it was answered, or gave up)."""
+    if waiter.answer.done():
+        return False
+    waiter.answer.set_exception(exc)
+    return True

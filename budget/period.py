@@ -618,17 +618,21 @@ class PeriodLayer:
                 tuple(IntentPart(p.exchange, p.request, p.items, ph) for p, ph in zip(parts, part_holds,
                                                                                     strict=True)),
             ).encode() if parts else b""
-            if self.leases is not None and plan.leased() and self.guard.problem(plan.account) is None:
-                leased = await self._hold_on_leases(plan, holds, part_holds, key, intent)
-                if leased is not None:
-                    return leased  # else synchronous: this purchase reserves in the store
             try:
+                if self.leases is not None and plan.leased() and self.guard.problem(plan.account) is None:
+                    # StoreUnavailable: the leases needed the store, which did not answer in time (or
+                    # failed); the failure policy applies now, with no store reservation after it (it
+                    # would wait out a timeout of its own, and could land after this refusal).
+                    leased = await self._hold_on_leases(plan, holds, part_holds, key, intent)
+                    if leased is not None:
+                        return leased  # else synchronous: this purchase reserves in the store
                 identity = await self.guard.identity(plan.account)
                 outcome = await self._guarded(plan.account, self.store.reserve(
                     plan.account, holds, ttl_ms=self._ttl_ms, idempotency_key=key, now_ms=now_ms,
                     limits_version=plan.version, intent=intent, owner=self.instance, identity=identity,
                 ))
             except StoreUnavailable as exc:
+                self._check_lost(plan)  # a lease refresh may have found the store lost
                 # Unanswered, the hold may have landed with its intent: a sweeper would then roll it
                 # forward (and the Exchange execute it) after the TTL. Not "nothing happened".
                 maybe_made = bool(intent) and not exc.not_sent
@@ -674,7 +678,8 @@ class PeriodLayer:
         intent: bytes,
     ) -> PeriodHold | None:
         """Hold on this broker's leases (growing them once if a purchase does not fit); None when
-        the leases cannot take it: near exhaustion, or the store unreachable and the leases spent."""
+        the leases cannot take it (near exhaustion); StoreUnavailable when they needed the store and
+        it did not answer within its timeout."""
         assert self.leases is not None
         recovered = self.leases.recovered(plan.account, key)
         if recovered is not None:
@@ -686,8 +691,9 @@ class PeriodLayer:
         if lease is None:
             try:
                 lease = await self.leases.grow(plan.account, holds, tiers)
-            except StoreUnavailable:
-                lease = None
+            except StoreUnavailable as exc:
+                # What went unanswered was a lease refresh: nothing of this purchase was sent.
+                raise StoreUnavailable(str(exc), not_sent=True) from exc
         if lease is None:
             return None
         if intent:

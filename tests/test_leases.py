@@ -27,7 +27,7 @@ from budget.clock import ManualClock
 from budget.journal import Journal
 from budget.leases import TIERS, LeaseBook, Phase, Rate, lease_size, phase_of
 from budget.periods import to_ms
-from budget.store import CounterRef, Hold, Line, Store, StoreUnavailable
+from budget.store import CounterRef, Hold, Line, Reserved, Store, StoreUnavailable
 from tests.harness import (
     Exchange,
     RunningBroker,
@@ -99,17 +99,26 @@ async def _no_identity(account: str) -> None:
     return None
 
 
-def bare_book(store: Store, journal: Journal | None = None) -> LeaseBook:
-    """A LeaseBook on `store` alone, no broker around it, on 23 November 2026."""
-    return LeaseBook(store, clock=ManualClock(datetime(2026, 11, 23, tzinfo=UTC)), broker="b1",
-                     journal=journal, identity=_no_identity, floor=lambda account, counter: 0)
+def bare_book(
+    store: Store, journal: Journal | None = None, clock: ManualClock | None = None,
+    store_timeout_s: float = 1.0,
+) -> LeaseBook:
+    """A LeaseBook on `store` alone, no broker around it, on 23 November 2026 (unless `clock`)."""
+    return LeaseBook(store, clock=clock or ManualClock(datetime(2026, 11, 23, tzinfo=UTC)), broker="b1",
+                     journal=journal, identity=_no_identity, floor=lambda account, counter: 0,
+                     store_timeout_s=store_timeout_s)
 
 
-def november_hold() -> Hold:
+def november_hold(amount: int = NANO, limit: int = 10**6 * NANO) -> Hold:
     """One purchase's hold (1.00) on user:lee's November 2026 counter (limit 1,000,000)."""
     start, end = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
     ref = CounterRef("user:lee", "month", "2026-11", "USD", to_ms(start), to_ms(end))
-    return Hold(ref, NANO, 10**6 * NANO, to_ms(end + timedelta(days=7)))
+    return Hold(ref, amount, limit, to_ms(end + timedelta(days=7)))
+
+
+def spend(hold_index: int, amount: int) -> Line:
+    """A line of a purchase that spent `amount` on its hold_index-th counter."""
+    return Line(hold_index, amount, str(Decimal(amount) / NANO), "USD", "ex", "o", A)
 
 
 async def charged(exchange: Exchange) -> Decimal:
@@ -415,6 +424,74 @@ class AnswerLost:
         return outcome
 
 
+class Unanswered:
+    """The real store, except that lease refreshes get no answer until `gate` is set (a paused
+    store), then raise what `failures` has for their number, if anything (StoreUnavailable: as an
+    unreachable one does). `calls`: refreshes sent (`sent` is set at each)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.gate = asyncio.Event()
+        self.sent = asyncio.Event()
+        self.failures: dict[int, Exception] = {}
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def lease(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        number = self.calls
+        self.sent.set()
+        await self.gate.wait()
+        if number in self.failures:
+            raise self.failures[number]
+        return await self._store.lease(*args, **kwargs)
+
+
+@pytest.mark.parametrize("fails", ["", "unreachable", "raises"])
+async def test_purchases_that_need_room_share_one_refresh_and_hear_its_failure_at_once(
+    tmp_path: Path, fails: str,
+) -> None:
+    """Ten purchases that need room while a refresh is under way do not each refresh in turn (each
+    then waited out its own store timeout): when it fails they all hear so at once, with no store
+    call of their own; when it is answered, one more refresh asks for all of their room, and if
+    that one raises, all of them hear it."""
+    small, large = november_hold(NANO, 1000 * NANO), november_hold(20 * NANO, 1000 * NANO)
+    tier = TIERS["standard"]
+    async with opened(tmp_path) as raw:
+        store = Unanswered(raw)
+        store.gate.set()
+        book = bare_book(store, store_timeout_s=30)  # far longer than this test: no one times out
+        first = await book.grow(ACCOUNT, [small], [tier])  # a first lease: about ten purchases
+        assert first is not None
+        book.release(first)
+        store.gate.clear()
+        store.sent.clear()
+        if fails == "unreachable":  # the refresh under way
+            store.failures[2] = StoreUnavailable("redis: no answer in time (test)")
+        elif fails == "raises":  # the purchases' own
+            store.failures[3] = ValueError("lease want out of range (test)")
+        background = asyncio.create_task(book.refresh(ACCOUNT))
+        await asyncio.wait_for(store.sent.wait(), 5)
+        purchases = [asyncio.create_task(book.grow(ACCOUNT, [large], [tier])) for _ in range(10)]
+        await asyncio.sleep(0.01)
+        assert not any(p.done() for p in purchases)  # waiting for the refresh under way
+        store.gate.set()
+        answers = await asyncio.wait_for(asyncio.gather(*purchases, return_exceptions=True), 5)
+        assert await background is (fails != "unreachable")
+        if fails:
+            error = StoreUnavailable if fails == "unreachable" else ValueError
+            assert all(isinstance(a, error) for a in answers), answers
+            assert store.calls == (2 if fails == "unreachable" else 3)
+        else:
+            assert all(a is not None and not isinstance(a, BaseException) for a in answers), answers
+            assert store.calls == 3
+        (lease,) = book.leases(ACCOUNT)
+        assert lease.held == (0 if fails else 10 * 20 * NANO)
+        lease.held = 0  # the test's holds, never spent
+
+
 async def test_spends_are_reported_a_few_to_a_store_step_and_a_refresh_is_due_once_that_many_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -509,6 +586,7 @@ async def test_nothing_reported_is_spent_again_while_a_refresh_is_being_applied(
         await asyncio.wait_for(acking.wait(), 5)
         async with opened(tmp_path) as store:
             granted = sum(x.granted for x in await store.leases(ACCOUNT) if x.broker == book.broker)
+        assert lease.limit is not None
         hold = Hold(lease.counter, NANO, lease.limit, lease.expire_at_ms)
         taken = 0
         while book.try_hold(ACCOUNT, [hold], [TIERS["standard"]]) is not None and taken <= 20:
@@ -642,3 +720,68 @@ async def test_reading_a_phase_starts_no_book_for_the_account(tmp_path: Path) ->
         assert book._accounts == {}
         assert await book.grow(ACCOUNT, [hold], [TIERS["standard"]]) is not None
         assert book.phase(ACCOUNT, hold.counter) == "generous"
+
+
+async def test_a_restarted_broker_leases_nothing_it_does_not_need_and_phases_with_its_journal(
+    tmp_path: Path,
+) -> None:
+    """A broker that died comes back knowing its counters from its journal (spends not reported) and
+    from its leases in the store, not their numbers nor its rates. It asks for no lease where no
+    purchase of this run asks for one (not one nano-unit on every counter, however little is left
+    there), and the largest purchase in its journal counts as L_min: 4.00 left of a counter bought 3.00
+    at a time is synchronous, not generous."""
+    clock = ManualClock(datetime(2026, 11, 23, tzinfo=UTC))
+    month = november_hold(3 * NANO, 13 * NANO)
+    day_ref = CounterRef("user:lee", "day", "2026-11-23", "USD", month.counter.start_ms, month.counter.end_ms)
+    day = Hold(day_ref, 3 * NANO, 1000 * NANO, month.expire_at_ms)
+    tier = TIERS["standard"]
+    async with opened(tmp_path) as store:
+        journal = Journal(tmp_path / "leases.jsonl")
+        first = bare_book(store, journal, clock)
+        for key, holds in (("k0", (month, day)), ("k1", (month,)), ("k2", (month,))):
+            held = first.try_hold(ACCOUNT, holds, [tier] * len(holds)) or await first.grow(
+                ACCOUNT, holds, [tier] * len(holds))
+            assert held is not None
+            lines = tuple(spend(i, 3 * NANO) for i in range(len(holds)))
+            await first.commit(held, f"lee#{key}", holds, lines, b"answer")
+            if key == "k0":
+                assert await first.refresh(ACCOUNT)  # k0 reported: the day counter is not in the journal
+        await journal.flush()  # k1 and k2 on disk, not reported; then the broker dies
+        assert {lease.counter.period for lease in await store.leases(ACCOUNT)} == {"month", "day"}
+
+        again = bare_book(store, Journal(tmp_path / "leases.jsonl"), clock)
+        for _ in range(4):  # refreshes, minutes apart: rates decay to nothing
+            assert await again.refresh(ACCOUNT)
+            clock.advance(600)
+        assert await store.leases(ACCOUNT) == []
+        assert again.phase(ACCOUNT, month.counter) == "synchronous"  # 4.00 left
+        assert again.phase(ACCOUNT, day_ref) == ""  # its limit is not known: no phase to tell
+        # A purchase on the day counter leases again, on demand.
+        assert await again.grow(ACCOUNT, [day], [tier]) is not None
+        assert again.phase(ACCOUNT, day_ref) == "generous"
+        ledger = sorted([(e.period, e.idempotency_key, e.amount) async for e in store.ledger(ACCOUNT)])
+    assert ledger == [("day", "lee#k0", 3 * NANO)] + [("month", f"lee#k{i}", 3 * NANO) for i in range(3)]
+
+
+async def test_a_purchase_larger_than_what_is_left_makes_the_counter_synchronous(tmp_path: Path) -> None:
+    """The purchase asking counts in L_min from the refresh it asks for: with 5.00 left, a purchase of
+    3.00 is too large for leases (5.00 < 2 x 3.00: the synchronous phase, not generous), so it reserves
+    in the store; what that refresh lent is given back before it does, so its own lease does not deny it."""
+    hold = november_hold(3 * NANO, 10 * NANO)
+    tier = TIERS["standard"]
+    async with opened(tmp_path) as store:
+        other = LeaseBook(store, clock=ManualClock(datetime(2026, 11, 23, tzinfo=UTC)), broker="b2",
+                          journal=None, identity=_no_identity, floor=lambda account, counter: 0)
+        held = await other.grow(ACCOUNT, [november_hold(5 * NANO, 10 * NANO)], [tier])
+        assert held is not None
+        await other.commit(held, "lee#o", (hold,), (spend(0, 5 * NANO),), b"answer")
+        await other.close()  # 5.00 spent, reported, its lease given back
+        book = bare_book(store)
+        assert book.try_hold(ACCOUNT, [hold], [tier]) is None
+        assert await book.grow(ACCOUNT, [hold], [tier]) is None
+        assert book.phase(ACCOUNT, hold.counter) == "synchronous"
+        assert await store.leases(ACCOUNT) == []
+        reserved = await store.reserve(ACCOUNT, [hold], ttl_ms=60_000, idempotency_key="lee#k",
+                                       now_ms=to_ms(datetime(2026, 11, 23, tzinfo=UTC)),
+                                       limits_version=0)
+        assert isinstance(reserved, Reserved), reserved

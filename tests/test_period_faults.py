@@ -25,7 +25,10 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from broker.auth import Agent as Caller
+from broker.order import exchange_key
 from budget.redis_store import RedisStore
 from budget.store import CounterState, LedgerEntry
 from currency.money import Money
@@ -46,7 +49,7 @@ from tests.redis_server import RedisServer
 A = "https://x.test/a"  # 1.00 USD flat in catalog_tree()
 ACCOUNT = "acme"
 ADMIN_ENV, ADMIN = "RAMP_FAULT_TEST_ADMIN_TOKEN", "fault-admin-token"
-ALICE, CLOSER, OPENER = "alice-key", "closer-key", "opener-key"
+ALICE, CLOSER, OPENER, LEASER = "alice-key", "closer-key", "opener-key", "leaser-key"
 START_BALANCE = Decimal("1000.00")
 REFUNDED = re.compile(rf"refunded (\d+) expired reservation\(s\) in account {ACCOUNT}")
 
@@ -768,3 +771,71 @@ async def test_fail_open_purchase_killed_after_the_charge_is_rolled_forward_from
                 assert retry.status_code == 200, retry.text
                 assert retry.json().get("replayed") is True, retry.json()
                 assert int((await exchange_state(client, exchange))["charges"]) == 1
+
+
+# --- h: a paused store in lease mode: refusals within the store timeout, whatever the queue --------
+
+
+async def test_paused_store_refuses_lease_purchases_within_the_store_timeout(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """CLIENT PAUSE WRITE holds every lease refresh. Concurrent purchases that need one must not
+    queue behind each other's store timeout: each is answered within about the timeout, bought
+    from the lease this broker still holds (200) or refused (503 store_unavailable), and nothing
+    refused is bought later (a reservation that lands after the pause would be rolled forward)."""
+    timeout_ms, pause_ms = 500, 4000
+    scopes = {"team:lease": {"limits": [limit("month", "1000.00")], "failure": "closed", "mode": "lease"}}
+    agents = [{"id": "leaser", "key_sha256": sha(LEASER), "account": ACCOUNT, "charged_to": ["team:lease"]}]
+    async with start_exchange(tmp_path, catalog_tree()) as exchange:
+        config = period_config(exchange, redis, tmp_path / "journal.jsonl", scopes=scopes, agents=agents,
+                               timeout_ms=timeout_ms, ttl_s=3, execute_timeout_ms=500)
+        # Leases may be spent for 1 s after the last refresh: later in the pause, every purchase
+        # needs a refresh.
+        config["period_budgets"]["leases"] = {"refresh_seconds": 0.3, "ttl_seconds": 2,
+                                              "journal_path": str(tmp_path / "leases.jsonl")}
+        async with httpx.AsyncClient(timeout=30.0) as client, \
+                start_broker(tmp_path, config, env=ADMIN_ENVIRON) as broker, \
+                Redis.from_url(redis.url) as pauser:
+            loop = asyncio.get_running_loop()
+
+            async def buy(key: str) -> tuple[str, int, dict[str, Any], float]:
+                started = loop.time()
+                r = await connect_call(client, broker, "BrokerService/Transact", transact(key), key=LEASER)
+                return key, r.status_code, r.json(), loop.time() - started
+
+            for i in range(3):
+                _, status, body, _ = await buy(f"warm-{i}")
+                assert status == 200, body
+            await pauser.client_pause(pause_ms, all=False)
+            paused = loop.time()
+            waves = [await asyncio.gather(*(buy(f"w1-{i}") for i in range(10)))]
+            await asyncio.sleep(max(0.0, paused + 1.5 - loop.time()))  # the lease is no longer usable
+            waves.append(await asyncio.gather(*(buy(f"w2-{i}") for i in range(10))))
+            answers = waves[0] + waves[1]
+            bound = 2 * timeout_ms / 1000 + 0.5
+            timings = [(key, status, round(seconds, 2)) for key, status, _, seconds in answers]
+            assert all(seconds <= bound for *_, seconds in timings), f"{timings}"
+            refused = []
+            for key, status, body, _ in answers:
+                if status == 200:
+                    assert charged(body) == 1, body
+                    continue
+                assert (status, body.get("code"), denial(body).reason) == (503, "unavailable",
+                                                                            "store_unavailable"), body
+                refused.append(key)
+            assert any(status == 200 for _, status, *_ in waves[0])  # on the lease it still held
+            assert {key for key, *_ in waves[1]} <= set(refused)  # no lease was usable any more
+            await asyncio.sleep(max(0.0, paused + pause_ms / 1000 - loop.time()))
+            await buy_until_bought(client, broker, LEASER, "after")
+            # Past the reservation TTL (3 s) and a sweep: a hold that landed unseen is rolled
+            # forward by then; none of the refused keys may reach the Exchange.
+            await asyncio.sleep(4.0)
+            statement = (await client.get(f"{exchange.url}/admin/statement")).json()["charges"]
+            bought_keys = {c["idempotency_key"] for c in statement}
+            assert not bought_keys & {exchange_key(Caller("leaser"), key) for key in refused}
+            await broker.stop()  # a clean stop reports every lease spend and gives the leases back
+            view = await read_store(redis)
+            ledger = sorted(exchange_key(Caller("leaser"), agent_key(e.idempotency_key)) for e in view.ledger)
+            assert ledger == sorted(c["idempotency_key"] for c in statement)
+            assert view.spent("team:lease") == await spent_at_exchange(client, exchange)
+            assert view.reserved() == 0
