@@ -453,19 +453,24 @@ class RedisStore:
     # --- plumbing ---------------------------------------------------------------------------
 
     async def _call(self, operation: Callable[[], Awaitable[T]], *, retry: bool) -> T:
-        """Run `operation` within the deadline; StoreUnavailable on any sign Redis is not there."""
+        """Run `operation` within the deadline; StoreUnavailable on any sign Redis is not there.
+
+        It is `not_sent` only if no attempt can have reached Redis: a first attempt that was sent
+        and lost its connection may have run, whatever its retry then met (a refused connect)."""
+        sent = False
         try:
             async with asyncio.timeout(self._deadline_s):
                 try:
                     return await operation()
-                except RedisConnectionError:
+                except RedisConnectionError as first:
                     if not retry:
                         raise
+                    sent = not _never_sent(first)
                     return await operation()
         except Exception as exc:
             if _unavailable(exc):
                 raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}",
-                                       not_sent=_never_sent(exc)) from exc
+                                       not_sent=not sent and _never_sent(exc)) from exc
             raise
 
     async def _eval(self, name: str, keys: Sequence[str], args: Sequence[str | bytes]) -> Any:

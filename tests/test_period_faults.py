@@ -451,8 +451,11 @@ async def test_redis_killed_mid_load_closed_denies_open_spends_allowance_then_re
             # Every purchase the Exchange charged is in the ledger exactly once (one item, one
             # scope each), committed, rolled forward or replayed from the journal; nothing else is.
             bought = [a.key for agent in (closer, opener) for a in agent.attempts if a.status == 200]
-            assert sorted(agent_key(e.idempotency_key) for e in view.ledger) == sorted(
-                bought + [k for k, amount in later.items() if amount])
+            in_ledger = sorted(agent_key(e.idempotency_key) for e in view.ledger)
+            answers = {a.key: (a.status, a.body.get("code"), a.started - killed_at)
+                       for agent in (closer, opener) for a in agent.attempts}
+            assert in_ledger == sorted(bought + [k for k, amount in later.items() if amount]), {
+                k: answers.get(k) for k in set(in_ledger) ^ set(bought)}
             journaled = {agent_key(e["idempotency_key"]) for e in spends.values()}
             replays = [agent_key(e.idempotency_key) for e in view.ledger if e.kind == "journal"]
             assert set(replays) <= journaled

@@ -677,3 +677,30 @@ async def test_reconcile_on_redis_prints_no_warning(redis_url: str, tmp_path: Pa
     assert result.returncode == 0, (result.stdout, result.stderr)
     assert "counters match the ledger" in result.stdout, result.stdout
     assert "Warning" not in result.stderr, result.stderr
+
+
+async def test_a_write_whose_first_attempt_may_have_run_is_never_said_unsent(store: RedisStore) -> None:
+    """A retried call (reserve is, after a dropped connection) whose first attempt was sent and lost
+    its connection may have run in Redis (then Redis died): even if the retry then finds the port
+    refusing connections, it is not `not_sent` (the broker must not tell its caller nothing
+    happened: a reservation made by the first attempt would be rolled forward)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    def attempts(*errors: Exception) -> Any:
+        pending = list(errors)
+
+        async def operation() -> None:
+            raise pending.pop(0)
+        return operation
+
+    refused = RedisConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+    dropped = RedisConnectionError("Connection closed by server.")
+    with pytest.raises(StoreUnavailable) as first_sent:
+        await store._call(attempts(dropped, refused), retry=True)
+    assert first_sent.value.not_sent is False
+    with pytest.raises(StoreUnavailable) as never_sent:
+        await store._call(attempts(refused, refused), retry=True)
+    assert never_sent.value.not_sent is True
+    with pytest.raises(StoreUnavailable) as unanswered:
+        await store._call(attempts(dropped), retry=False)
+    assert unanswered.value.not_sent is False
