@@ -396,8 +396,9 @@ async def test_redis_killed_mid_load_closed_denies_open_spends_allowance_then_re
             for a in denied:
                 assert (a.status, a.body.get("code")) == (503, "unavailable"), a
                 assert a.seconds < 2.0, a
-            # Open: purchases go on up to the allowance, then RESOURCE_EXHAUSTED naming why.
-            tail = opener.after(killed_at)
+            # Open: purchases go on up to the allowance, then RESOURCE_EXHAUSTED naming why. (One whose
+            # reservation reached Redis as it died is told outcome_pending instead: see below.)
+            tail = [a for a in opener.after(killed_at) if a.status != 409]
             statuses = [a.status for a in tail]
             assert set(statuses) <= {200, 429}, tail
             assert 429 in statuses, tail
