@@ -37,12 +37,12 @@ from typing import Any, Final
 import httpx
 
 from broker.config import AlertsSetting
-from broker.configfile import ConfigError
 from broker.metrics import Metrics
-from budget.clock import Clock
 from budget.layers import OPEN_ALLOWANCE, Layer, Snapshot
 from budget.periods import to_ms
 from budget.store import Store, StoreUnavailable
+from common.clock import Clock
+from common.configfile import ConfigError
 from currency.money import Money
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,6 @@ from broker.reflection import REFLECTION_SERVICES, reflection_apps
 from broker.selection import Exchange
 from broker.service import AdminHandlers, BrokerHandlers, BudgetHandlers
 from broker.watch import BudgetWatch
-from budget.clock import Clock, SystemClock
 from budget.forecast import SpendRates
 from budget.journal import Journal
 from budget.leases import LeaseBook
@@ -37,8 +36,9 @@ from budget.period import PeriodLayer, ScopeRule
 from budget.periods import Period, time_zone
 from budget.scopes import billing_scope
 from budget.session import SessionBudgets
-from budget.statedir import state_dir
 from budget.store import Store
+from common.clock import Clock, SystemClock
+from common.statedir import state_dir
 from currency.convert import Chain, ConversionError, Converter, FixedRates, NoConverter
 from currency.ecb import EcbConverter, EcbSource, run_refresher
 from exchange_client.connect_adapter import ConnectExchange

@@ -26,11 +26,11 @@ from typing import Any
 from connectrpc.request import RequestContext
 
 from broker.config import AgentSetting, BrokerConfig, ChargeSetting
-from broker.configfile import ConfigError
 from broker.errors import ErrorMapping, InvalidField, PermissionDenied, Unauthenticated
 from broker.validation import Constraints
 from budget.period import Charge
 from budget.scopes import billing_scope, check_scope
+from common.configfile import ConfigError
 
 
 @dataclass(frozen=True, slots=True)

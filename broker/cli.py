@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from broker import console, leases_cli, mcp_cli
 from broker.config import BrokerConfig, load_broker_config
-from broker.configfile import ConfigError
 from broker.logs import configure
 from budget.store import StoreUnavailable
+from common.configfile import ConfigError
 
 if TYPE_CHECKING:
     from budget.reconcile import KeyCharges
@@ -215,7 +215,7 @@ def _print_statement(
 def _memory_files(config: BrokerConfig, given: list[str] | None) -> list[Path]:
     """--memory files (each must exist), else every broker memory file in the state directory
     (and the config's own memory_path)."""
-    from budget.statedir import state_dir
+    from common.statedir import state_dir
 
     if given:
         paths = [Path(p).expanduser() for p in given]
@@ -236,7 +236,7 @@ async def _store_command(args: argparse.Namespace) -> int:
     from budget.adopt import Remembered, adopt, compare
     from budget.memory import read_memory
     from budget.periods import to_ms
-    from budget.statedir import state_dir
+    from common.statedir import state_dir
     from currency.money import Money
 
     config = load_broker_config(args.config)

@@ -17,7 +17,7 @@ from typing import Any
 from connectrpc.request import RequestContext
 from pythonjsonlogger.json import JsonFormatter
 
-from budget.ids import new_id
+from common.ids import new_id
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 IDEMPOTENCY_KEY: contextvars.ContextVar[str] = contextvars.ContextVar("idempotency_key", default="")

@@ -19,10 +19,10 @@ from broker.execute import Buyer
 from broker.order import exchange_key
 from broker.recovery import Recovery
 from broker.selection import Exchange
-from budget.clock import SystemClock
 from budget.period import PeriodLayer
 from budget.periods import time_zone
 from budget.store import Store
+from common.clock import SystemClock
 from exchange_client.connect_adapter import ConnectExchange
 from ramp.v1 import ramp_pb2 as rpb
 

@@ -52,7 +52,6 @@ from broker.validation import (
     check_uris,
 )
 from broker.watch import BudgetWatch
-from budget.clock import Clock
 from budget.forecast import SpendRates
 from budget.intents import IntentItem, PartOrder
 from budget.layers import (
@@ -79,6 +78,7 @@ from budget.period import (
 from budget.periods import from_ms
 from budget.session import SessionAccount, SessionBudgets
 from budget.store import StoreUnavailable, UnsettledHold
+from common.clock import Clock
 from currency.convert import ConversionError, Converter, convert
 from currency.money import Money, total
 from ramp.broker.v1 import broker_pb2 as bpb

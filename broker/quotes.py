@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from broker.selection import Discovery, Exchange
-from budget.clock import Clock
+from common.clock import Clock
 from ramp.broker.v1 import broker_pb2 as bpb
 from ramp.v1 import ramp_pb2 as rpb
 

@@ -19,13 +19,13 @@ from broker.purchase import Purchaser
 from broker.recovery import Recovery
 from broker.validation import Constraints, check_id
 from broker.watch import BudgetWatch
-from budget.clock import Clock, SystemClock
 from budget.layers import BudgetExhausted, Layer, Snapshot
 from budget.period import Charge, PeriodLayer, StoreDown
 from budget.periods import Period, from_ms
 from budget.scopes import check_account, check_scope
 from budget.session import SessionBudgets
 from budget.store import LedgerEntry, StoreUnavailable
+from common.clock import Clock, SystemClock
 from currency.money import Money
 from ramp.broker.v1 import broker_pb2 as bpb
 from ramp.v1 import ramp_pb2 as rpb

@@ -33,8 +33,8 @@ from typing import Any, BinaryIO
 
 from budget import jsonl
 from budget.durable import sync_data, sync_directory
-from budget.ids import new_id
 from budget.store import CounterRef, Hold, Line, counter_record
+from common.ids import new_id
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,6 @@ from datetime import datetime, timedelta
 from typing import Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
-from budget.clock import Clock
 from budget.guard import StoreGuard
 from budget.intents import Intent, IntentPart, PartOrder
 from budget.journal import Journal, JournalEntry
@@ -61,6 +60,7 @@ from budget.store import (
     Unsettled,
     UnsettledHold,
 )
+from common.clock import Clock
 from currency.convert import Converter, convert
 from currency.money import Money, MoneyError, total
 

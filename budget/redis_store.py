@@ -93,7 +93,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
-from budget.ids import new_id
 from budget.store import (
     LEASE_DOUBLINGS,
     RECLAIM_MS,
@@ -124,6 +123,7 @@ from budget.store import (
     Unsettled,
     UnsettledHold,
 )
+from common.ids import new_id
 
 MAX_BATCH: Final = 16
 MAX_IN_FLIGHT: Final = 4

@@ -29,8 +29,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from budget.ids import new_id
-from budget.statedir import state_dir
 from budget.store import (
     RECLAIM_MS,
     BrokerLease,
@@ -61,6 +59,8 @@ from budget.store import (
     UnsettledHold,
     lease_for,
 )
+from common.ids import new_id
+from common.statedir import state_dir
 from currency.money import Money
 
 T = TypeVar("T")
@@ -226,7 +226,7 @@ _UNAVAILABLE_CODES = frozenset({
 
 
 def default_path() -> Path:
-    """`budget.sqlite3` in the user's state directory (budget.statedir)."""
+    """`budget.sqlite3` in the user's state directory (common.statedir)."""
     return state_dir() / "budget.sqlite3"
 
 

@@ -53,7 +53,7 @@ from typing import Protocol
 
 import httpx
 
-from budget.clock import Clock
+from common.clock import Clock
 from currency.convert import ConversionError
 from currency.money import is_currency
 

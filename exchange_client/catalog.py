@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from broker.config import check_address
-from broker.configfile import Amount, CurrencyCode, load
+from common.configfile import check_address, load
 from currency.money import parse_amount, parse_currency
+from currency.settings import Amount, CurrencyCode
 
 ENV_PREFIX = "RAMP_EXCHANGE_"
 

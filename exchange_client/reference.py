@@ -19,7 +19,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
-from budget.clock import Clock, SystemClock
+from common.clock import Clock, SystemClock
 from currency.money import Money, MoneyError, format_amount, parse_amount
 from exchange_client.catalog import Catalog, CatalogOffer, Knobs
 from exchange_client.serving import Router

@@ -21,7 +21,7 @@ from google.protobuf import json_format
 
 from broker.app import Broker, build_broker
 from broker.config import BrokerConfig
-from budget.clock import Clock
+from common.clock import Clock
 from exchange_client.catalog import Catalog
 from exchange_client.reference import ReferenceExchange, reference_app
 from exchange_client.serving import ASGIApp, serve

@@ -31,15 +31,15 @@ import pytest
 
 from broker.alerts import Alerter
 from broker.config import AlertsSetting
-from broker.configfile import ConfigError
 from broker.instrument import TimedStore
 from broker.metrics import Metrics
-from budget.clock import ManualClock
 from budget.layers import OPEN_ALLOWANCE, Layer, Snapshot
 from budget.periods import Period
 from budget.redis_store import RedisStore
 from budget.sqlite_store import SqliteStore
 from budget.store import Store
+from common.clock import ManualClock
+from common.configfile import ConfigError
 from currency.money import Money
 from exchange_client.serving import not_a_request, read_body
 from tests.harness import Exchange, broker_config, free_port, running_broker, serving

@@ -22,7 +22,7 @@ from broker.config import (
     BrokerConfig,
     min_reservation_ttl_seconds,
 )
-from broker.configfile import ConfigError, load
+from common.configfile import ConfigError, load
 from currency import money
 from currency.money import MoneyError, is_currency, parse_currency, set_extra_currencies
 from exchange_client.catalog import ENV_PREFIX as CATALOG_PREFIX

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from budget.clock import ManualClock
+from common.clock import ManualClock
 from ramp.broker.v1 import broker_pb2 as bpb
 from tests.harness import (
     Exchange,

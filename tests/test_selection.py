@@ -22,9 +22,9 @@ from broker.selection import (
     prune,
 )
 from broker.validation import Constraints
-from budget.clock import ManualClock
 from budget.layers import BudgetExhausted, Layer, Reservation, headroom, reserve_all
 from budget.session import SessionAccount, SessionBudgets, SessionError
+from common.clock import ManualClock
 from currency.convert import Converter, FixedRates, NoConverter, convert
 from currency.money import CurrencyMismatch, Money, MoneyError
 from ramp.broker.v1 import broker_pb2 as bpb

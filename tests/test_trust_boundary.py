@@ -22,7 +22,7 @@ import pytest
 from broker.config import BrokerConfig
 from broker.selection import TrustPenalties, choose
 from broker.validation import Constraints
-from budget.clock import ManualClock
+from common.clock import ManualClock
 from currency.convert import NoConverter
 from tests.harness import (
     Exchange,

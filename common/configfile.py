@@ -1,47 +1,36 @@
-"""Loading YAML configuration with environment overrides, shared by broker and exchange.
+"""Loading YAML configuration with environment overrides, shared by the broker and the reference Exchange.
 
 An override is `<PREFIX><PATH>=value`, the path's parts joined by `__`, list
 items by index: RAMP_BROKER_LISTEN=127.0.0.1:9999,
 RAMP_BROKER_EXCHANGES__0__TIMEOUT_MS=500. Validation errors name the setting.
+Setting types for money are currency.settings'.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ValidationError
-
-from currency.money import MoneyError, parse_amount, parse_currency
+from pydantic import BaseModel, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
+_ADDR = re.compile(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 
 
 class ConfigError(Exception):
     """Configuration that cannot be used; the message says which setting and why."""
 
 
-def _amount(text: str) -> str:
-    try:
-        parse_amount(text, "amount")
-    except MoneyError as exc:
-        raise ValueError(exc.problem) from None  # the setting's path says where
-    return text
-
-
-def _currency(code: str) -> str:
-    try:
-        return parse_currency(code, "currency")
-    except MoneyError as exc:
-        raise ValueError(exc.problem) from None
-
-
-# Setting types for money, parsed as strictly as the wire's amounts.
-Amount = Annotated[str, AfterValidator(_amount)]
-CurrencyCode = Annotated[str, AfterValidator(_currency)]
+def check_address(value: str) -> str:
+    """A `listen` setting: host:port (IPv6 as [::1]:port)."""
+    m = _ADDR.fullmatch(value)
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise ValueError(f"{value!r} is not host:port (IPv6 as [::1]:port)")
+    return value
 
 
 class DuplicateKey(yaml.YAMLError):
