@@ -41,13 +41,13 @@ from common.clock import Clock, SystemClock
 from common.statedir import state_dir
 from currency.convert import Chain, ConversionError, Converter, FixedRates, NoConverter
 from currency.ecb import EcbConverter, EcbSource, run_refresher
-from exchange_client.connect_adapter import ConnectExchange
-from exchange_client.serving import ASGIApp, Router
+from exchange_client.ramp import ConnectExchange
 from ramp.broker.v1.broker_connect import (
     BrokerServiceASGIApplication,
     BudgetAdminServiceASGIApplication,
     BudgetServiceASGIApplication,
 )
+from rpc_server.serving import ASGIApp, Router
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ def _run_in(loop: str, main: Coroutine[Any, Any, T]) -> T:
 
 async def _serve(config: BrokerConfig, log_format: str | None, log_level: str | None) -> None:
     from broker.app import build_broker
-    from exchange_client.serving import serve_until_signalled
+    from rpc_server.serving import serve_until_signalled
 
     # The command line wins over the config file.
     configure(log_format or config.logging.format, log_level or config.logging.level)
@@ -92,9 +92,9 @@ async def _listening(setting: str, address: str, server: Awaitable[None], stop: 
 
 
 async def _exchange(catalog_path: str | None) -> None:
-    from exchange_client.catalog import load_catalog
-    from exchange_client.reference import ReferenceExchange, reference_app
-    from exchange_client.serving import serve_until_signalled
+    from reference_exchange.catalog import load_catalog
+    from reference_exchange.service import ReferenceExchange, reference_app
+    from rpc_server.serving import serve_until_signalled
 
     catalog = load_catalog(catalog_path)
     exchange = ReferenceExchange(catalog)

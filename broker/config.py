@@ -28,7 +28,7 @@ ENV_PREFIX = "RAMP_BROKER_"
 # The identity of callers without a key (broker/auth.py): they own sessions and idempotency
 # keys under it, so an agent by that name would share them.
 ANONYMOUS_ID = "anonymous"
-# exchange_client/connect_adapter.py _GUARD_S: how long past execute_timeout_ms a call may run.
+# exchange_client/ramp.py _GUARD_S: how long past execute_timeout_ms a call may run.
 EXECUTE_GUARD_MS = 250
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
 
 from budget.layers import Layer, Snapshot
-from exchange_client.serving import ASGIApp, not_a_request
+from rpc_server.serving import ASGIApp, not_a_request
 
 METRICS_PATH = "/metrics"
 UTILIZATION_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, float("inf"))

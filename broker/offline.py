@@ -23,7 +23,7 @@ from budget.period import PeriodLayer
 from budget.periods import time_zone
 from budget.store import Store
 from common.clock import SystemClock
-from exchange_client.connect_adapter import ConnectExchange
+from exchange_client.ramp import ConnectExchange
 from ramp.v1 import ramp_pb2 as rpb
 
 log = logging.getLogger(__name__)

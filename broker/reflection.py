@@ -23,7 +23,6 @@ from grpc_reflection.v1alpha import reflection_pb2 as alpha
 from grpc_reflection.v1alpha.reflection import ReflectionServicer
 
 from broker.codecs import MAX_BODY_BYTES, server_codecs, server_compressions
-from exchange_client.serving import ASGIApp
 from ramp.broker.v1 import broker_pb2
 from ramp.grpc.reflection.v1 import reflection_pb2 as v1
 from ramp.grpc.reflection.v1.reflection_connect import (
@@ -33,6 +32,7 @@ from ramp.grpc.reflection.v1alpha.reflection_connect import (
     ServerReflectionASGIApplication as V1AlphaApplication,
 )
 from ramp.v1 import ramp_pb2
+from rpc_server.serving import ASGIApp
 
 V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 V1ALPHA_SERVICE = "grpc.reflection.v1alpha.ServerReflection"

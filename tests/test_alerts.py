@@ -41,7 +41,7 @@ from budget.store import Store
 from common.clock import ManualClock
 from common.configfile import ConfigError
 from currency.money import Money
-from exchange_client.serving import not_a_request, read_body
+from rpc_server.serving import not_a_request, read_body
 from tests.harness import Exchange, broker_config, free_port, running_broker, serving
 from tests.redis_server import RedisServer
 

@@ -142,10 +142,10 @@ def patch_hypercorn_h2() -> None:
                 list(inspect.signature(method).parameters) != parameters):
             raise RuntimeError(
                 f"hypercorn {hypercorn}: {cls.__name__}.{name}({', '.join(parameters)}) is gone; "
-                "re-check exchange_client/hypercorn_h2.py (pgjones/hypercorn#329, the idle timer, GOAWAY)")
+                "re-check rpc_server/hypercorn_h2.py (pgjones/hypercorn#329, the idle timer, GOAWAY)")
     if not hasattr(H2Protocol, "_flush"):
         raise RuntimeError(f"hypercorn {hypercorn}: H2Protocol._flush is gone; re-check "
-                           "exchange_client/hypercorn_h2.py")
+                           "rpc_server/hypercorn_h2.py")
     if not hypercorn.startswith(_CHECKED):
         log.info("hypercorn %s: patching its HTTP/2 connections (checked against %s); see whether "
                  "pgjones/hypercorn#329 is fixed", hypercorn, ", ".join(_CHECKED))

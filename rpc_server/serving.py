@@ -19,8 +19,8 @@ from typing import Any
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 
-from exchange_client.content_types import explain_unsupported, grpc_web_text, is_grpc_web_text
-from exchange_client.hypercorn_h2 import patch_hypercorn_h2
+from rpc_server.content_types import explain_unsupported, grpc_web_text, is_grpc_web_text
+from rpc_server.hypercorn_h2 import patch_hypercorn_h2
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ class _InFlight:
 async def serve(app: ASGIApp, listen: str, grace_seconds: float, stop: asyncio.Event) -> None:
     """Serve until `stop` is set, then stop: no new connections, idle ones closed at once (HTTP/2
     ones after a GOAWAY), in-flight requests answered, each connection closed once it has none
-    left (see exchange_client.hypercorn_h2); returns when none is left.
+    left (see rpc_server.hypercorn_h2); returns when none is left.
 
     Requests still running after `grace_seconds` are cancelled (logged), so they answer CANCELED
     and their connections close as above. hypercorn itself would cancel whole connections, and

@@ -21,10 +21,10 @@ from connectrpc.request import RequestContext
 
 from common.clock import Clock, SystemClock
 from currency.money import Money, MoneyError, format_amount, parse_amount
-from exchange_client.catalog import Catalog, CatalogOffer, Knobs
-from exchange_client.serving import Router
 from ramp.v1 import ramp_pb2 as rpb
 from ramp.v1.ramp_connect import ExchangeServiceASGIApplication
+from reference_exchange.catalog import Catalog, CatalogOffer, Knobs
+from rpc_server.serving import Router
 
 _MODELS = {
     "free": rpb.PRICING_MODEL_FREE, "flat": rpb.PRICING_MODEL_FLAT,
