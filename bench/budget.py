@@ -89,8 +89,8 @@ from bench.purchases import (
 )
 from broker.config import StoreSetting
 from budget.periods import Period, time_zone
-from budget.redis_store import RedisStore
-from budget.store import Committed, CounterRef, Hold, Line, Reserved, StoreUnavailable
+from budget.stores.contract import Committed, CounterRef, Hold, Line, Reserved, StoreUnavailable
+from budget.stores.redis import RedisStore
 from ramp.broker.v1.broker_connect import BrokerServiceClient
 
 REDIS_BENCHMARK = shutil.which("redis-benchmark") or "/usr/bin/redis-benchmark"

@@ -38,9 +38,9 @@ from redis.crc import key_slot
 
 from bench.budget import STORE_PREFIX, BenchFailed, StorePhase, account_names, redis_server, store_phase
 from bench.purchases import MACHINE, PHASE_GRACE_S, _pct, _table
-from budget.redis_cluster import RedisClusterStore
-from budget.redis_store import RedisStore
-from budget.store import StoreUnavailable
+from budget.stores.contract import StoreUnavailable
+from budget.stores.redis import RedisStore
+from budget.stores.redis_cluster import RedisClusterStore
 from tests.redis_cluster import RedisCluster, redis_cluster
 
 WARMUP_S = 1.0

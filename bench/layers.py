@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-import budget.journal
+import budget.durability.journal
 from bench.budget import redis_server
 from bench.purchases import (
     AGENT_KEY,
@@ -82,13 +82,13 @@ class _Writes:
 
     def __init__(self) -> None:
         self.count = 0
-        original = budget.journal.Journal._write
+        original = budget.durability.journal.Journal._write
 
-        def counted(journal: budget.journal.Journal, lines: list[bytes], truncate: bool) -> None:
+        def counted(journal: budget.durability.journal.Journal, lines: list[bytes], truncate: bool) -> None:
             self.count += 1
             original(journal, lines, truncate)
 
-        budget.journal.Journal._write = counted  # type: ignore[method-assign,assignment]
+        budget.durability.journal.Journal._write = counted  # type: ignore[method-assign,assignment]
 
 
 async def _drive(
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
     args = parser.parse_args(argv)
     if args.no_sync:
-        budget.journal.sync_data = lambda fd: None  # type: ignore[attr-defined]  # code, not the disk
+        budget.durability.journal.sync_data = lambda fd: None  # type: ignore[attr-defined]  # code, not the disk
     with tempfile.TemporaryDirectory(prefix="ramp-bench-layers-") as tmp, redis_server() as redis:
         workdir = Path(tmp)
         xport = free_port()

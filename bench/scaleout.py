@@ -151,8 +151,8 @@ from bench.purchases import (
     run_phase,
 )
 from budget.periods import Period, time_zone
-from budget.redis_store import RedisStore
-from budget.store import CounterRef, CounterState, StoreUnavailable
+from budget.stores.contract import CounterRef, CounterState, StoreUnavailable
+from budget.stores.redis import RedisStore
 from ramp.broker.v1.broker_connect import BrokerServiceClient
 
 NANO = 10**9  # money units per currency unit
@@ -705,7 +705,7 @@ def _run_brokers(
         try:
             others: dict[str, int | None] = {"exchange": exchange.proc.pid, "redis": redis.proc.pid,
                                              "bench": None, "machine": MACHINE}
-            prefix = f"{STORE_PREFIX}:{{{account}}}:"  # budget.redis_store.RedisStore.account_prefix
+            prefix = f"{STORE_PREFIX}:{{{account}}}:"  # budget.stores.redis.RedisStore.account_prefix
             ref = refs[BUDGET_SCOPE]
             return await load(brokers, admin, others, (f"{prefix}c:{ref.key}", f"{prefix}lh:{ref.key}"))
         finally:

@@ -40,7 +40,7 @@ from broker.config import AlertsSetting
 from broker.metrics import Metrics
 from budget.layers import OPEN_ALLOWANCE, Layer, Snapshot
 from budget.periods import to_ms
-from budget.store import Store, StoreUnavailable
+from budget.stores.contract import Store, StoreUnavailable
 from common.clock import Clock
 from common.configfile import ConfigError
 from currency.money import Money

@@ -27,16 +27,16 @@ from broker.reflection import REFLECTION_SERVICES, reflection_apps
 from broker.selection import Exchange
 from broker.service import AdminHandlers, BrokerHandlers, BudgetHandlers
 from broker.watch import BudgetWatch
+from budget.durability.journal import Journal
+from budget.durability.memory import StoreMemory
 from budget.forecast import SpendRates
-from budget.journal import Journal
 from budget.leases import LeaseBook
-from budget.memory import StoreMemory
 from budget.pacing import Pacer
 from budget.period import PeriodLayer, ScopeRule
 from budget.periods import Period, time_zone
 from budget.scopes import billing_scope
 from budget.session import SessionBudgets
-from budget.store import Store
+from budget.stores.contract import Store
 from common.clock import Clock, SystemClock
 from common.statedir import state_dir
 from currency.convert import Chain, ConversionError, Converter, FixedRates, NoConverter
@@ -113,25 +113,25 @@ def scope_owners(config: BrokerConfig) -> dict[str, str]:
 async def open_store(setting: StoreSetting, accounts: Iterable[str] = ()) -> Store:
     """The configured store; on a Redis Cluster, every key of each of `accounts` must share one slot."""
     if setting.kind == "redis":
-        from budget.redis_store import RedisStore
+        from budget.stores.redis import RedisStore
 
         return await RedisStore.open(
             setting.url, timeout_ms=setting.timeout_ms, prefix=setting.key_prefix, lazy=True,
             wait_replicas=setting.wait_replicas)
     if setting.kind == "redis-cluster":
-        from budget.redis_cluster import RedisClusterStore
+        from budget.stores.redis_cluster import RedisClusterStore
 
         return await RedisClusterStore.open_cluster(
             setting.urls, timeout_ms=setting.timeout_ms, prefix=setting.key_prefix, lazy=True,
             wait_replicas=setting.wait_replicas, accounts=accounts)
-    from budget.sqlite_store import SqliteStore, default_path
+    from budget.stores.sqlite import SqliteStore, default_path
 
     return await SqliteStore.open(_file(setting.path, default_path()), timeout_ms=setting.timeout_ms)
 
 
 def failure_domain(store: Store) -> Callable[[str], str] | None:
     """Which accounts fail together, for a store whose parts fail alone (Redis Cluster primaries)."""
-    from budget.redis_cluster import RedisClusterStore
+    from budget.stores.redis_cluster import RedisClusterStore
 
     return store.failure_domain if isinstance(store, RedisClusterStore) else None
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from broker import console, leases_cli, mcp_cli
 from broker.config import BrokerConfig, load_broker_config
 from broker.logs import configure
-from budget.store import StoreUnavailable
+from budget.stores.contract import StoreUnavailable
 from common.configfile import ConfigError
 
 if TYPE_CHECKING:
@@ -233,8 +233,8 @@ def _memory_files(config: BrokerConfig, given: list[str] | None) -> list[Path]:
 
 async def _store_command(args: argparse.Namespace) -> int:
     from broker.app import open_store, scope_owners
-    from budget.adopt import Remembered, adopt, compare
-    from budget.memory import read_memory
+    from budget.durability.adopt import Remembered, adopt, compare
+    from budget.durability.memory import read_memory
     from budget.periods import to_ms
     from common.statedir import state_dir
     from currency.money import Money

@@ -27,7 +27,7 @@ from budget.period import KeyInFlight, LimitChangeRefused, OutcomePending, Store
 from budget.periods import PeriodError
 from budget.scopes import ScopeError
 from budget.session import SessionError
-from budget.store import StoreUnavailable
+from budget.stores.contract import StoreUnavailable
 from currency.convert import ConversionError
 from currency.money import MoneyError
 from ramp.broker.v1 import broker_pb2 as bpb

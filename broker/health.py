@@ -41,7 +41,7 @@ from grpc_health.v1 import health_pb2 as hpb
 
 from broker.codecs import MAX_BODY_BYTES, server_codecs, server_compressions
 from broker.config import ReadinessSetting
-from budget.store import Store, StoreUnavailable
+from budget.stores.contract import Store, StoreUnavailable
 from ramp.grpc.health.v1.health_connect import HealthASGIApplication
 from rpc_server.serving import ASGIApp
 

@@ -21,10 +21,10 @@ from google.protobuf.message import DecodeError
 from broker import wire
 from broker.execute import stored_answer
 from broker.recovery import Recovery
-from budget.intents import Intent, IntentError, IntentPart
+from budget.durability.intents import Intent, IntentError, IntentPart
 from budget.period import ItemSpend, PeriodHold, PeriodLayer, StoreDown
 from budget.periods import from_ms, to_ms
-from budget.store import StoreUnavailable, UnsettledHold
+from budget.stores.contract import StoreUnavailable, UnsettledHold
 from common.clock import Clock
 from currency.money import Money
 from ramp.broker.v1 import broker_pb2 as bpb

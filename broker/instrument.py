@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from budget.store import (
+from budget.stores.contract import (
     BrokerLease,
     Committed,
     CounterRef,

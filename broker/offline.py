@@ -21,7 +21,7 @@ from broker.recovery import Recovery
 from broker.selection import Exchange
 from budget.period import PeriodLayer
 from budget.periods import time_zone
-from budget.store import Store
+from budget.stores.contract import Store
 from common.clock import SystemClock
 from exchange_client.ramp import ConnectExchange
 from ramp.v1 import ramp_pb2 as rpb

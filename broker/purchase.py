@@ -52,8 +52,8 @@ from broker.validation import (
     check_uris,
 )
 from broker.watch import BudgetWatch
+from budget.durability.intents import IntentItem, PartOrder
 from budget.forecast import SpendRates
-from budget.intents import IntentItem, PartOrder
 from budget.layers import (
     BudgetExhausted,
     Headroom,
@@ -77,7 +77,7 @@ from budget.period import (
 )
 from budget.periods import from_ms
 from budget.session import SessionAccount, SessionBudgets
-from budget.store import StoreUnavailable, UnsettledHold
+from budget.stores.contract import StoreUnavailable, UnsettledHold
 from common.clock import Clock
 from currency.convert import ConversionError, Converter, convert
 from currency.money import Money, total

@@ -17,9 +17,9 @@ import logging
 from broker import wire
 from broker.execute import Buyer, PartResult, stored_answer
 from broker.selection import Candidate, Exchange
-from budget.intents import Intent, IntentError
+from budget.durability.intents import Intent, IntentError
 from budget.period import ItemSpend, PeriodLayer
-from budget.store import UnsettledHold
+from budget.stores.contract import UnsettledHold
 from currency.money import Money
 from ramp.broker.v1 import broker_pb2 as bpb
 from ramp.v1 import ramp_pb2 as rpb

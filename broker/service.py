@@ -24,7 +24,7 @@ from budget.period import Charge, PeriodLayer, StoreDown
 from budget.periods import Period, from_ms
 from budget.scopes import check_account, check_scope
 from budget.session import SessionBudgets
-from budget.store import LedgerEntry, StoreUnavailable
+from budget.stores.contract import LedgerEntry, StoreUnavailable
 from common.clock import Clock, SystemClock
 from currency.money import Money
 from ramp.broker.v1 import broker_pb2 as bpb

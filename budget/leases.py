@@ -61,9 +61,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
 
-from budget.journal import Journal, JournalEntry
+from budget.durability.journal import Journal, JournalEntry
 from budget.periods import to_ms
-from budget.store import (
+from budget.stores.contract import (
     CounterRef,
     CounterState,
     Hold,

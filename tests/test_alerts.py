@@ -35,9 +35,9 @@ from broker.instrument import TimedStore
 from broker.metrics import Metrics
 from budget.layers import OPEN_ALLOWANCE, Layer, Snapshot
 from budget.periods import Period
-from budget.redis_store import RedisStore
-from budget.sqlite_store import SqliteStore
-from budget.store import Store
+from budget.stores.contract import Store
+from budget.stores.redis import RedisStore
+from budget.stores.sqlite import SqliteStore
 from common.clock import ManualClock
 from common.configfile import ConfigError
 from currency.money import Money

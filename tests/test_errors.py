@@ -67,7 +67,7 @@ async def test_interceptor_maps_what_a_handler_raises() -> None:
 
 
 def test_a_store_failure_reaching_a_handler_is_unavailable_with_a_denial() -> None:
-    from budget.store import StoreUnavailable
+    from budget.stores.contract import StoreUnavailable
 
     err = to_connect_error(StoreUnavailable("redis timed out after 250 ms"))
     assert err.code == Code.UNAVAILABLE

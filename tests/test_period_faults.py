@@ -29,8 +29,8 @@ from redis.asyncio import Redis
 
 from broker.auth import Agent as Caller
 from broker.order import exchange_key
-from budget.redis_store import RedisStore
-from budget.store import CounterState, LedgerEntry
+from budget.stores.contract import CounterState, LedgerEntry
+from budget.stores.redis import RedisStore
 from currency.money import Money
 from tests.harness import agent_key, denial, exhausted
 from tests.processes import (

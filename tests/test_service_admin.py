@@ -17,7 +17,7 @@ import pytest
 
 from broker.service import HISTORY_DEFAULT, HISTORY_MAX
 from budget.periods import Period, to_ms
-from budget.store import CounterRef, Hold, Line
+from budget.stores.contract import CounterRef, Hold, Line
 from common.clock import ManualClock
 from tests.harness import Exchange, RunningBroker, broker_config, running_broker
 

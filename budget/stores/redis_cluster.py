@@ -1,7 +1,7 @@
-"""The Redis store on a Redis Cluster (budget.store.Store): RedisStore over redis-py's RedisCluster.
+"""The Redis store on a Redis Cluster (budget.stores.contract.Store): RedisStore over redis-py's RedisCluster.
 
 Every key of an account carries the account as its hash tag (`ramp:{acme}:...`, see
-budget.redis_store), so each script, read and pipeline of one account goes to one slot, served by
+budget.stores.redis), so each script, read and pipeline of one account goes to one slot, served by
 one primary; accounts spread over the primaries. `open_cluster` checks that for every account it
 is given (the broker gives every configured one).
 
@@ -42,18 +42,18 @@ from redis.exceptions import AskError, MovedError, SlotNotCoveredError, TryAgain
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from budget.redis_store import RedisStore, _HiredisConnection, _Script, _text, log
-from budget.store import StoreUnavailable
+from budget.stores.contract import StoreUnavailable
+from budget.stores.redis import RedisStore, _HiredisConnection, _Script, _text, log
 
 T = TypeVar("T")
 
-# One key of each kind an account has (budget.redis_store's key layout): all must share a slot.
+# One key of each kind an account has (budget.stores.redis's key layout): all must share a slot.
 _KEY_KINDS: Final = ("c:s|p|w|C", "r:x", "id", "exp", "i:x", "ledger", "limits", "limits:v", "counters",
                      "k:x", "lh:s|p|w|C", "lb:b", "lc:b")
 
 
 class RedisClusterStore(RedisStore):
-    """budget.store.Store on a Redis Cluster (see the module docstring)."""
+    """budget.stores.contract.Store on a Redis Cluster (see the module docstring)."""
 
     _client: _Client
 
@@ -75,7 +75,7 @@ class RedisClusterStore(RedisStore):
             startup_nodes=[ClusterNode(p.hostname or "127.0.0.1", p.port or 6379) for p in parts],
             # A slot whose primary is gone must not stop the client from serving the others.
             require_full_coverage=False,
-            # No retries here: a write is never sent twice (see budget.redis_store, Failures); the next
+            # No retries here: a write is never sent twice (see budget.stores.redis, Failures); the next
             # call re-reads the slot map after a connection error.
             retry=Retry(NoBackoff(), 0),
             max_connections=max_connections, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,

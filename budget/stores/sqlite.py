@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from budget.store import (
+from budget.stores.contract import (
     RECLAIM_MS,
     BrokerLease,
     Committed,
@@ -568,7 +568,7 @@ class _Failed:
 
 
 class SqliteStore:
-    """budget.store.Store on one SQLite file. Open with `await SqliteStore.open(path)`."""
+    """budget.stores.contract.Store on one SQLite file. Open with `await SqliteStore.open(path)`."""
 
     def __init__(self, path: Path, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
         self.path = path

@@ -1,13 +1,13 @@
 """Noticing a store that lost its memory (design invariant 11).
 
 The guard compares each account's store with what this broker has seen of it
-(budget.memory): its identity and generation, the operator limits version, and
+(budget.durability.memory): its identity and generation, the operator limits version, and
 every counter's highest `spent`. A store that shows less (emptied, replaced, an
 older copy) is flagged: the period layer refuses that account's purchases, open
 scopes included, until the store is back as it was or an operator adopts it (a
 newer generation of the same identity, whose numbers become the baseline).
 Writes carry the identity and floors, so the store itself refuses them atomically
-(budget.store: Lost, StoreLost); reads and upkeep are checked here.
+(budget.stores.contract: Lost, StoreLost); reads and upkeep are checked here.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
-from budget.memory import StoreMemory
-from budget.store import CounterRef, CounterState, Limits, Store, StoreIdentity
+from budget.durability.memory import StoreMemory
+from budget.stores.contract import CounterRef, CounterState, Limits, Store, StoreIdentity
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -17,8 +17,8 @@ import base64
 from dataclasses import dataclass
 from typing import Any
 
-from budget import jsonl
-from budget.store import CounterRef, Hold, counter_record
+from budget.durability import jsonl
+from budget.stores.contract import CounterRef, Hold, counter_record
 from currency.money import Money
 
 

@@ -1,4 +1,4 @@
-"""The shared per-period store on Redis (budget.store.Store), for several brokers of one deployment.
+"""The shared per-period store on Redis (budget.stores.contract.Store), for several brokers of one deployment.
 
 Key layout, for prefix `ramp` and account `acme` (the `{acme}` hash tag keeps every key of an
 account in one Redis Cluster slot, so each multi-key script stays in one slot):
@@ -23,7 +23,7 @@ account in one Redis Cluster slot, so each multi-key script stays in one slot):
     ramp:{acme}:lc:<broker>                  set: counter keys the broker holds a lease on
     ramp:blob:<name>                         hash: data expires_ms (not per account)
 
-Every change runs as one Lua script (budget/lua/, each prefixed with _lib.lua), called with
+Every change runs as one Lua script (budget/stores/lua/, each prefixed with _lib.lua), called with
 EVALSHA and reloaded on NOSCRIPT, e.g. after a Redis restart. Scripts take every input as
 KEYS/ARGV; the few keys they can only learn inside Redis (a reservation's counters, the
 idempotency record it points back to, a broker's leased counters, a lease holder's record) are
@@ -93,7 +93,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
-from budget.store import (
+from budget.stores.contract import (
     LEASE_DOUBLINGS,
     RECLAIM_MS,
     BrokerLease,
@@ -177,7 +177,7 @@ class _Script:
 
 
 def _load_scripts() -> dict[str, _Script]:
-    folder = importlib.resources.files("budget").joinpath("lua")
+    folder = importlib.resources.files("budget.stores").joinpath("lua")
     lib = folder.joinpath("_lib.lua").read_bytes()
     return {name: _Script(name, lib + b"\n" + folder.joinpath(f"{name}.lua").read_bytes())
             for name in _SCRIPTS}
@@ -357,7 +357,7 @@ def _unsettled(reply: Sequence[Any]) -> UnsettledHold:
 
 
 class RedisStore:
-    """budget.store.Store on one Redis server (or Cluster-ready keys; see the module docstring)."""
+    """budget.stores.contract.Store on one Redis server (or Cluster-ready keys; see the module docstring)."""
 
     def __init__(
         self, client: Redis | RedisCluster, *, timeout_ms: int = 250, prefix: str = "ramp",

@@ -1,6 +1,6 @@
 """An operator adopting a budget store that lost its memory (`ramp-broker store adopt`).
 
-Brokers refuse an account whose store shows less than they have seen (budget.memory):
+Brokers refuse an account whose store shows less than they have seen (budget.durability.memory):
 an emptied Redis, a deleted SQLite file, an old backup. Adopting it seeds it from
 the brokers' memory files and raises its generation, after which every broker
 takes the store's numbers as its new baseline:
@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from budget.memory import AccountMemory, CounterMark, StoreMemory
-from budget.store import CounterRef, Hold, Line, Store, StoreIdentity
+from budget.durability.memory import AccountMemory, CounterMark, StoreMemory
+from budget.stores.contract import CounterRef, Hold, Line, Store, StoreIdentity
 from currency.money import Money
 
 ADOPT = "adopt"

@@ -7,7 +7,7 @@ only means the spend is offered to the store again, which records it once. When
 everything is acknowledged the file is truncated.
 
 A purchase on the fail-open allowance journals its *intent* first (the requests it
-is about to send, budget.intents), fsynced before any Exchange is called, and
+is about to send, budget.durability.intents), fsynced before any Exchange is called, and
 acknowledges it once its spend is journaled. An intent still pending at start was
 cut off (a crash between the Exchange's charge and the spend entry): it is rolled
 forward (re-sent under its key, answered from the Exchange's dedupe record) and
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from budget import jsonl
-from budget.durable import sync_data, sync_directory
-from budget.store import CounterRef, Hold, Line, counter_record
+from budget.durability import jsonl
+from budget.durability.durable import sync_data, sync_directory
+from budget.stores.contract import CounterRef, Hold, Line, counter_record
 from common.ids import new_id
 
 log = logging.getLogger(__name__)

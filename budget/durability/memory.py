@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from budget.durable import sync_directory
-from budget.store import CounterRef, StoreIdentity
+from budget.durability.durable import sync_directory
+from budget.stores.contract import CounterRef, StoreIdentity
 
 log = logging.getLogger(__name__)
 
