@@ -52,9 +52,10 @@ from bench.purchases import (
     period_stores,
 )
 from broker.app import Broker, build_broker
-from broker.auth import Agent, Authenticator
-from broker.cli import _settle_heap
 from broker.config import load_broker_config
+from broker.operator.cli import _settle_heap
+from broker.purchase.agents import Agent
+from broker.rpc.auth import Authenticator
 
 WARMUP = 300
 ROWS = (PLAIN, *PERIOD_BROKERS)

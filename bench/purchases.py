@@ -3,7 +3,7 @@
     python -m bench.purchases [--seconds N] [--concurrency C] [--requests MAX]
 
 The reference Exchange and the broker run as separate OS processes (``python -m
-broker.cli exchange`` / ``serve``) on free loopback ports, so the load generator
+broker.operator.cli exchange`` / ``serve``) on free loopback ports, so the load generator
 here never shares the broker's event loop. Each protocol phase runs C concurrent
 workers for at most N seconds or MAX requests, whichever comes first, after a
 short warm-up that is not counted:
@@ -166,7 +166,7 @@ def _start(name: str, args: list[str], workdir: Path, port: int) -> Child:
     state.mkdir(exist_ok=True)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "broker.cli", "--log-level", "WARNING", *args],
+            [sys.executable, "-m", "broker.operator.cli", "--log-level", "WARNING", *args],
             cwd=REPO, env=_child_env(state), stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT,
         )

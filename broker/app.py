@@ -13,20 +13,20 @@ from typing import Any
 
 from connectrpc.interceptor import Interceptor
 
-from broker.alerts import Alerter
-from broker.auth import AdminToken, Authenticate, Authenticator, RequireAdmin
-from broker.codecs import MAX_BODY_BYTES, server_codecs, server_compressions
 from broker.config import BrokerConfig, StoreSetting
-from broker.errors import ErrorMapping
-from broker.health import HEALTH_SERVICE, Readiness, health_apps, readyz
-from broker.instrument import TimedExchange, TimedStore
-from broker.logs import RequestIds
-from broker.metrics import Metrics, PeriodEventMetrics
-from broker.purchase import Purchaser
-from broker.reflection import REFLECTION_SERVICES, reflection_apps
-from broker.selection import Exchange
-from broker.service import AdminHandlers, BrokerHandlers, BudgetHandlers
-from broker.watch import BudgetWatch
+from broker.observe.alerts import Alerter
+from broker.observe.instrument import TimedExchange, TimedStore
+from broker.observe.logs import RequestIds
+from broker.observe.metrics import Metrics, PeriodEventMetrics
+from broker.observe.watch import BudgetWatch
+from broker.purchase.flow import Purchaser
+from broker.purchase.selection import Exchange
+from broker.rpc.auth import AdminToken, Authenticate, Authenticator, RequireAdmin
+from broker.rpc.codecs import MAX_BODY_BYTES, server_codecs, server_compressions
+from broker.rpc.errors import ErrorMapping
+from broker.rpc.health import HEALTH_SERVICE, Readiness, health_apps, readyz
+from broker.rpc.reflection import REFLECTION_SERVICES, reflection_apps
+from broker.rpc.service import AdminHandlers, BrokerHandlers, BudgetHandlers
 from budget.durability.journal import Journal
 from budget.durability.memory import StoreMemory
 from budget.forecast import SpendRates

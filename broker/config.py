@@ -25,7 +25,7 @@ from currency.money import Money, is_iso_currency, parse_amount, parse_currency,
 from currency.settings import Amount, CurrencyCode
 
 ENV_PREFIX = "RAMP_BROKER_"
-# The identity of callers without a key (broker/auth.py): they own sessions and idempotency
+# The identity of callers without a key (broker/purchase/agents.py): they own sessions and idempotency
 # keys under it, so an agent by that name would share them.
 ANONYMOUS_ID = "anonymous"
 # exchange_client/ramp.py _GUARD_S: how long past execute_timeout_ms a call may run.

@@ -1,4 +1,4 @@
-"""Budget threshold alerts (broker.alerts): claims in a real store, POSTs to a real webhook server.
+"""Budget threshold alerts (broker.observe.alerts): claims in a real store, POSTs to a real webhook server.
 
 Every test runs against both stores (SQLite in tmp_path, Redis on the session's redis-server
 under its own prefix) unless it says otherwise. The webhook is a tiny ASGI app behind hypercorn
@@ -29,10 +29,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from broker.alerts import Alerter
 from broker.config import AlertsSetting
-from broker.instrument import TimedStore
-from broker.metrics import Metrics
+from broker.observe.alerts import Alerter
+from broker.observe.instrument import TimedStore
+from broker.observe.metrics import Metrics
 from budget.layers import OPEN_ALLOWANCE, Layer, Snapshot
 from budget.periods import Period
 from budget.stores.contract import Store

@@ -28,7 +28,7 @@ import httpx
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from broker.console import history_table, status_table, used_percent
+from broker.operator.console import history_table, status_table, used_percent
 from budget.reconcile import reconcile
 from budget.stores.sqlite import SqliteStore
 from ramp.broker.v1 import broker_pb2 as bpb

@@ -40,8 +40,8 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.auth import Agent
-from broker.order import exchange_key
+from broker.purchase.agents import Agent
+from broker.purchase.order import exchange_key
 from budget.stores.contract import CounterRef, CounterState, LedgerEntry, StoreUnavailable
 from budget.stores.redis import RedisStore
 from currency.money import Money

@@ -39,8 +39,8 @@ from google.protobuf import json_format
 from grpc_status import rpc_status
 from redis.asyncio import Redis
 
-from broker.auth import Agent
-from broker.order import exchange_key
+from broker.purchase.agents import Agent
+from broker.purchase.order import exchange_key
 from budget.stores.contract import CounterRef, CounterState, LedgerEntry, Store, UnsettledHold
 from budget.stores.redis import RedisStore
 from budget.stores.sqlite import SqliteStore

@@ -9,7 +9,8 @@ import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
-from broker.errors import ErrorMapping, InvalidField, to_connect_error
+from broker.refusals import InvalidField
+from broker.rpc.errors import ErrorMapping, to_connect_error
 from budget.layers import BudgetExhausted, Layer
 from currency.money import Money
 from ramp.broker.v1 import broker_pb2 as bpb

@@ -24,8 +24,8 @@ import pytest
 
 from bench.pacing import ACCOUNT, PERIOD_S, Attempt, Run, offer_times, scopes_config
 from broker.app import Broker, build_broker
-from broker.auth import Agent
 from broker.config import BrokerConfig
+from broker.purchase.agents import Agent
 from budget import pacing
 from budget.layers import BudgetExhausted, Layer, Snapshot
 from budget.pacing import Pacer

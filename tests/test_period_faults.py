@@ -27,8 +27,8 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from broker.auth import Agent as Caller
-from broker.order import exchange_key
+from broker.purchase.agents import Agent as Caller
+from broker.purchase.order import exchange_key
 from budget.stores.contract import CounterState, LedgerEntry
 from budget.stores.redis import RedisStore
 from currency.money import Money

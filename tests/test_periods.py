@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.cli import main
+from broker.operator.cli import main
 from budget.durability.journal import Journal, _hold_record, _line_record
 from budget.periods import Period, PeriodError, time_zone, to_ms
 from budget.reconcile import reconcile

@@ -1,4 +1,4 @@
-"""Choosing offers (broker/selection.py) and holding session budgets (budget/session.py), offline."""
+"""Choosing offers (broker/purchase/selection.py) and holding session budgets (budget/session.py), offline."""
 
 from __future__ import annotations
 
@@ -10,18 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.config import ExchangeSetting
-from broker.purchase import tightest
-from broker.selection import (
-    Candidate,
-    Exchange,
-    UriChoice,
-    affordable,
-    choose,
-    exchanges_for,
-    offer_price,
-    prune,
-)
-from broker.validation import Constraints
+from broker.purchase.flow import tightest
+from broker.purchase.selection import Candidate, Exchange, UriChoice, affordable, choose, exchanges_for, prune
+from broker.purchase.validation import Constraints
+from broker.wire import offer_price
 from budget.layers import BudgetExhausted, Layer, Reservation, headroom, reserve_all
 from budget.session import SessionAccount, SessionBudgets, SessionError
 from common.clock import ManualClock

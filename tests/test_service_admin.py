@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from broker.service import HISTORY_DEFAULT, HISTORY_MAX
+from broker.rpc.service import HISTORY_DEFAULT, HISTORY_MAX
 from budget.periods import Period, to_ms
 from budget.stores.contract import CounterRef, Hold, Line
 from common.clock import ManualClock

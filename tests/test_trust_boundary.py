@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from broker.config import BrokerConfig
-from broker.selection import TrustPenalties, choose
-from broker.validation import Constraints
+from broker.purchase.selection import TrustPenalties, choose
+from broker.purchase.validation import Constraints
 from common.clock import ManualClock
 from currency.convert import NoConverter
 from tests.harness import (

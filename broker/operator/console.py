@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from common.arguments import http_url, seconds_argument
 from currency.money import MoneyError, parse_amount
 from ramp.broker.v1 import broker_pb2 as bpb
 from ramp.v1 import ramp_pb2 as rpb
@@ -74,20 +75,6 @@ class Answer:
 
     message: Message
     body: dict[str, Any]
-
-
-def http_url(given: str | None, env: str, default: str) -> str:
-    """`--broker`, else $`env`, else `default`; checked to be an http(s) URL (ValueError naming
-    where it came from)."""
-    text = given or os.environ.get(env) or default
-    where = "--broker" if given else env if os.environ.get(env) else "default"
-    try:
-        url = httpx.URL(text)
-    except (httpx.InvalidURL, TypeError):
-        url = None
-    if url is None or url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"{where}: {text[:100]!r} is not an http:// or https:// URL (such as {default})")
-    return text.rstrip("/")
 
 
 def broker_url(given: str | None) -> str:
@@ -464,17 +451,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"ramp-broker: {exc}", file=sys.stderr)
         return exc.code
     return EXIT_OK
-
-
-def seconds_argument(text: str) -> float:
-    """argparse type: seconds, more than 0 and at most an hour (a --timeout)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 and at most 3600 seconds")
-    return value
 
 
 def _common_options() -> argparse.ArgumentParser:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 
 from broker import wire
-from broker.execute import Buyer, PartResult, stored_answer
-from broker.selection import Candidate, Exchange
+from broker.purchase.execute import Buyer, PartResult, stored_answer
+from broker.purchase.selection import Candidate, Exchange
 from budget.durability.intents import Intent, IntentError
 from budget.period import ItemSpend, PeriodLayer
 from budget.stores.contract import UnsettledHold

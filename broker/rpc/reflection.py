@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2 as alpha
 from grpc_reflection.v1alpha.reflection import ReflectionServicer
 
-from broker.codecs import MAX_BODY_BYTES, server_codecs, server_compressions
+from broker.rpc.codecs import MAX_BODY_BYTES, server_codecs, server_compressions
 from ramp.broker.v1 import broker_pb2
 from ramp.grpc.reflection.v1 import reflection_pb2 as v1
 from ramp.grpc.reflection.v1.reflection_connect import (

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,7 +21,8 @@ from google.protobuf.message import Message
 from protobuf.wkt import Any as AnyDetail
 
 from broker import wire
-from broker.metrics import Metrics
+from broker.observe.metrics import Metrics
+from broker.refusals import NothingToBuy, PermissionDenied, Unauthenticated
 from budget.layers import BudgetExhausted, Layer
 from budget.period import KeyInFlight, LimitChangeRefused, OutcomePending, StoreDown
 from budget.periods import PeriodError
@@ -35,40 +36,6 @@ from ramp.broker.v1 import broker_pb2 as bpb
 log = logging.getLogger(__name__)
 REQ = TypeVar("REQ")
 RES = TypeVar("RES")
-
-
-class InvalidField(MoneyError):
-    """A request field that cannot be accepted (INVALID_ARGUMENT naming the field)."""
-
-
-class Unauthenticated(Exception):
-    """No credential, or one this broker does not know (UNAUTHENTICATED)."""
-
-    def __init__(self, message: str, reason: str = "unauthenticated") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class PermissionDenied(Exception):
-    """The caller may not do this (PERMISSION_DENIED); `field` names what it asked for."""
-
-    def __init__(self, field: str, problem: str, *, reason: str = "scope_not_granted",
-                 scope: str = "") -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.reason = reason
-        self.scope = scope or field
-
-
-class NothingToBuy(Exception):
-    """No URI has an offer to buy, for reasons other than budget."""
-
-    def __init__(self, code: Code, message: str, reason: str,
-                 calls: Sequence[bpb.ExchangeCall] = ()) -> None:
-        super().__init__(message)
-        self.code = code
-        self.reason = reason
-        self.calls = list(calls)
 
 
 class _Detail(ErrorDetail):

@@ -11,7 +11,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
-from broker.errors import InvalidField
+from broker.refusals import InvalidField
 from budget.periods import Period
 from currency.money import Money, parse_amount
 from ramp.v1 import ramp_pb2 as rpb

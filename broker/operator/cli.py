@@ -13,15 +13,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from broker import console, leases_cli, mcp_cli
 from broker.config import BrokerConfig, load_broker_config
-from broker.logs import configure
+from broker.mcp import cli as mcp_cli
+from broker.observe.logs import configure
+from broker.operator import console, leases
 from budget.stores.contract import StoreUnavailable
 from common.configfile import ConfigError
 
 if TYPE_CHECKING:
+    from broker.operator.statement import StatementLine
     from budget.reconcile import KeyCharges
-    from exchange_client.statement import StatementLine
 
 log = logging.getLogger("ramp_broker")
 T = TypeVar("T")
@@ -108,7 +109,7 @@ async def _exchange(catalog_path: str | None) -> None:
 
 async def _reconcile(config_path: str | None, repair: bool) -> int:
     from broker.app import open_store, scope_owners
-    from broker.offline import exchange_recovery, ledger_to_exchange_key
+    from broker.operator.offline import exchange_recovery, ledger_to_exchange_key
     from budget.reconcile import ledger_charges, reconcile, settle_holds
     from currency.money import Money
 
@@ -170,8 +171,8 @@ Statements = dict[str, "tuple[list[StatementLine], int] | str"]
 
 
 async def _statements(config: BrokerConfig) -> Statements:
+    from broker.operator.statement import NoStatement, StatementUnavailable, fetch_statement
     from budget.periods import to_ms
-    from exchange_client.statement import NoStatement, StatementUnavailable, fetch_statement
 
     out: Statements = {}
     for ex in config.exchanges:
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                              help="adopt the store as it is when no memory file is found")
     console.add_commands(sub)
     mcp_cli.add_command(sub)
-    leases_cli.add_command(sub)
+    leases.add_command(sub)
     args = parser.parse_args(argv)
     configure(args.log_format or "text", args.log_level or "INFO")
     try:
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "mcp":
             return mcp_cli.run(args)
         elif args.command == "leases":
-            return leases_cli.run(args)
+            return leases.run(args)
         else:
             asyncio.run(_exchange(args.catalog))
     except ConfigError as exc:

@@ -13,23 +13,23 @@ import hashlib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from broker.auth import Agent, charge_for
-from broker.errors import InvalidField
-from broker.selection import offer_price
-from broker.validation import (
+from broker.purchase.agents import Agent, charge_for
+from broker.purchase.validation import (
     Constraints,
     check_constraints,
     check_deadline_ms,
     check_id,
     check_uris,
 )
+from broker.refusals import InvalidField
+from broker.wire import offer_price
 from budget.period import Charge
 from currency.money import Money, MoneyError
 from ramp.broker.v1 import broker_pb2 as bpb
 from ramp.v1 import ramp_pb2 as rpb
 
 # The separator of a caller-scoped key: neither agent ids nor idempotency keys may contain it
-# (broker.validation's id alphabet, broker.config's agent id pattern), so the pair is unambiguous.
+# (broker.purchase.validation's id alphabet, broker.config's agent id pattern), so the pair is unambiguous.
 _OWNER_SEPARATOR = "#"
 # Exchanges name their offers; the broker only needs to recognise them in a quote.
 MAX_OFFER_ID = 256

@@ -12,8 +12,8 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from broker.errors import InvalidField
-from broker.selection import Candidate, Exchange
+from broker.purchase.selection import Candidate, Exchange
+from broker.refusals import InvalidField
 from budget.period import ItemSpend
 from currency.convert import Converter, convert
 from currency.money import Money, MoneyError, total

@@ -13,7 +13,7 @@ import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from broker.errors import InvalidField
+from broker.refusals import InvalidField
 from ramp.broker.v1 import broker_pb2 as bpb
 
 Key = tuple[str, str]  # (caller id, idempotency key)

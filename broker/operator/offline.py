@@ -13,12 +13,12 @@ import logging
 from collections.abc import AsyncIterator
 
 from broker.app import load_converter, scope_owners, scope_rules
-from broker.auth import Agent
 from broker.config import BrokerConfig
-from broker.execute import Buyer
-from broker.order import exchange_key
-from broker.recovery import Recovery
-from broker.selection import Exchange
+from broker.purchase.agents import Agent
+from broker.purchase.execute import Buyer
+from broker.purchase.order import exchange_key
+from broker.purchase.recovery import Recovery
+from broker.purchase.selection import Exchange
 from budget.period import PeriodLayer
 from budget.periods import time_zone
 from budget.stores.contract import Store

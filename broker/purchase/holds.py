@@ -1,7 +1,7 @@
 """Operators' view of holds that may have reached an Exchange, and settling one by hand.
 
 A hold with an intent is never refunded blindly: brokers roll it forward with
-its Exchanges (broker.recovery). When an Exchange never answers again (it is
+its Exchanges (broker.purchase.recovery). When an Exchange never answers again (it is
 gone, or it lost the purchase), only an operator who has asked it some other
 way can say what happened. `ListHolds` shows every open hold with what each
 part asked for and holds; `SettleHold` retries it now, or commits it on the
@@ -19,8 +19,8 @@ from connectrpc.errors import ConnectError
 from google.protobuf.message import DecodeError
 
 from broker import wire
-from broker.execute import stored_answer
-from broker.recovery import Recovery
+from broker.purchase.execute import stored_answer
+from broker.purchase.recovery import Recovery
 from budget.durability.intents import Intent, IntentError, IntentPart
 from budget.period import ItemSpend, PeriodHold, PeriodLayer, StoreDown
 from budget.periods import from_ms, to_ms

@@ -37,7 +37,7 @@ from typing import Any, Final
 import httpx
 
 from broker.config import AlertsSetting
-from broker.metrics import Metrics
+from broker.observe.metrics import Metrics
 from budget.layers import OPEN_ALLOWANCE, Layer, Snapshot
 from budget.periods import to_ms
 from budget.stores.contract import Store, StoreUnavailable
@@ -45,7 +45,9 @@ from common.clock import Clock
 from common.configfile import ConfigError
 from currency.money import Money
 
-log = logging.getLogger(__name__)
+# Not __name__: operators route alert events by this logger's name (examples/broker.yaml), which
+# predates the module's move into broker/observe/.
+log = logging.getLogger("broker.alerts")
 
 # Names (per account) remembered as settled; the oldest are forgotten beyond this.
 MEMO_MAX: Final = 10_000

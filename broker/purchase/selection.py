@@ -19,9 +19,10 @@ from decimal import Decimal
 from google.protobuf.duration_pb2 import Duration
 
 from broker.config import ExchangeSetting
-from broker.validation import Constraints
+from broker.purchase.validation import Constraints
+from broker.wire import offer_price
 from currency.convert import ConversionError, Converter, convert
-from currency.money import Money, MoneyError, parse_amount, parse_currency, quantize
+from currency.money import Money, MoneyError
 from exchange_client.adapter import ExchangeAdapter, ExchangeError
 from ramp.broker.v1 import broker_pb2 as bpb
 from ramp.v1 import ramp_pb2 as rpb
@@ -79,33 +80,6 @@ class Candidate:
             self.exchange.setting.priority, self.price.amount, self.exchange.name,
             self.offer.offer_id,
         )
-
-
-def offer_price(offer: rpb.Offer) -> tuple[Money, Money]:
-    """(price, unit cost) of an offer in its own currency; MoneyError if malformed."""
-    p = offer.pricing
-    cur = parse_currency(p.currency, "pricing.currency")
-    # A priced model without a rate is malformed, never free.
-    rate = Money(parse_amount(p.rate, "pricing.rate"), cur) if p.model != rpb.PRICING_MODEL_FREE \
-        else Money.zero(cur)
-    qty = p.estimated_quantity if p.HasField("estimated_quantity") else 1
-    if qty < 1:
-        raise MoneyError("pricing.estimated_quantity", "must be at least 1")
-    if p.model == rpb.PRICING_MODEL_FREE:
-        price = Money.zero(cur)
-    elif p.model == rpb.PRICING_MODEL_FLAT:
-        price = rate
-    elif p.model == rpb.PRICING_MODEL_PER_UNIT:
-        price = rate.times(qty, round_up=True)
-    else:
-        raise MoneyError("pricing.model", "is not set")
-    if p.HasField("unit_cost"):
-        unit = Money(parse_amount(p.unit_cost, "pricing.unit_cost"), cur)
-    elif p.model == rpb.PRICING_MODEL_PER_UNIT:
-        unit = rate
-    else:
-        unit = Money(quantize(price.amount / qty, round_up=True), cur)
-    return price, unit
 
 
 @dataclass

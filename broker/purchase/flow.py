@@ -1,9 +1,9 @@
 """Resolve and Transact: the purchase flow.
 
-validate every field (broker.order) -> discover, or price the chosen offers from
-the Exchanges' own quotes (broker.quotes) -> filter and rank -> prune to the
+validate every field (broker.purchase.order) -> discover, or price the chosen offers from
+the Exchanges' own quotes (broker.purchase.quotes) -> filter and rank -> prune to the
 tightest budget -> reserve on every budget -> ExecuteTransaction per Exchange
-(broker.execute) -> commit what was charged, release the rest. Nothing over
+(broker.purchase.execute) -> commit what was charged, release the rest. Nothing over
 budget reaches an Exchange: the reservation is taken before the first purchase
 call. Sessions, idempotency keys and replays belong to the caller.
 """
@@ -21,17 +21,17 @@ from decimal import Decimal
 from connectrpc.code import Code
 
 from broker import wire
-from broker.auth import ANONYMOUS, Agent, charge_for
 from broker.config import BrokerConfig
-from broker.errors import InvalidField, NothingToBuy
-from broker.execute import Buyer, PartResult, replayed, stored_answer
-from broker.idempotency import Entry, IdempotencyCache
-from broker.logs import IDEMPOTENCY_KEY
-from broker.metrics import Metrics
-from broker.order import ChosenOffer, Order, check_order, dedupe
-from broker.quotes import QuoteBook
-from broker.recovery import Recovery
-from broker.selection import (
+from broker.observe.logs import IDEMPOTENCY_KEY
+from broker.observe.metrics import Metrics
+from broker.observe.watch import BudgetWatch
+from broker.purchase.agents import ANONYMOUS, Agent, charge_for
+from broker.purchase.execute import Buyer, PartResult, replayed, stored_answer
+from broker.purchase.idempotency import Entry, IdempotencyCache
+from broker.purchase.order import ChosenOffer, Order, check_order, dedupe
+from broker.purchase.quotes import QuoteBook
+from broker.purchase.recovery import Recovery
+from broker.purchase.selection import (
     Candidate,
     Discovery,
     Exchange,
@@ -41,17 +41,17 @@ from broker.selection import (
     choose,
     discover,
     exchanges_for,
-    offer_price,
     prune,
 )
-from broker.validation import (
+from broker.purchase.validation import (
     Constraints,
     check_constraints,
     check_deadline_ms,
     check_id,
     check_uris,
 )
-from broker.watch import BudgetWatch
+from broker.refusals import InvalidField, NothingToBuy
+from broker.wire import offer_price
 from budget.durability.intents import IntentItem, PartOrder
 from budget.forecast import SpendRates
 from budget.layers import (

@@ -1,4 +1,4 @@
-"""Who is calling, and which scopes a purchase of theirs is charged to.
+"""Who is calling: agents by their API key, operators by the admin token.
 
 Agents present an API key (`authorization: Bearer <key>` or `x-api-key`); the
 config maps each key, by its SHA-256, to an account, the scopes it is always
@@ -9,7 +9,8 @@ no credential and has no period scopes.
 The caller is identified from the headers by a metadata interceptor that runs
 before the request body is read: an unknown key costs the broker no decoding.
 The identity is the owner of everything the caller creates (sessions,
-idempotency keys and their replays); handlers read it with `caller()`.
+idempotency keys and their replays); handlers read it with `caller()`. Which scopes its
+purchases are charged to is broker.purchase.agents'.
 """
 
 from __future__ import annotations
@@ -20,32 +21,17 @@ import hmac
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from connectrpc.request import RequestContext
 
 from broker.config import AgentSetting, BrokerConfig, ChargeSetting
-from broker.errors import ErrorMapping, InvalidField, PermissionDenied, Unauthenticated
-from broker.validation import Constraints
-from budget.period import Charge
-from budget.scopes import billing_scope, check_scope
+from broker.purchase.agents import ANONYMOUS, Agent
+from broker.refusals import PermissionDenied, Unauthenticated
+from broker.rpc.errors import ErrorMapping
+from budget.scopes import billing_scope
 from common.configfile import ConfigError
 
-
-@dataclass(frozen=True, slots=True)
-class Agent:
-    id: str
-    account: str | None = None
-    billing_scope: str | None = None
-    charged_to: tuple[str, ...] = ()
-    may_name: frozenset[str] = frozenset()
-
-    def may_charge(self, scope: str) -> bool:
-        return scope in self.may_name or scope in self.charged_to or scope == self.billing_scope
-
-
-ANONYMOUS = Agent("anonymous")
 log = logging.getLogger(__name__)
 _CALLER: contextvars.ContextVar[Agent | None] = contextvars.ContextVar("caller", default=None)
 
@@ -145,26 +131,6 @@ class RequireAdmin:
 
     async def on_end(self, token: None, ctx: RequestContext[Any, Any], error: Exception | None) -> None:
         pass
-
-
-def charge_for(agent: Agent, c: Constraints, prefix: str = "constraints.") -> Charge | None:
-    """The scopes a purchase is charged to; None when the caller has no period scopes."""
-    named = c.budget_scope
-    if named:
-        check_scope(named, f"{prefix}budget_scope")
-        if agent.account is None or not agent.may_charge(named):
-            raise PermissionDenied(f"{prefix}budget_scope",
-                                   f"this API key may not charge scope {named!r}", scope=named)
-    target = named or agent.billing_scope
-    if c.budget_period is not None and c.period_budget is None:
-        raise InvalidField(f"{prefix}period_budget", "is required when budget_period is given")
-    if c.period_budget is not None and (agent.account is None or target is None):
-        raise PermissionDenied(f"{prefix}period_budget",
-                               "this requester has no scope to apply a period budget to")
-    if agent.account is None:
-        return None
-    scopes = tuple(dict.fromkeys([*agent.charged_to, *([target] if target else [])]))
-    return Charge(agent.account, scopes, target, c.period_budget, c.budget_period)
 
 
 class AdminToken:

@@ -32,8 +32,8 @@ from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from broker.errors import detail
-from broker.validation import MAX_URIS
+from broker.purchase.validation import MAX_URIS
+from broker.rpc.errors import detail
 from ramp.broker.v1 import broker_pb2 as bpb
 
 M = TypeVar("M", bound=Message)
@@ -81,7 +81,7 @@ def _refuse(message: str) -> ConnectError:
 
 def _invalid(field: str, problem: str, message: str | None = None) -> ConnectError:
     """A problem with one field: "field: problem" and a FieldViolation detail, as the
-    broker's own validation reports it (broker.errors)."""
+    broker's own validation reports it (broker.rpc.errors)."""
     return ConnectError(Code.INVALID_ARGUMENT, message or f"{field}: {problem}",
                         [detail(bpb.FieldViolation(field=field, description=problem))])
 

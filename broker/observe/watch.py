@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from broker.metrics import Metrics
+from broker.observe.metrics import Metrics
 from budget.forecast import SpendRates
 from budget.layers import Snapshot
 from budget.pacing import Pacer

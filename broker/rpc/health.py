@@ -39,8 +39,8 @@ from connectrpc.errors import ConnectError
 from connectrpc.interceptor import Interceptor
 from grpc_health.v1 import health_pb2 as hpb
 
-from broker.codecs import MAX_BODY_BYTES, server_codecs, server_compressions
 from broker.config import ReadinessSetting
+from broker.rpc.codecs import MAX_BODY_BYTES, server_codecs, server_compressions
 from budget.stores.contract import Store, StoreUnavailable
 from ramp.grpc.health.v1.health_connect import HealthASGIApplication
 from rpc_server.serving import ASGIApp

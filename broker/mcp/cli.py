@@ -1,6 +1,6 @@
 """`ramp-broker mcp`: the command line of the Model Context Protocol server.
 
-Kept apart from `broker.mcp_server` (which imports the `mcp` SDK, Starlette and
+Kept apart from `broker.mcp.server` (which imports the `mcp` SDK, Starlette and
 uvicorn) so that every other `ramp-broker` command starts without loading them.
 
 The server is a client of a running broker. Its address is `--broker`, else
@@ -21,7 +21,7 @@ import os
 import socket
 import sys
 
-from broker.console import http_url, seconds_argument
+from common.arguments import http_url, seconds_argument
 
 DEFAULT_URL = "http://127.0.0.1:9090"
 URL_ENV = "RAMP_MCP_BROKER_URL"
@@ -115,16 +115,16 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"ramp-broker mcp: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from broker import mcp_server
+    from broker.mcp import server
 
-    settings = mcp_server.Settings(broker=url, key=key, key_env=args.key_env, timeout=args.timeout)
+    settings = server.Settings(broker=url, key=key, key_env=args.key_env, timeout=args.timeout)
     try:
         if listen is None:
-            mcp_server.run_stdio(settings)
+            server.run_stdio(settings)
         else:
             host, port = listen
-            mcp_server.run_http(settings, host, port, remote=not is_loopback(host))
-    except mcp_server.ListenFailed as exc:
+            server.run_http(settings, host, port, remote=not is_loopback(host))
+    except server.ListenFailed as exc:
         print(f"ramp-broker mcp: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

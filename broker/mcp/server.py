@@ -58,8 +58,8 @@ from pydantic import BaseModel, Field, GetJsonSchemaHandler, ValidationError
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from broker.mcp_arguments import argument_problem
-from broker.selection import offer_price
+from broker.mcp.arguments import argument_problem
+from broker.wire import offer_price
 from currency.money import MoneyError
 from ramp.broker.v1 import broker_pb2 as bpb
 from ramp.v1 import ramp_pb2 as rpb
@@ -263,7 +263,7 @@ MaxPrice = Annotated[Price | None, Field(description=(
 BudgetScope = Annotated[str | None, Field(description=(
     "optional: an operator budget scope your key may name (e.g. project:q4) to charge as well"))]
 
-# What each argument must be, in an invalid argument's sentence (broker.mcp_arguments); a list's
+# What each argument must be, in an invalid argument's sentence (broker.mcp.arguments); a list's
 # items by the list's name and "[]".
 _ID_CHARS = "letters, digits and . _ : @ / + = -"
 ARGUMENT_FORMS = {

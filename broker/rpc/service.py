@@ -12,13 +12,13 @@ from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
 from broker import wire
-from broker.auth import caller
-from broker.errors import InvalidField
-from broker.holds import ACTIONS, HoldDesk
-from broker.purchase import Purchaser
-from broker.recovery import Recovery
-from broker.validation import Constraints, check_id
-from broker.watch import BudgetWatch
+from broker.observe.watch import BudgetWatch
+from broker.purchase.flow import Purchaser
+from broker.purchase.holds import ACTIONS, HoldDesk
+from broker.purchase.recovery import Recovery
+from broker.purchase.validation import Constraints, check_id
+from broker.refusals import InvalidField
+from broker.rpc.auth import caller
 from budget.layers import BudgetExhausted, Layer, Snapshot
 from budget.period import Charge, PeriodLayer, StoreDown
 from budget.periods import Period, from_ms
