@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.config import ExchangeSetting
-from broker.purchase.flow import tightest
+from broker.purchase.budgets import tightest
 from broker.purchase.selection import Candidate, Exchange, UriChoice, affordable, choose, exchanges_for, prune
 from broker.purchase.validation import Constraints
 from broker.wire import offer_price

@@ -18,7 +18,8 @@ from broker import wire
 from broker.purchase.execute import Buyer, PartResult, stored_answer
 from broker.purchase.selection import Candidate, Exchange
 from budget.durability.intents import Intent, IntentError
-from budget.period import ItemSpend, PeriodLayer
+from budget.period import HoldUnsettled, ItemSpend, OutcomePending, PeriodLayer
+from budget.periods import from_ms
 from budget.stores.contract import UnsettledHold
 from currency.money import Money
 from ramp.broker.v1 import broker_pb2 as bpb
@@ -78,6 +79,17 @@ class Recovery:
         log.info("hold %s rolled forward: %d part(s) settled with their Exchanges", unsettled.reservation_id,
                  len(todo))
         return stored
+
+    async def retry_answer(self, found: HoldUnsettled) -> bytes:
+        """The stored answer for a retry of a key whose purchase was sent and never settled: its hold
+        rolled forward now, or OutcomePending while an Exchange has not confirmed it."""
+        result = await self.roll_forward(found.account, found.hold)
+        if result is None:
+            raise OutcomePending("this purchase was sent to an Exchange that has not confirmed it yet; the "
+                                 "broker keeps asking: retry the same request later",
+                                 found.hold.idempotency_key.partition("#")[2], "exchange",
+                                 from_ms(found.hold.expires_ms))
+        return result
 
     def total_charged(self, items: list[bpb.ItemResult], currency: str) -> Money:
         """What `items` say was charged, in `currency` (an operator's settlement builds its answer)."""
