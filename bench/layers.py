@@ -36,20 +36,20 @@ from typing import Any
 import yaml
 
 import budget.durability.journal
-from bench.budget import redis_server
-from bench.purchases import (
+from bench.common import (
     AGENT_KEY,
     PERIOD_BROKERS,
     PLAIN,
-    _check,
-    _request,
-    _start,
-    _stop,
-    _wait_healthy,
     bench_catalog,
     broker_config,
+    check_purchase,
     free_port,
     period_stores,
+    redis_server,
+    start_child,
+    stop_child,
+    transact_request,
+    wait_healthy,
 )
 from broker.app import Broker, build_broker
 from broker.config import load_broker_config
@@ -104,7 +104,8 @@ async def _drive(
         while started[0] < n:
             started[0] += 1
             try:
-                _check(await purchaser.transact(_request("layers", tag, w, started[0]), agent))
+                answer = await purchaser.transact(transact_request("layers", tag, w, started[0]), agent)
+                check_purchase(answer)
             except Exception as exc:  # counted and shown, as bench.purchases does
                 errors[f"{type(exc).__name__}: {exc}"[:120]] += 1
 
@@ -162,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         xport = free_port()
         catalog = workdir / "catalog.yaml"
         catalog.write_text(yaml.safe_dump(bench_catalog(xport)), encoding="utf-8")
-        exchange = _start("exchange", ["exchange", "--catalog", str(catalog)], workdir, xport)
+        exchange = start_child("exchange", ["exchange", "--catalog", str(catalog)], workdir, xport)
         try:
-            _wait_healthy(exchange)
+            wait_healthy(exchange)
             rows = asyncio.run(_run(workdir, xport, redis.url, args))
         finally:
-            _stop(exchange)
+            stop_child(exchange)
     plain = statistics.median(rows[0].cpu_us)
     lines = [r.line(None if r.name == PLAIN else plain) for r in rows]
     if args.json:
