@@ -43,7 +43,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,49 +58,54 @@ import yaml
 from pyqwest import Client, HTTPTransport
 from redis.asyncio import Redis
 
-from bench.purchases import (
+from bench.common import (
     AGENT_KEY,
-    EXCHANGE_NAME,
-    ITEM_PRICE,
-    ITEM_URI,
+    AMOUNT,
     MACHINE,
-    PERIODS,
     PHASE_GRACE_S,
     REQUEST_TIMEOUT_S,
+    RESERVATION_TTL_MS,
+    RESULT,
     SCOPES,
+    STORE_PREFIX,
+    BenchFailed,
     Call,
     Child,
+    CommandStats,
     PhaseResult,
+    RedisProc,
     Settings,
-    _check,
-    _request,
-    _start,
-    _stop,
-    _table,
-    _wait_healthy,
+    StorePhase,
     bench_catalog,
     broker_config,
+    check_purchase,
+    command_stats,
+    counters,
     cpu_seconds,
     free_port,
+    lines_for,
     listen_port,
+    percent,
     quantile_ms,
+    redis_server,
+    reset_stats,
+    run_open_loop,
     run_phase,
+    start_child,
+    stop_child,
+    store_phase,
+    text_table,
+    transact_request,
+    wait_healthy,
+    wall_ms,
 )
 from broker.config import StoreSetting
-from budget.periods import Period, time_zone
-from budget.redis_store import RedisStore
-from budget.store import Committed, CounterRef, Hold, Line, Reserved, StoreUnavailable
+from budget.stores.contract import Committed, Reserved, StoreUnavailable
+from budget.stores.redis import RedisStore
 from ramp.broker.v1.broker_connect import BrokerServiceClient
 
 REDIS_BENCHMARK = shutil.which("redis-benchmark") or "/usr/bin/redis-benchmark"
-STORE_ACCOUNT = "bench-store"  # section 1
 RB_ACCOUNT = "bench-rb"  # section 2: its own keys, never the store's
-STORE_PREFIX = "ramp"
-AMOUNT = 10_000_000  # 0.01 USD in nano-units: the bench item's price
-LIMIT = 10**18  # nano-units (1e9 USD): nothing is ever denied
-RESERVATION_TTL_MS = 120_000  # the broker's default reservation_ttl_seconds
-GRACE_MS = 7 * 86_400_000  # the broker's default grace_seconds
-RESULT = b"x" * 256  # a stored answer of about the size the broker stores
 RAND = "__rand_int__"  # redis-benchmark replaces it with a random 12-digit number (-r)
 RB_KEYSPACE = 1_000_000_000
 RB_TIMEOUT_S = 120.0
@@ -110,167 +114,7 @@ RB_TIMEOUT_S = 120.0
 T = TypeVar("T")
 
 
-class BenchFailed(Exception):
-    """An operation did not have the outcome the bench needs (the run would measure the wrong path)."""
-
-
-# --- redis-server ---------------------------------------------------------------------------------
-
-
-@dataclass
-class RedisProc:
-    proc: subprocess.Popen[bytes]
-    port: int
-    dir: Path
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-
-@contextlib.contextmanager
-def redis_server() -> Iterator[RedisProc]:
-    """A private redis-server as in tests/redis_server.py: no persistence, loopback, temporary dir."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed")
-    with tempfile.TemporaryDirectory(prefix="ramp-bench-redis-") as d:
-        port = free_port()
-        proc = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", d, "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--logfile", str(Path(d) / "redis.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        server = RedisProc(proc, port, Path(d))
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {proc.returncode}")
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not answer PING within 10 s")
-                time.sleep(0.02)
-            yield server
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
-
-
-@dataclass
-class CommandStats:
-    """INFO commandstats since the last reset: calls and server-side microseconds per command."""
-
-    calls: dict[str, int] = field(default_factory=dict)
-    usec: dict[str, int] = field(default_factory=dict)
-    failed: int = 0
-
-    def usec_per_call(self, command: str) -> float | None:
-        calls = self.calls.get(command, 0)
-        return self.usec.get(command, 0) / calls if calls else None
-
-
-async def reset_stats(admin: Redis) -> None:
-    await admin.config_resetstat()
-
-
-async def command_stats(admin: Redis) -> CommandStats:
-    raw: dict[str, Any] = await admin.info("commandstats")
-    out = CommandStats()
-    for name, row in raw.items():
-        command = name.removeprefix("cmdstat_")
-        if command in ("info", "config|resetstat"):
-            continue
-        out.calls[command] = int(row.get("calls", 0))
-        out.usec[command] = int(row.get("usec", 0))
-        out.failed += int(row.get("failed_calls", 0)) + int(row.get("rejected_calls", 0))
-    return out
-
-
-# --- 1. the store ---------------------------------------------------------------------------------
-
-
-def counters(now: datetime) -> tuple[Hold, ...]:
-    """The 3 holds of one purchase, with the windows the period layer would compute now."""
-    tz = time_zone("UTC", "time_zone")
-    holds = []
-    for scope, spec in zip(SCOPES, PERIODS, strict=True):
-        window = Period.parse(spec, "period").window(now, tz)
-        ref = CounterRef(scope, spec, window.id, "USD", window.start_ms, window.end_ms)
-        holds.append(Hold(ref, AMOUNT, LIMIT, window.end_ms + GRACE_MS))
-    return tuple(holds)
-
-
-def account_names(count: int) -> list[str]:
-    """The store phases' accounts: one, or `count` numbered ones."""
-    return [STORE_ACCOUNT] if count == 1 else [f"{STORE_ACCOUNT}-{i}" for i in range(count)]
-
-
-def lines_for(holds: Sequence[Hold]) -> tuple[Line, ...]:
-    return tuple(Line(i, AMOUNT, ITEM_PRICE, "USD", EXCHANGE_NAME, "bench-item", ITEM_URI)
-                 for i in range(len(holds)))
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-@dataclass
-class StorePhase:
-    result: PhaseResult
-    reserve_latencies: list[float]
-    stats: CommandStats
-    script: str  # "reserve+commit" or "reserve"
-    accounts: int = 1
-
-    @property
-    def evalsha_per_op(self) -> float | None:
-        calls = self.stats.calls.get("evalsha", 0)
-        return calls / self.result.ok if self.result.ok else None
-
-
-async def store_phase(
-    store: RedisStore, admin: Redis | None, name: str, *, commit: bool, concurrency: int, ops: int,
-    seconds: float, pids: dict[str, int | None], warm: bool = False, accounts: int = 1,
-    names: Sequence[str] = (),
-) -> StorePhase:
-    """Worker w uses account w % accounts (each account has its own coalescing batchers), or
-    names[w % len(names)]. Without `admin` (a Redis Cluster: commandstats per node), no server
-    statistics."""
-    names = names or account_names(accounts)
-    holds = counters(datetime.now(UTC))
-    lines = lines_for(holds)
-    run = uuid.uuid4().hex[:10]
-    reserve_latencies: list[float] = []
-
-    async def call(w: int, seq: int) -> None:
-        key = f"{run}-{seq}"
-        account = names[w % len(names)]
-        t0 = time.perf_counter()
-        out = await store.reserve(account, holds, ttl_ms=RESERVATION_TTL_MS, idempotency_key=key,
-                                  now_ms=wall_ms(), limits_version=0)
-        if not isinstance(out, Reserved):
-            raise BenchFailed(f"reserve: {out!r}"[:160])
-        reserve_latencies.append(time.perf_counter() - t0)
-        if commit:
-            done = await store.commit(account, out.reservation_id, holds, lines, idempotency_key=key,
-                                      result=RESULT, now_ms=wall_ms())
-            if done != Committed(overage=(0, 0, 0)):
-                raise BenchFailed(f"commit: {done!r}"[:160])
-
-    if admin is not None and not warm:
-        await reset_stats(admin)
-    result = await run_phase(name, call, concurrency, seconds, ops, pids)
-    stats = await command_stats(admin) if admin is not None and not warm else CommandStats()
-    return StorePhase(result, reserve_latencies, stats, "reserve+commit" if commit else "reserve", len(names))
+# --- 1. the store: bench.common.store_phase (store_sections, below) ----------------------------
 
 
 # --- 2. redis-benchmark ---------------------------------------------------------------------------
@@ -441,69 +285,22 @@ def purchase_servers(workdir: Path, redis_url: str) -> Iterator[tuple[Child, Chi
     (workdir / "period.yaml").write_text(yaml.safe_dump(period_config), encoding="utf-8")
     children: list[Child] = []
     try:
-        exchange = _start("exchange", ["exchange", "--catalog", str(workdir / "catalog.yaml")], workdir,
-                          xport)
+        exchange = start_child("exchange", ["exchange", "--catalog", str(workdir / "catalog.yaml")],
+                               workdir, xport)
         children.append(exchange)
-        _wait_healthy(exchange)
-        plain = _start("broker-plain", ["serve", "--config", str(workdir / "plain.yaml")], workdir,
-                       listen_port(plain_config))
+        wait_healthy(exchange)
+        plain = start_child("broker-plain", ["serve", "--config", str(workdir / "plain.yaml")],
+                            workdir, listen_port(plain_config))
         children.append(plain)
-        period = _start("broker-period", ["serve", "--config", str(workdir / "period.yaml")], workdir,
-                        listen_port(period_config))
+        period = start_child("broker-period", ["serve", "--config", str(workdir / "period.yaml")],
+                             workdir, listen_port(period_config))
         children.append(period)
-        _wait_healthy(plain)
-        _wait_healthy(period)
+        wait_healthy(plain)
+        wait_healthy(period)
         yield exchange, plain, period
     finally:
         for child in reversed(children):
-            _stop(child)
-
-
-async def run_open_loop(
-    name: str, call: Call, rate: float, seconds: float, pids: dict[str, int | None], concurrency: int,
-    max_outstanding: int,
-) -> tuple[PhaseResult, list[float]]:
-    """`rate` calls a second for `seconds` (rate * seconds calls at most), each started on schedule
-    whatever the earlier ones are doing; returns the result and how late each call started (s)."""
-    result = PhaseResult(name, concurrency, 0.0)
-    total = int(rate * seconds)
-    lags: list[float] = []
-    tasks: set[asyncio.Task[None]] = set()
-    cpu_before = {who: cpu_seconds(pid) for who, pid in pids.items()}
-
-    async def one(seq: int) -> None:
-        t0 = time.perf_counter()
-        try:
-            await call(seq % concurrency, seq)
-        except Exception as exc:
-            result.errors[f"{type(exc).__name__}: {str(exc)[:160]}"] += 1
-        else:
-            result.latencies.append(time.perf_counter() - t0)
-
-    start = time.perf_counter()
-    async with asyncio.timeout(seconds + PHASE_GRACE_S):
-        for seq in range(total):
-            due = start + seq / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if time.perf_counter() > start + seconds + REQUEST_TIMEOUT_S:
-                result.errors["client: fell too far behind schedule"] += total - seq
-                break
-            if len(tasks) >= max_outstanding:
-                result.errors[f"client: {max_outstanding} calls outstanding, call skipped"] += 1
-                continue
-            lags.append(time.perf_counter() - due)
-            task = asyncio.create_task(one(seq))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
-    result.elapsed = time.perf_counter() - start
-    for who, pid in pids.items():
-        before, after = cpu_before[who], cpu_seconds(pid)
-        result.cpu[who] = None if before is None or after is None else 100 * (after - before) / result.elapsed
-    return result, lags
+            stop_child(child)
 
 
 @dataclass
@@ -555,7 +352,8 @@ async def broker_phases(
                 prefix = f"{who}-{mode}-{tag}"
 
                 async def call(w: int, seq: int) -> None:
-                    _check(await client.transact(_request(run_id, prefix, w, seq), headers=headers))
+                    answer = await client.transact(transact_request(run_id, prefix, w, seq), headers=headers)
+                    check_purchase(answer)
                 return call
             return make
 
@@ -587,10 +385,6 @@ async def broker_phases(
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}%"
 
 
 def _rate(value: float | None) -> str:
@@ -636,8 +430,8 @@ def report_store(
         rows.append((label, _rate(r.rate), _ms(r.percentile_ms(50)),
                      _ms(r.percentile_ms(99)), str(r.requests), str(r.error_count),
                      "-" if per is None else f"{per:.3f}", _rate(ph.stats.usec_per_call("evalsha")),
-                     _pct(r.cpu.get("redis")), _pct(r.cpu.get("bench")),
-                     _pct(_other(r.cpu, ["redis", "bench"]))))
+                     percent(r.cpu.get("redis")), percent(r.cpu.get("bench")),
+                     percent(_other(r.cpu, ["redis", "bench"]))))
         if ph.script == "reserve+commit" and ph.accounts == 1:
             rows.append(("  of which the reserve", "", _ms(quantile_ms(ph.reserve_latencies, 50)),
                          _ms(quantile_ms(ph.reserve_latencies, 99)), "", "", "", "", "", "", ""))
@@ -645,14 +439,14 @@ def report_store(
         rows.append((rb.name, _rate(rb.rps), _ms(rb.p50_ms), _ms(rb.p99_ms), str(rb.requests),
                      str(rb.stats.failed) if not rb.error else "run failed",
                      _ratio(rb.stats.calls.get("evalsha", 0), rb.requests),
-                     _rate(rb.stats.usec_per_call("evalsha")), _pct(rb.cpu.get("redis")),
-                     _pct(rb.cpu.get("client")), _pct(_other(rb.cpu, ["redis", "client"]))))
+                     _rate(rb.stats.usec_per_call("evalsha")), percent(rb.cpu.get("redis")),
+                     percent(rb.cpu.get("client")), percent(_other(rb.cpu, ["redis", "client"]))))
     out = [
         f"1-2. Redis store: {a.concurrency} concurrent tasks, {len(SCOPES)} holds per reservation, "
         f"1 line per hold; at most {a.ops} ops or {a.seconds:g} s per RedisStore phase; "
         f"redis-benchmark -c {a.concurrency} -n {a.rb_requests}",
         "",
-        *_table(header, rows),
+        *text_table(header, rows),
         "",
         "ops/s: RedisStore operations (reserve+commit pairs, or reserves) per second, or redis-benchmark",
         "calls per second; latencies of successful ones (redis-benchmark: its own percentiles).",
@@ -686,7 +480,7 @@ def report_store(
         *([(f"RedisStore reserve+commit pairs/s, {split.accounts} accounts / redis-benchmark reserve calls/s",
             _ratio(split.result.rate, rb_reserve))] if split else []),
     ]
-    out += ["", *_table(("ratio", "value"), ratio_rows)]
+    out += ["", *text_table(("ratio", "value"), ratio_rows)]
     for ph in phases:
         errs = ph.result.errors.most_common(3)
         out += [f"{ph.script} errors: {n} x {kind}" for kind, n in errs]
@@ -706,13 +500,13 @@ def report_broker(runs: list[BrokerRun], a: argparse.Namespace) -> list[str]:
         rows.append((r.name, _rate(r.rate), _ms(r.percentile_ms(50)), _ms(r.percentile_ms(99)),
                      str(r.requests), str(r.error_count), _per(st.calls.get("evalsha", 0), r.ok),
                      _per(st.calls.get("multi", 0), r.ok), _per(usec, r.ok, 0), _cpu_ms(r, "broker"),
-                     *(_pct(r.cpu.get(who)) for who in cpu_of), _pct(_other(r.cpu, cpu_of))))
+                     *(percent(r.cpu.get(who)) for who in cpu_of), percent(_other(r.cpu, cpu_of))))
     out = [
         f"3. Purchases through the broker (Connect protobuf over pyqwest, bearer key): closed loop "
         f"{a.purchase_concurrency} workers, at most {a.purchases} requests or {a.purchase_seconds:g} s "
         f"(after a warm-up); open loop {' and '.join(f'{r:g}/s' for r in a.rate)}, {a.rate_seconds:g} s each",
         "",
-        *_table(header, rows),
+        *text_table(header, rows),
         "",
         "EVALSHA/p, MULTI/p: script calls and MULTI/EXEC reads Redis saw per purchase; redis us/p: its time",
         "in them. broker CPU ms/p: the broker's CPU time per purchase.",
@@ -726,7 +520,7 @@ def report_broker(runs: list[BrokerRun], a: argparse.Namespace) -> list[str]:
             added.append((runs[i].group, _delta(base.percentile_ms(50), layered.percentile_ms(50)),
                           _delta(base.percentile_ms(99), layered.percentile_ms(99)),
                           _ratio(layered.rate, base.rate)))
-    out += ["", *_table(("period layer adds", "p50 ms", "p99 ms", "purchases/s ratio"), added)]
+    out += ["", *text_table(("period layer adds", "p50 ms", "p99 ms", "purchases/s ratio"), added)]
     for run in runs:
         if run.lags:
             out.append(f"{run.result.name}: start lag p50 {_ms(quantile_ms(run.lags, 50))} ms, "

@@ -2,12 +2,12 @@
 
     python -m bench.cluster [--ops N] [--seconds T] [--accounts N] [--concurrency N] [--json]
 
-Everything runs on 127.0.0.1 in temporary directories: one redis-server (bench.budget's: no
+Everything runs on 127.0.0.1 in temporary directories: one redis-server (bench.common's: no
 persistence), then a cluster of 3 primaries and 3 replicas (tests/redis_cluster.py: AOF with
 appendfsync everysec, one replica per primary). One process drives each: `--concurrency` asyncio
 tasks share one store (as a broker's purchases would), task w on account w % --accounts; each
 operation reserves on 3 counters (user / team / org) and commits 1 ledger line per counter
-(bench.budget's store operation, store_phase). Rows:
+(bench.common.store_phase, as in bench.budget). Rows:
 
 1. one server, RedisStore;
 2. the cluster, RedisClusterStore, the same account names: they hash to slots of all 3 primaries
@@ -36,11 +36,21 @@ from typing import Any
 
 from redis.crc import key_slot
 
-from bench.budget import STORE_PREFIX, BenchFailed, StorePhase, account_names, redis_server, store_phase
-from bench.purchases import MACHINE, PHASE_GRACE_S, _pct, _table
-from budget.redis_cluster import RedisClusterStore
-from budget.redis_store import RedisStore
-from budget.store import StoreUnavailable
+from bench.common import (
+    MACHINE,
+    PHASE_GRACE_S,
+    STORE_PREFIX,
+    BenchFailed,
+    StorePhase,
+    account_names,
+    percent,
+    redis_server,
+    store_phase,
+    text_table,
+)
+from budget.stores.contract import StoreUnavailable
+from budget.stores.redis import RedisStore
+from budget.stores.redis_cluster import RedisClusterStore
 from tests.redis_cluster import RedisCluster, redis_cluster
 
 WARMUP_S = 1.0
@@ -145,9 +155,9 @@ def report(rows: list[Row], a: argparse.Namespace) -> list[str]:
         if r.cpu.get("machine") is not None and r.cpu.get("bench") is not None:
             other = max(0.0, (r.cpu["machine"] or 0) - sum(redis_cpu) - (r.cpu["bench"] or 0))
         lines.append((row.name, row.accounts, f"{r.rate:.0f}", str(d["p50_ms"]), str(d["p99_ms"]),
-                      str(r.ok), str(r.error_count), _pct(sum(redis_cpu) if redis_cpu else None),
-                      _pct(r.cpu.get("bench")), _pct(other)))
-    out = _table(header, lines)
+                      str(r.ok), str(r.error_count), percent(sum(redis_cpu) if redis_cpu else None),
+                      percent(r.cpu.get("bench")), percent(other)))
+    out = text_table(header, lines)
     by = {row.name: row.phase.result.rate for row in rows}
     base, plain, durable = by.get("one server"), by.get(PLAIN), by.get(DURABLE)
     out += ["", f"ops: reserve (3 counters) + commit (3 ledger lines), {a.concurrency} tasks, "

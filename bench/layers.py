@@ -35,26 +35,27 @@ from typing import Any
 
 import yaml
 
-import budget.journal
-from bench.budget import redis_server
-from bench.purchases import (
+import budget.durability.journal
+from bench.common import (
     AGENT_KEY,
     PERIOD_BROKERS,
     PLAIN,
-    _check,
-    _request,
-    _start,
-    _stop,
-    _wait_healthy,
     bench_catalog,
     broker_config,
+    check_purchase,
     free_port,
     period_stores,
+    redis_server,
+    start_child,
+    stop_child,
+    transact_request,
+    wait_healthy,
 )
 from broker.app import Broker, build_broker
-from broker.auth import Agent, Authenticator
-from broker.cli import _settle_heap
 from broker.config import load_broker_config
+from broker.operator.cli import _settle_heap
+from broker.purchase.agents import Agent
+from broker.rpc.auth import Authenticator
 
 WARMUP = 300
 ROWS = (PLAIN, *PERIOD_BROKERS)
@@ -82,13 +83,13 @@ class _Writes:
 
     def __init__(self) -> None:
         self.count = 0
-        original = budget.journal.Journal._write
+        original = budget.durability.journal.Journal._write
 
-        def counted(journal: budget.journal.Journal, lines: list[bytes], truncate: bool) -> None:
+        def counted(journal: budget.durability.journal.Journal, lines: list[bytes], truncate: bool) -> None:
             self.count += 1
             original(journal, lines, truncate)
 
-        budget.journal.Journal._write = counted  # type: ignore[method-assign,assignment]
+        budget.durability.journal.Journal._write = counted  # type: ignore[method-assign,assignment]
 
 
 async def _drive(
@@ -103,7 +104,8 @@ async def _drive(
         while started[0] < n:
             started[0] += 1
             try:
-                _check(await purchaser.transact(_request("layers", tag, w, started[0]), agent))
+                answer = await purchaser.transact(transact_request("layers", tag, w, started[0]), agent)
+                check_purchase(answer)
             except Exception as exc:  # counted and shown, as bench.purchases does
                 errors[f"{type(exc).__name__}: {exc}"[:120]] += 1
 
@@ -155,18 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
     args = parser.parse_args(argv)
     if args.no_sync:
-        budget.journal.sync_data = lambda fd: None  # type: ignore[attr-defined]  # code, not the disk
+        budget.durability.journal.sync_data = lambda fd: None  # type: ignore[attr-defined]  # code, not the disk
     with tempfile.TemporaryDirectory(prefix="ramp-bench-layers-") as tmp, redis_server() as redis:
         workdir = Path(tmp)
         xport = free_port()
         catalog = workdir / "catalog.yaml"
         catalog.write_text(yaml.safe_dump(bench_catalog(xport)), encoding="utf-8")
-        exchange = _start("exchange", ["exchange", "--catalog", str(catalog)], workdir, xport)
+        exchange = start_child("exchange", ["exchange", "--catalog", str(catalog)], workdir, xport)
         try:
-            _wait_healthy(exchange)
+            wait_healthy(exchange)
             rows = asyncio.run(_run(workdir, xport, redis.url, args))
         finally:
-            _stop(exchange)
+            stop_child(exchange)
     plain = statistics.median(rows[0].cpu_us)
     lines = [r.line(None if r.name == PLAIN else plain) for r in rows]
     if args.json:

@@ -51,19 +51,19 @@ from typing import Any
 import httpx
 from connectrpc.errors import ConnectError
 
-from bench.purchases import (
+from bench.common import (
     ITEM_PRICE,
     ITEM_URI,
     Child,
-    _start,
-    _stop,
-    _wait_healthy,
     bench_broker,
     bench_catalog,
     connect_client,
     cpu_seconds,
     free_port,
     listen_port,
+    start_child,
+    stop_child,
+    wait_healthy,
 )
 from ramp.broker.v1 import broker_pb2 as bpb
 
@@ -296,24 +296,26 @@ def servers(workdir: Path, limits: dict[str, Decimal], scopes: dict[str, dict[st
     xport = free_port()
     catalog = bench_catalog(xport)
     (workdir / "exchange.json").write_text(json.dumps(catalog))
-    exchange = _start("exchange", ["exchange", "--catalog", str(workdir / "exchange.json")], workdir, xport)
+    exchange = start_child("exchange", ["exchange", "--catalog", str(workdir / "exchange.json")], workdir,
+                           xport)
     started: list[Child] = []
     try:
-        _wait_healthy(exchange)
+        wait_healthy(exchange)
         urls = []
         for i in range(brokers):
             base, paced = bench_broker(xport), scopes_config(limits, scopes, workdir, str(i + 1), half_life_s)
             config = {**base, **paced, "metrics": {**base["metrics"], **paced["metrics"]}}
             path = workdir / f"broker-{i + 1}.json"
             path.write_text(json.dumps(config))
-            child = _start(f"broker-{i + 1}", ["serve", "--config", str(path)], workdir, listen_port(config))
+            child = start_child(f"broker-{i + 1}", ["serve", "--config", str(path)], workdir,
+                                listen_port(config))
             started.append(child)
-            _wait_healthy(child)
+            wait_healthy(child)
             urls.append(f"http://{config['metrics']['listen']}/metrics")
         yield exchange, started, urls
     finally:
         for child in [*started, exchange]:
-            _stop(child)
+            stop_child(child)
 
 
 def rows(run: Run, scopes: dict[str, float], brokers: dict[str, int]) -> list[dict[str, Any]]:

@@ -3,7 +3,7 @@
     python -m bench.purchases [--seconds N] [--concurrency C] [--requests MAX]
 
 The reference Exchange and the broker run as separate OS processes (``python -m
-broker.cli exchange`` / ``serve``) on free loopback ports, so the load generator
+broker.operator.cli exchange`` / ``serve``) on free loopback ports, so the load generator
 here never shares the broker's event loop. Each protocol phase runs C concurrent
 workers for at most N seconds or MAX requests, whichever comes first, after a
 short warm-up that is not counted:
@@ -36,24 +36,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import platform
 import re
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +58,41 @@ import httpx
 import yaml
 from pyqwest import Client, HTTPTransport
 
+from bench.common import (
+    AGENT_KEY,
+    ITEM_URI,
+    MACHINE,
+    PERIOD_BROKERS,
+    PHASE_GRACE_S,
+    PLAIN,
+    REQUEST_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    Call,
+    Child,
+    PhaseResult,
+    PurchaseFailed,
+    Settings,
+    bench_catalog,
+    broker_config,
+    check_purchase,
+    connect_client,
+    exchange_charges,
+    free_port,
+    listen_port,
+    percent,
+    period_stores,
+    redis_server,
+    run_phase,
+    start_child,
+    stop_child,
+    text_table,
+    transact_request,
+    wait_healthy,
+)
 from ramp.broker.v1 import broker_pb2 as bpb
 from ramp.broker.v1 import broker_pb2_grpc
 from ramp.broker.v1.broker_connect import BrokerServiceClient
 
-REPO = Path(__file__).resolve().parents[1]
-EXCHANGE_NAME = "bench.exchange.local"
-ITEM_URI = "https://bench.example/item"
-ITEM_PRICE = "0.01"
-HUGE = "900000000.00"  # just under the broker's MAX_AMOUNT (10**9)
 TRANSACT_PATH = "/ramp.broker.v1.BrokerService/Transact"
 BASELINE_HTTPX = "baseline: GET /healthz (httpx)"
 BASELINE_PYQWEST = "baseline: GET /healthz (pyqwest)"
@@ -80,177 +102,13 @@ CONNECT_PROTO = "Connect protobuf (connectrpc)"
 # for, while grpcio asks for identity first. Uncompressed keeps the protocols comparable.
 CONNECT_JSON = {"content-type": "application/json", "accept-encoding": "identity"}
 
-REQUEST_TIMEOUT_S = 10.0  # one call; a timed-out call counts as an error
-STARTUP_TIMEOUT_S = 20.0  # waiting for /healthz of a freshly started process
-STOP_TIMEOUT_S = 15.0  # SIGTERM, then SIGKILL
-PHASE_GRACE_S = 2 * REQUEST_TIMEOUT_S + 5.0  # past --seconds, the whole phase is abandoned
 
-# (worker index, request sequence number) -> None; raises when the call did not succeed.
-Call = Callable[[int, int], Awaitable[None]]
+# --- the servers ------------------------------------------------------------------
 
 
-def bench_catalog(port: int) -> dict[str, Any]:
-    """The reference Exchange's catalog for benches: one flat-priced item, a bottomless account."""
-    return {
-        "exchange": EXCHANGE_NAME,
-        "listen": f"127.0.0.1:{port}",
-        "accounts": {"ramp-broker": {"USD": HUGE}},
-        "offers": [{"uri": ITEM_URI, "offer_id": "bench-item", "title": "Bench item",
-                    "model": "flat", "rate": ITEM_PRICE, "currency": "USD"}],
-    }
-
-
-class PurchaseFailed(Exception):
-    """The RPC answered, but not with one purchased item."""
-
-
-# --- the servers, as child processes ---------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    url: str
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
-
-
-def _child_env(state: Path | None = None) -> dict[str, str]:
-    # RAMP_BROKER_* / RAMP_EXCHANGE_* overrides in the caller's environment would
-    # silently change the listen ports or limits written below: leave them out.
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAMP_BROKER_", "RAMP_EXCHANGE_"))}
-    if state is not None:
-        # A broker's default files (journals, store memory, named after its port) go to the
-        # bench's temporary directory, never the user's ~/.local/state/ramp-broker.
-        env["XDG_STATE_HOME"] = str(state)
-    return env
-
-
-def bench_broker(exchange_port: int) -> dict[str, Any]:
-    """What every bench broker's config has: everything it listens on, each on its own free loopback
-    port (`listen` and `metrics.listen`: never the shared default 9091, so brokers can run side by
-    side); the bench Exchange; sessions far above anything a run spends; a short shutdown grace."""
-    return {
-        "listen": f"127.0.0.1:{free_port()}", "metrics": {"listen": f"127.0.0.1:{free_port()}"},
-        "default_currency": "USD",
-        "exchanges": [{"name": EXCHANGE_NAME, "endpoint": f"http://127.0.0.1:{exchange_port}",
-                       "trust": 80, "priority": 10}],
-        "session": {"default_limit": {"amount": HUGE, "currency": "USD"}},
-        "shutdown_grace_seconds": 2,
-    }
-
-
-def listen_port(config: dict[str, Any]) -> int:
-    address: str = config["listen"]
-    return int(address.rsplit(":", 1)[1])
-
-
-def _start(name: str, args: list[str], workdir: Path, port: int) -> Child:
-    log_path = workdir / f"{name}.log"
-    state = workdir / "state"
-    state.mkdir(exist_ok=True)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "broker.cli", "--log-level", "WARNING", *args],
-            cwd=REPO, env=_child_env(state), stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    return Child(name, proc, log_path, f"http://127.0.0.1:{port}")
-
-
-def _wait_healthy(child: Child) -> None:
-    end = time.monotonic() + STARTUP_TIMEOUT_S
-    with httpx.Client(timeout=2.0, trust_env=False) as client:
-        while True:
-            if child.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{child.name} exited with {child.proc.returncode} before it was healthy:\n"
-                    f"{child.log_tail()}"
-                )
-            try:
-                if client.get(f"{child.url}/healthz").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > end:
-                raise RuntimeError(
-                    f"{child.name} not healthy after {STARTUP_TIMEOUT_S:.0f} s:\n{child.log_tail()}"
-                )
-            time.sleep(0.05)
-
-
-def _stop(child: Child) -> None:
-    if child.proc.poll() is not None:
-        return
-    child.proc.terminate()
-    try:
-        child.proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        child.proc.kill()
-        child.proc.wait(timeout=STOP_TIMEOUT_S)
-
-
-AGENT_KEY = "bench-agent-key"
-BROKER_ACCOUNT = "bench-broker"
-SCOPES = ("user:bench", "team:bench", "org:bench")
-PERIODS = ("month", "day", "month")  # one limit per scope, as a deployment might set them
-PLAIN = "plain"
-# The brokers with the period layer, by the store and mode their 3 scopes use.
-PERIOD_BROKERS = {"embedded": ("embedded", "strict"), "redis-strict": ("redis", "strict"),
-                  "redis-lease": ("redis", "lease")}
 ROW_LABELS = {"embedded": "period layer: embedded store, 3 scopes",
               "redis-strict": "period layer: Redis strict, 3 scopes",
               "redis-lease": "period layer: Redis lease, 3 scopes"}
-
-
-def broker_config(workdir: Path, xport: int, name: str, store: dict[str, Any] | None,
-                  mode: str = "strict", event_loop: str = "asyncio",
-                  quote_reuse: bool = True) -> dict[str, Any]:
-    """A bench broker on its own free ports, in front of the bench Exchange. Every broker requires
-    the same bearer key (the same authentication work); with `store`, the agent is charged to
-    SCOPES (limits far above anything a run spends) kept in that store, in `mode`."""
-    digest = hashlib.sha256(AGENT_KEY.encode()).hexdigest()
-    agent: dict[str, Any] = {"id": "bench-agent", "key_sha256": digest, "account": BROKER_ACCOUNT}
-    config: dict[str, Any] = {
-        **bench_broker(xport),
-        "agents": [{**agent, "charged_to": list(SCOPES)} if store is not None else agent],
-        "event_loop": event_loop,
-        "quotes": {"reuse": quote_reuse},
-    }
-    if store is not None:
-        config["period_budgets"] = {
-            "store": store,
-            "journal_path": str(workdir / f"{name}-journal.jsonl"),
-            "memory_path": str(workdir / f"{name}-memory.json"),
-            "accounts": {BROKER_ACCOUNT: {"scopes": {
-                scope: {"limits": [{"period": period, "amount": HUGE, "currency": "USD"}], "mode": mode}
-                for scope, period in zip(SCOPES, PERIODS, strict=True)
-            }}},
-        }
-        if mode == "lease":
-            config["period_budgets"]["leases"] = {"journal_path": str(workdir / f"{name}-leases.jsonl")}
-    return config
-
-
-def period_stores(workdir: Path, redis_url: str) -> dict[str, dict[str, Any]]:
-    """The stores of the PERIOD_BROKERS, by kind: the embedded one in `workdir`, and Redis."""
-    return {"embedded": {"kind": "embedded", "path": str(workdir / "store.sqlite3")},
-            "redis": {"kind": "redis", "url": redis_url}}
 
 
 @dataclass
@@ -273,9 +131,6 @@ def running_servers(period: bool, event_loop: str = "asyncio", quote_reuse: bool
                                         quote_reuse=quote_reuse)}
         redis_pid = None
         if period:
-            # bench.budget imports this module: its redis-server is only imported when needed.
-            from bench.budget import redis_server
-
             redis = stack.enter_context(redis_server())
             redis_pid = redis.proc.pid
             stores = period_stores(workdir, redis.url)
@@ -283,159 +138,26 @@ def running_servers(period: bool, event_loop: str = "asyncio", quote_reuse: bool
                 configs[name] = broker_config(workdir, xport, name, stores[kind], mode, event_loop,
                                               quote_reuse)
         try:
-            exchange = _start("exchange", ["exchange", "--catalog", str(workdir / "catalog.yaml")],
-                              workdir, xport)
+            exchange = start_child("exchange", ["exchange", "--catalog", str(workdir / "catalog.yaml")],
+                                   workdir, xport)
             children.append(exchange)
-            _wait_healthy(exchange)
+            wait_healthy(exchange)
             brokers = {}
             for name, config in configs.items():
                 (workdir / f"{name}.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-                brokers[name] = _start(f"broker-{name}", ["serve", "--config", str(workdir / f"{name}.yaml")],
-                                       workdir, listen_port(config))
+                brokers[name] = start_child(f"broker-{name}",
+                                            ["serve", "--config", str(workdir / f"{name}.yaml")],
+                                            workdir, listen_port(config))
                 children.append(brokers[name])
             for child in brokers.values():
-                _wait_healthy(child)
+                wait_healthy(child)
             yield Servers(exchange, brokers, redis_pid)
         finally:
             for child in reversed(children):
-                _stop(child)
+                stop_child(child)
 
 
 # --- load ------------------------------------------------------------------------
-
-
-def quantile_ms(values: list[float], p: int) -> float | None:
-    """The p-th percentile of `values` (seconds) in ms; None without values."""
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0] * 1000
-    return statistics.quantiles(values, n=100, method="inclusive")[p - 1] * 1000
-
-
-@dataclass
-class PhaseResult:
-    name: str
-    concurrency: int
-    elapsed: float
-    latencies: list[float] = field(default_factory=list)  # seconds, successful calls only
-    errors: Counter[str] = field(default_factory=Counter)
-    warmup_ok: int = 0
-    warmup_errors: Counter[str] = field(default_factory=Counter)
-    # CPU used during the measured phase, in % of one core, per process ("bench" is this one).
-    cpu: dict[str, float | None] = field(default_factory=dict)
-    baseline: bool = False  # a /healthz row, not purchases
-
-    @property
-    def ok(self) -> int:
-        return len(self.latencies)
-
-    @property
-    def error_count(self) -> int:
-        return sum(self.errors.values())
-
-    @property
-    def requests(self) -> int:
-        return self.ok + self.error_count
-
-    @property
-    def rate(self) -> float:
-        return self.ok / self.elapsed if self.elapsed > 0 else 0.0
-
-    def cpu_ms_per_request(self, who: str = "broker") -> float | None:
-        """CPU time `who` used per successful request of the measured phase, in ms."""
-        pct = self.cpu.get(who)
-        if pct is None or not self.ok:
-            return None
-        return 10 * pct * self.elapsed / self.ok
-
-    def percentile_ms(self, p: int) -> float | None:
-        return quantile_ms(self.latencies, p)
-
-    def pooled(self, other: PhaseResult) -> PhaseResult:
-        """This round and another of the same row as one measurement: requests, errors and time
-        added up, latencies together, CPU per process weighted by each round's time."""
-        elapsed = self.elapsed + other.elapsed
-        cpu: dict[str, float | None] = {}
-        for who in self.cpu.keys() | other.cpu.keys():
-            a, b = self.cpu.get(who), other.cpu.get(who)
-            cpu[who] = None if a is None or b is None or not elapsed else (
-                (a * self.elapsed + b * other.elapsed) / elapsed)
-        return PhaseResult(self.name, self.concurrency, elapsed, self.latencies + other.latencies,
-                           self.errors + other.errors, self.warmup_ok + other.warmup_ok,
-                           self.warmup_errors + other.warmup_errors, cpu, self.baseline)
-
-
-MACHINE = -1  # pseudo-pid: every process on the machine (busy time of all CPUs)
-
-
-def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU time of a process (None: this one, all threads); None if unknown."""
-    if pid is None:
-        return time.process_time()
-    if pid == MACHINE:
-        try:
-            with open("/proc/stat", encoding="ascii") as f:
-                ticks = [int(t) for t in f.readline().split()[1:]]
-            # user nice system idle iowait irq softirq steal ...: busy = all but idle, iowait
-            return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
-        fields = stat.rsplit(")", 1)[1].split()  # from field 3 ("state") on
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None  # not Linux, or the process is gone
-
-
-async def run_phase(
-    name: str, call: Call, concurrency: int, seconds: float, max_requests: int,
-    pids: dict[str, int | None] | None = None,
-) -> PhaseResult:
-    result = PhaseResult(name, concurrency, 0.0)
-    issued = 0
-    pids = pids or {}
-    cpu_before = {who: cpu_seconds(pid) for who, pid in pids.items()}
-    start = time.perf_counter()
-    deadline = start + seconds
-
-    async def worker(w: int) -> None:
-        nonlocal issued
-        while issued < max_requests and time.perf_counter() < deadline:
-            issued += 1
-            seq = issued
-            t0 = time.perf_counter()
-            try:
-                await call(w, seq)
-            except Exception as exc:
-                result.errors[f"{type(exc).__name__}: {str(exc)[:160]}"] += 1
-            else:
-                result.latencies.append(time.perf_counter() - t0)
-
-    async with asyncio.timeout(seconds + PHASE_GRACE_S):
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    result.elapsed = time.perf_counter() - start
-    for who, pid in pids.items():
-        before, after = cpu_before[who], cpu_seconds(pid)
-        result.cpu[who] = (
-            None if before is None or after is None else 100 * (after - before) / result.elapsed
-        )
-    return result
-
-
-@dataclass
-class Settings:
-    seconds: float
-    concurrency: int
-    max_requests: int
-    warmup_seconds: float
-    warmup_requests: int
-    # Processes whose CPU use is sampled per phase: {"broker": pid, "exchange": pid, "bench": None}.
-    pids: dict[str, int | None] = field(default_factory=dict)
-    # With --profile: py-spy samples the loaded broker during each measured purchase phase.
-    profile_dir: Path | None = None
-    rounds: int = 1  # of the Connect protobuf rows, interleaved and pooled
 
 
 async def measure(
@@ -520,19 +242,6 @@ def profile_top(path: Path, n: int = 15) -> list[str]:
             *rows(inclusive.most_common(n))]
 
 
-def _request(run_id: str, tag: str, w: int, seq: int) -> bpb.TransactRequest:
-    return bpb.TransactRequest(
-        session_id=f"{run_id}-{tag}-w{w}", idempotency_key=f"{run_id}-{tag}-{seq}", uris=[ITEM_URI]
-    )
-
-
-def _check(answer: bpb.TransactResponse) -> None:
-    if len(answer.items) != 1 or answer.items[0].status != bpb.ITEM_STATUS_PURCHASED:
-        states = [bpb.ItemStatus.Name(i.status) for i in answer.items]
-        detail = answer.items[0].detail if answer.items else f"dropped={list(answer.dropped)}"
-        raise PurchaseFailed(f"items={states} {detail}"[:160])
-
-
 async def run_all(servers: Servers, s: Settings) -> list[PhaseResult]:
     """The plain broker per protocol, against its /healthz; then each period-layer broker over
     Connect protobuf. Each phase samples the CPU of the broker it loads."""
@@ -603,7 +312,8 @@ async def run_all(servers: Servers, s: Settings) -> list[PhaseResult]:
             async with connect_client(child.url) as client:
                 def connect_proto(tag: str, client: BrokerServiceClient = client, who: str = who) -> Call:
                     async def call(w: int, seq: int) -> None:
-                        _check(await client.transact(_request(run_id, f"{who}-{tag}", w, seq), headers=auth))
+                        request = transact_request(run_id, f"{who}-{tag}", w, seq)
+                        check_purchase(await client.transact(request, headers=auth))
                     return call
 
                 result = await measure(label, connect_proto, loading(who), round_=round_)
@@ -622,8 +332,8 @@ async def run_all(servers: Servers, s: Settings) -> list[PhaseResult]:
             prefix = f"grpc-{tag}"
 
             async def call(w: int, seq: int) -> None:
-                _check(await transact(_request(run_id, prefix, w, seq), timeout=REQUEST_TIMEOUT_S,
-                                      metadata=metadata))
+                check_purchase(await transact(transact_request(run_id, prefix, w, seq),
+                                              timeout=REQUEST_TIMEOUT_S, metadata=metadata))
             return call
 
         results.append(await measure("gRPC (grpc.aio)", grpc_call, loading(PLAIN)))
@@ -631,30 +341,11 @@ async def run_all(servers: Servers, s: Settings) -> list[PhaseResult]:
     return [r for r in results if r.baseline] + [r for r in results if not r.baseline]
 
 
-@contextlib.asynccontextmanager
-async def connect_client(url: str) -> AsyncIterator[BrokerServiceClient]:
-    """The generated Connect client over its own pyqwest transport, closed explicitly."""
-    transport = HTTPTransport(timeout=REQUEST_TIMEOUT_S)
-    try:
-        client = BrokerServiceClient(url, http_client=Client(transport), send_compression=None,
-                                     accept_compression=(), timeout_ms=int(REQUEST_TIMEOUT_S * 1000))
-        try:
-            yield client
-        finally:
-            await client.close()
-    finally:
-        await transport.aclose()
-
-
 # --- report ----------------------------------------------------------------------
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}%"
 
 
 def _other_cpu(r: PhaseResult, ours: list[str]) -> float | None:
@@ -665,17 +356,6 @@ def _other_cpu(r: PhaseResult, ours: list[str]) -> float | None:
     return max(0.0, machine - sum(v for v in mine if v is not None))
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(row: tuple[str, ...]) -> str:
-        return "  ".join(
-            cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)
-        ).rstrip()
-
-    return [line(header), line(tuple("-" * w for w in widths)), *(line(row) for row in rows)]
-
-
 def report(results: list[PhaseResult], s: Settings, exchange_charges: int | None) -> str:
     cpu_of = [who for who in s.pids if who != "machine"]
     machine = "machine" in s.pids
@@ -684,7 +364,7 @@ def report(results: list[PhaseResult], s: Settings, exchange_charges: int | None
     rows = [
         (r.name, f"{r.rate:.0f}", _ms(r.percentile_ms(50)), _ms(r.percentile_ms(99)),
          str(r.requests), str(r.error_count), _ms2(r.cpu_ms_per_request()),
-         *(_pct(r.cpu.get(who)) for who in cpu_of), *([_pct(_other_cpu(r, cpu_of))] if machine else []))
+         *(percent(r.cpu.get(who)) for who in cpu_of), *([percent(_other_cpu(r, cpu_of))] if machine else []))
         for r in results
     ]
     out = [
@@ -694,7 +374,7 @@ def report(results: list[PhaseResult], s: Settings, exchange_charges: int | None
         f"python {platform.python_version()} on {platform.system()} {platform.machine()}, "
         f"{os.cpu_count()} CPUs shared by the load generator, the broker and the Exchange",
         "",
-        *_table(header, rows),
+        *text_table(header, rows),
         "",
         "purchases/s counts successful purchases (baseline rows: /healthz answers) per second;",
         "latency percentiles are over successful calls; broker CPU ms/req is the CPU time of the",
@@ -716,7 +396,7 @@ def report(results: list[PhaseResult], s: Settings, exchange_charges: int | None
     protocols = [r for r in results if not r.baseline]
     if baselines and protocols:
         out += ["", "purchases/s relative to each baseline:", ""]
-        out += _table(
+        out += text_table(
             ("protocol", *(f"vs {b.name.removeprefix('baseline: ')}" for b in baselines)),
             [(r.name, *(f"{r.rate / b.rate:.3f}x" for b in baselines)) for r in protocols],
         )
@@ -724,8 +404,8 @@ def report(results: list[PhaseResult], s: Settings, exchange_charges: int | None
     if ratios["rows"]:
         out += ["", "per purchase row: broker CPU per purchase / per /healthz request (target <= 3), and "
                 "purchases/s / the plain broker's over Connect protobuf (target >= 0.8):", ""]
-        out += _table(("row", "CPU vs /healthz (pyqwest)", "CPU vs /healthz (httpx)", "rate vs plain"),
-                      [(name, _x(v["cpu_vs_healthz"]), _x(v["cpu_vs_healthz_httpx"]),
+        out += text_table(("row", "CPU vs /healthz (pyqwest)", "CPU vs /healthz (httpx)", "rate vs plain"),
+                          [(name, _x(v["cpu_vs_healthz"]), _x(v["cpu_vs_healthz_httpx"]),
                         _x(v["rate_vs_plain"])) for name, v in ratios["rows"].items()])
     errors = [(r.name, "", k, v) for r in results for k, v in r.errors.most_common(3)]
     errors += [(r.name, " (warm-up)", k, v)
@@ -793,17 +473,6 @@ def json_rows(results: list[PhaseResult]) -> list[dict[str, Any]]:
         "top_errors": dict(r.errors.most_common(3)),
     } for r in results]
     return [*out, summary(results)]
-
-
-def exchange_charges(exchange_url: str) -> int | None:
-    try:
-        with httpx.Client(timeout=5.0, trust_env=False) as client:
-            r = client.get(f"{exchange_url}/admin/state")
-            r.raise_for_status()
-            charges: int = r.json()["charges"]
-            return charges
-    except (httpx.HTTPError, KeyError, ValueError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,42 +117,41 @@ from connectrpc.errors import ConnectError
 from pyqwest import Client, HTTPTransport
 from redis.asyncio import Redis
 
-from bench.budget import (
-    BenchFailed,
-    CommandStats,
-    RedisProc,
-    command_stats,
-    redis_server,
-    reset_stats,
-    run_open_loop,
-)
-from bench.purchases import (
+from bench.common import (
     HUGE,
     ITEM_PRICE,
     MACHINE,
     PHASE_GRACE_S,
     REQUEST_TIMEOUT_S,
     STOP_TIMEOUT_S,
+    BenchFailed,
     Call,
     Child,
+    CommandStats,
     PhaseResult,
-    _check,
-    _request,
-    _start,
-    _table,
-    _wait_healthy,
+    RedisProc,
     bench_broker,
     bench_catalog,
+    check_purchase,
+    command_stats,
     cpu_seconds,
     exchange_charges,
     free_port,
     listen_port,
+    percent,
     quantile_ms,
+    redis_server,
+    reset_stats,
+    run_open_loop,
     run_phase,
+    start_child,
+    text_table,
+    transact_request,
+    wait_healthy,
 )
 from budget.periods import Period, time_zone
-from budget.redis_store import RedisStore
-from budget.store import CounterRef, CounterState, StoreUnavailable
+from budget.stores.contract import CounterRef, CounterState, StoreUnavailable
+from budget.stores.redis import RedisStore
 from ramp.broker.v1.broker_connect import BrokerServiceClient
 
 NANO = 10**9  # money units per currency unit
@@ -275,11 +274,11 @@ def running_brokers(workdir: Path, name: str, configs: Sequence[dict[str, Any]])
         for i, config in enumerate(configs):
             path = workdir / f"{name}-{i}.yaml"
             path.write_text(yaml.safe_dump(config), encoding="utf-8")
-            child = _start(f"{name}-{i}", ["serve", "--config", str(path)], workdir, listen_port(config))
+            child = start_child(f"{name}-{i}", ["serve", "--config", str(path)], workdir, listen_port(config))
             children.append(child)
             out.append(Broker(child, f"http://{config['metrics']['listen']}/metrics"))
         for child in children:
-            _wait_healthy(child)
+            wait_healthy(child)
         yield out
     finally:
         stop_all(children)
@@ -301,9 +300,10 @@ def stop_all(children: Sequence[Child]) -> None:
 def running_exchange(workdir: Path) -> Iterator[Child]:
     port = free_port()
     (workdir / "catalog.yaml").write_text(yaml.safe_dump(bench_catalog(port)), encoding="utf-8")
-    exchange = _start("exchange", ["exchange", "--catalog", str(workdir / "catalog.yaml")], workdir, port)
+    exchange = start_child("exchange", ["exchange", "--catalog", str(workdir / "catalog.yaml")], workdir,
+                           port)
     try:
-        _wait_healthy(exchange)
+        wait_healthy(exchange)
         yield exchange
     finally:
         stop_all([exchange])
@@ -484,7 +484,8 @@ async def warm_up(clients: Sequence[BrokerServiceClient], run_id: str, count: in
 
     async def one(i: int, client: BrokerServiceClient, seq: int) -> None:
         try:
-            _check(await client.transact(_request(run_id, f"warm{i}", seq % 4, seq), headers=headers))
+            request = transact_request(run_id, f"warm{i}", seq % 4, seq)
+            check_purchase(await client.transact(request, headers=headers))
         except Exception as exc:
             errors[f"{type(exc).__name__}: {str(exc)[:120]}"] += 1
 
@@ -530,8 +531,9 @@ async def spend(
                     seq = issued
                     t0 = time.perf_counter()
                     try:
-                        answer = await client.transact(_request(run_id, label, w, seq), headers=headers)
-                        _check(answer)
+                        request = transact_request(run_id, label, w, seq)
+                        answer = await client.transact(request, headers=headers)
+                        check_purchase(answer)
                     except ConnectError as exc:
                         if exc.code == Code.RESOURCE_EXHAUSTED:
                             s.denials += 1
@@ -705,7 +707,7 @@ def _run_brokers(
         try:
             others: dict[str, int | None] = {"exchange": exchange.proc.pid, "redis": redis.proc.pid,
                                              "bench": None, "machine": MACHINE}
-            prefix = f"{STORE_PREFIX}:{{{account}}}:"  # budget.redis_store.RedisStore.account_prefix
+            prefix = f"{STORE_PREFIX}:{{{account}}}:"  # budget.stores.redis.RedisStore.account_prefix
             ref = refs[BUDGET_SCOPE]
             return await load(brokers, admin, others, (f"{prefix}c:{ref.key}", f"{prefix}lh:{ref.key}"))
         finally:
@@ -783,8 +785,9 @@ async def steady_spend(
                     seq = issued
                     t0 = time.perf_counter()
                     try:
-                        answer = await client.transact(_request(run_id, label, w, seq), headers=headers)
-                        _check(answer)
+                        request = transact_request(run_id, label, w, seq)
+                        answer = await client.transact(request, headers=headers)
+                        check_purchase(answer)
                     except ConnectError as exc:
                         if exc.code == Code.RESOURCE_EXHAUSTED:  # never expected: the budget lasts hours
                             s.denials += 1
@@ -954,7 +957,8 @@ async def _latency(
         client = transports[layer][1]
 
         async def call(w: int, seq: int) -> None:
-            _check(await client.transact(_request(run_id, f"{layer}-{tag}", w, seq), headers=headers))
+            request = transact_request(run_id, f"{layer}-{tag}", w, seq)
+            check_purchase(await client.transact(request, headers=headers))
         return call
 
     def row(layer: str, load: str, r: PhaseResult, offered: float | None) -> dict[str, Any]:
@@ -1013,10 +1017,6 @@ def _f(value: Any, digits: int = 2) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}%"
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -1103,13 +1103,13 @@ def human(rows: list[dict[str, Any]], o: Options, header: str) -> str:
         cols = ("brokers", "mode", "purchases", "purch/s", "store calls/p", ">25% left", "bg/p",
                 "redis/p", ">25% left", "overspend", "stranded", "left@1st 429", "p50 ms", "p99 ms",
                 "CPU ms/p", "other CPU", "errors", "done")
-        out += _table(cols, [
+        out += text_table(cols, [
             (str(r["brokers"]), r["mode"], str(r["purchases"]), _f(r["purchases_per_s"], 0),
              _f(r["store_calls_per_purchase"], 3), _f(r["store_calls_per_purchase_above_25pct"], 3),
              _f(r["background_store_calls_per_purchase"], 3), _f(r["redis_calls_per_purchase"], 3),
              _f(r["redis_calls_per_purchase_above_25pct"], 3), r["overspend"], _f(r["stranded_ratio"], 4),
              _f(r["remaining_at_first_denial_ratio"], 4), _f(r["p50_ms"]), _f(r["p99_ms"]),
-             _f(r["broker_cpu_ms_per_purchase"]), _pct(r["other_cpu_pct"]), str(r["errors"]),
+             _f(r["broker_cpu_ms_per_purchase"]), percent(r["other_cpu_pct"]), str(r["errors"]),
              "exhausted" if r["exhausted"] else "CUT OFF")
             for r in scale])
         out += [
@@ -1157,7 +1157,7 @@ def human(rows: list[dict[str, Any]], o: Options, header: str) -> str:
         steady_cols = ("brokers", "mode", "purchases", "purch/s", "store calls/p", "bg/p", "redis/p",
                        "phases seen",
                        "h left", "p50 ms", "p99 ms", "overspend", "exact", "CPU ms/p", "other CPU", "errors")
-        out += _table(steady_cols, [
+        out += text_table(steady_cols, [
             (str(r["brokers"]), r["mode"], str(r["purchases"]), _f(r["purchases_per_s"], 0),
              _f(r["store_calls_per_purchase"], 4), _f(r["background_store_calls_per_purchase"], 3),
              _f(r["redis_calls_per_purchase"], 4),
@@ -1166,7 +1166,7 @@ def human(rows: list[dict[str, Any]], o: Options, header: str) -> str:
              r["overspend_any_scope"],
              "yes" if r["spent_matches_purchases"] and r["spent_matches_exchange_charges"]
              and r["within_limits"] else "NO",
-             _f(r["broker_cpu_ms_per_purchase"]), _pct(r["other_cpu_pct"]),
+             _f(r["broker_cpu_ms_per_purchase"]), percent(r["other_cpu_pct"]),
              str(r["errors"] + r["denials"]))
             for r in steady])
         out += [
@@ -1194,11 +1194,11 @@ def human(rows: list[dict[str, Any]], o: Options, header: str) -> str:
         out += ["", f"Period layer latency: 1 broker each, {o.latency_concurrency} workers closed loop, "
                     f"then the same open-loop loads ({' and '.join(f'{f:g}' for f in o.load_fractions)} x "
                     f"the no-period-layer closed-loop rate), {o.latency_seconds:g} s each", ""]
-        out += _table(("layer", "load", "offered/s", "purchases/s", "p50 ms", "p99 ms", "requests", "errors",
-                       "broker CPU ms/p", "other CPU"),
-                      [(r["layer"], r["load"], _f(r["offered_per_s"], 0), _f(r["purchases_per_s"], 0),
-                        _f(r["p50_ms"]), _f(r["p99_ms"]), str(r["requests"]), str(r["errors"]),
-                        _f(r["broker_cpu_ms_per_purchase"]), _pct(r["other_cpu_pct"])) for r in lat])
+        out += text_table(("layer", "load", "offered/s", "purchases/s", "p50 ms", "p99 ms", "requests",
+                           "errors", "broker CPU ms/p", "other CPU"),
+                          [(r["layer"], r["load"], _f(r["offered_per_s"], 0), _f(r["purchases_per_s"], 0),
+                            _f(r["p50_ms"]), _f(r["p99_ms"]), str(r["requests"]), str(r["errors"]),
+                            _f(r["broker_cpu_ms_per_purchase"]), percent(r["other_cpu_pct"])) for r in lat])
         out += [f"open-loop errors include calls not started because {4 * o.latency_concurrency} were "
                 "outstanding (the broker fell behind)."]
     summ = next((r for r in rows if r["row"] == "summary"), None)
@@ -1250,7 +1250,7 @@ def human(rows: list[dict[str, Any]], o: Options, header: str) -> str:
         if summ["steady_accounts_exact"] is not None:
             ratio_rows.append(("steady state: store spend = purchases = Exchange charges, "
                                "spent + reserved <= limit, every run", str(summ["steady_accounts_exact"])))
-        out += ["", *_table(("ratio", "value"), ratio_rows)]
+        out += ["", *text_table(("ratio", "value"), ratio_rows)]
     return "\n".join(out)
 
 

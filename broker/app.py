@@ -13,41 +13,41 @@ from typing import Any
 
 from connectrpc.interceptor import Interceptor
 
-from broker.alerts import Alerter
-from broker.auth import AdminToken, Authenticate, Authenticator, RequireAdmin
-from broker.codecs import MAX_BODY_BYTES, server_codecs, server_compressions
 from broker.config import BrokerConfig, StoreSetting
-from broker.errors import ErrorMapping
-from broker.health import HEALTH_SERVICE, Readiness, health_apps, readyz
-from broker.instrument import TimedExchange, TimedStore
-from broker.logs import RequestIds
-from broker.metrics import Metrics, PeriodEventMetrics
-from broker.purchase import Purchaser
-from broker.reflection import REFLECTION_SERVICES, reflection_apps
-from broker.selection import Exchange
-from broker.service import AdminHandlers, BrokerHandlers, BudgetHandlers
-from broker.watch import BudgetWatch
-from budget.clock import Clock, SystemClock
+from broker.observe.alerts import Alerter
+from broker.observe.instrument import TimedExchange, TimedStore
+from broker.observe.logs import RequestIds
+from broker.observe.metrics import Metrics, PeriodEventMetrics
+from broker.observe.watch import BudgetWatch
+from broker.purchase.flow import Purchaser
+from broker.purchase.selection import Exchange
+from broker.rpc.auth import AdminToken, Authenticate, Authenticator, RequireAdmin
+from broker.rpc.codecs import MAX_BODY_BYTES, server_codecs, server_compressions
+from broker.rpc.errors import ErrorMapping
+from broker.rpc.health import HEALTH_SERVICE, Readiness, health_apps, readyz
+from broker.rpc.reflection import REFLECTION_SERVICES, reflection_apps
+from broker.rpc.service import AdminHandlers, BrokerHandlers, BudgetHandlers
+from budget.durability.journal import Journal
+from budget.durability.memory import StoreMemory
 from budget.forecast import SpendRates
-from budget.journal import Journal
 from budget.leases import LeaseBook
-from budget.memory import StoreMemory
 from budget.pacing import Pacer
 from budget.period import PeriodLayer, ScopeRule
 from budget.periods import Period, time_zone
 from budget.scopes import billing_scope
 from budget.session import SessionBudgets
-from budget.statedir import state_dir
-from budget.store import Store
+from budget.stores.contract import Store
+from common.clock import Clock, SystemClock
+from common.statedir import state_dir
 from currency.convert import Chain, ConversionError, Converter, FixedRates, NoConverter
 from currency.ecb import EcbConverter, EcbSource, run_refresher
-from exchange_client.connect_adapter import ConnectExchange
-from exchange_client.serving import ASGIApp, Router
+from exchange_client.ramp import ConnectExchange
 from ramp.broker.v1.broker_connect import (
     BrokerServiceASGIApplication,
     BudgetAdminServiceASGIApplication,
     BudgetServiceASGIApplication,
 )
+from rpc_server.serving import ASGIApp, Router
 
 log = logging.getLogger(__name__)
 
@@ -113,25 +113,25 @@ def scope_owners(config: BrokerConfig) -> dict[str, str]:
 async def open_store(setting: StoreSetting, accounts: Iterable[str] = ()) -> Store:
     """The configured store; on a Redis Cluster, every key of each of `accounts` must share one slot."""
     if setting.kind == "redis":
-        from budget.redis_store import RedisStore
+        from budget.stores.redis import RedisStore
 
         return await RedisStore.open(
             setting.url, timeout_ms=setting.timeout_ms, prefix=setting.key_prefix, lazy=True,
             wait_replicas=setting.wait_replicas)
     if setting.kind == "redis-cluster":
-        from budget.redis_cluster import RedisClusterStore
+        from budget.stores.redis_cluster import RedisClusterStore
 
         return await RedisClusterStore.open_cluster(
             setting.urls, timeout_ms=setting.timeout_ms, prefix=setting.key_prefix, lazy=True,
             wait_replicas=setting.wait_replicas, accounts=accounts)
-    from budget.sqlite_store import SqliteStore, default_path
+    from budget.stores.sqlite import SqliteStore, default_path
 
     return await SqliteStore.open(_file(setting.path, default_path()), timeout_ms=setting.timeout_ms)
 
 
 def failure_domain(store: Store) -> Callable[[str], str] | None:
     """Which accounts fail together, for a store whose parts fail alone (Redis Cluster primaries)."""
-    from budget.redis_cluster import RedisClusterStore
+    from budget.stores.redis_cluster import RedisClusterStore
 
     return store.failure_domain if isinstance(store, RedisClusterStore) else None
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,29 +18,22 @@ from pydantic import (
     model_validator,
 )
 
-from broker.configfile import Amount, CurrencyCode, load
 from budget.periods import Period, time_zone
 from budget.scopes import check_account, check_scope
+from common.configfile import check_address, load
 from currency.money import Money, is_iso_currency, parse_amount, parse_currency, set_extra_currencies
+from currency.settings import Amount, CurrencyCode
 
 ENV_PREFIX = "RAMP_BROKER_"
-_ADDR = re.compile(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
-# The identity of callers without a key (broker/auth.py): they own sessions and idempotency
+# The identity of callers without a key (broker/purchase/agents.py): they own sessions and idempotency
 # keys under it, so an agent by that name would share them.
 ANONYMOUS_ID = "anonymous"
-# exchange_client/connect_adapter.py _GUARD_S: how long past execute_timeout_ms a call may run.
+# exchange_client/ramp.py _GUARD_S: how long past execute_timeout_ms a call may run.
 EXECUTE_GUARD_MS = 250
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def check_address(value: str) -> str:
-    m = _ADDR.fullmatch(value)
-    if not m or not 0 < int(m.group(2)) < 65536:
-        raise ValueError(f"{value!r} is not host:port (IPv6 as [::1]:port)")
-    return value
 
 
 class MoneySetting(_Strict):

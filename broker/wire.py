@@ -1,4 +1,5 @@
-"""Converting between the broker's values and wire messages."""
+"""Converting between the broker's values and wire messages: costs, timestamps, budget states, and
+the price of an offer as its Exchange quoted it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from functools import lru_cache
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from budget.layers import Layer, Snapshot
-from currency.money import Money
+from currency.money import Money, MoneyError, parse_amount, parse_currency, quantize
 from ramp.broker.v1 import broker_pb2 as bpb
 from ramp.v1 import ramp_pb2 as rpb
 
@@ -79,3 +80,30 @@ def budget_state(snap: Snapshot, into: bpb.BudgetState | None = None) -> bpb.Bud
     if snap.spend_rate_per_hour is not None:
         _set_cost(b.spend_rate_per_hour, snap.spend_rate_per_hour)
     return b
+
+
+def offer_price(offer: rpb.Offer) -> tuple[Money, Money]:
+    """(price, unit cost) of an offer in its own currency; MoneyError if malformed."""
+    p = offer.pricing
+    cur = parse_currency(p.currency, "pricing.currency")
+    # A priced model without a rate is malformed, never free.
+    rate = Money(parse_amount(p.rate, "pricing.rate"), cur) if p.model != rpb.PRICING_MODEL_FREE \
+        else Money.zero(cur)
+    qty = p.estimated_quantity if p.HasField("estimated_quantity") else 1
+    if qty < 1:
+        raise MoneyError("pricing.estimated_quantity", "must be at least 1")
+    if p.model == rpb.PRICING_MODEL_FREE:
+        price = Money.zero(cur)
+    elif p.model == rpb.PRICING_MODEL_FLAT:
+        price = rate
+    elif p.model == rpb.PRICING_MODEL_PER_UNIT:
+        price = rate.times(qty, round_up=True)
+    else:
+        raise MoneyError("pricing.model", "is not set")
+    if p.HasField("unit_cost"):
+        unit = Money(parse_amount(p.unit_cost, "pricing.unit_cost"), cur)
+    elif p.model == rpb.PRICING_MODEL_PER_UNIT:
+        unit = rate
+    else:
+        unit = Money(quantize(price.amount / qty, round_up=True), cur)
+    return price, unit

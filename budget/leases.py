@@ -61,10 +61,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
 
-from budget.clock import Clock
-from budget.journal import Journal, JournalEntry
+from budget.durability.journal import Journal, JournalEntry
 from budget.periods import to_ms
-from budget.store import (
+from budget.stores.contract import (
     CounterRef,
     CounterState,
     Hold,
@@ -78,6 +77,7 @@ from budget.store import (
     StoreIdentity,
     StoreUnavailable,
 )
+from common.clock import Clock
 
 log = logging.getLogger(__name__)
 _LN2 = Decimal(2).ln()

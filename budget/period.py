@@ -27,10 +27,10 @@ from datetime import datetime, timedelta
 from typing import Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
-from budget.clock import Clock
-from budget.guard import StoreGuard
-from budget.intents import Intent, IntentPart, PartOrder
-from budget.journal import Journal, JournalEntry
+from budget.durability.guard import StoreGuard
+from budget.durability.intents import Intent, IntentPart, PartOrder
+from budget.durability.journal import Journal, JournalEntry
+from budget.durability.memory import StoreMemory
 from budget.layers import (
     OPEN_ALLOWANCE,
     BudgetExhausted,
@@ -40,9 +40,8 @@ from budget.layers import (
     next_action,
 )
 from budget.leases import TIERS, LeaseBook, LeaseHold
-from budget.memory import StoreMemory
 from budget.periods import Period, PeriodError, Window, from_ms, to_ms
-from budget.store import (
+from budget.stores.contract import (
     Committed,
     CounterRef,
     CounterState,
@@ -61,6 +60,7 @@ from budget.store import (
     Unsettled,
     UnsettledHold,
 )
+from common.clock import Clock
 from currency.convert import Converter, convert
 from currency.money import Money, MoneyError, total
 

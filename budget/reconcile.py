@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
-from budget.store import CounterRef, Store, UnsettledHold
+from budget.stores.contract import CounterRef, Store, UnsettledHold
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from budget.clock import Clock
 from budget.layers import BudgetExhausted, Layer, Snapshot
+from common.clock import Clock
 from currency.money import Money
 
 

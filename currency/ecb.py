@@ -53,7 +53,7 @@ from typing import Protocol
 
 import httpx
 
-from budget.clock import Clock
+from common.clock import Clock
 from currency.convert import ConversionError
 from currency.money import is_currency
 
@@ -158,7 +158,7 @@ def parse_ecb(xml: bytes, *, field: str = "ecb") -> EcbRates:
 
 
 class BlobCache(Protocol):
-    """The part of budget.store.Store that caches small shared documents (times in Unix ms)."""
+    """The part of budget.stores.contract.Store that caches small shared documents (times in Unix ms)."""
 
     async def put_blob(self, name: str, data: bytes, *, ttl_ms: int, now_ms: int) -> None: ...
 

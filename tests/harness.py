@@ -21,11 +21,11 @@ from google.protobuf import json_format
 
 from broker.app import Broker, build_broker
 from broker.config import BrokerConfig
-from budget.clock import Clock
-from exchange_client.catalog import Catalog
-from exchange_client.reference import ReferenceExchange, reference_app
-from exchange_client.serving import ASGIApp, serve
+from common.clock import Clock
 from ramp.broker.v1 import broker_pb2 as bpb
+from reference_exchange.catalog import Catalog
+from reference_exchange.service import ReferenceExchange, reference_app
+from rpc_server.serving import ASGIApp, serve
 
 CONNECT_JSON = {"content-type": "application/json"}
 

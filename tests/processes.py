@@ -1,7 +1,7 @@
 """`ramp-broker` processes for tests: spawn, watch, stop and kill them on loopback.
 
 Every child runs the installed `ramp-broker` console script (or `python -m
-broker.cli`) in its own process on a free 127.0.0.1 port; tests talk to it over
+broker.operator.cli`) in its own process on a free 127.0.0.1 port; tests talk to it over
 HTTP only. Every wait is bounded (START_TIMEOUT, EXIT_TIMEOUT), and a child
 started with `spawn` (or `start_exchange` / `start_broker`) is stopped on the way
 out of its context whatever happened.
@@ -46,7 +46,7 @@ def command() -> list[str]:
     script = Path(sys.executable).with_name("ramp-broker")
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)]
-    return [sys.executable, "-m", "broker.cli"]
+    return [sys.executable, "-m", "broker.operator.cli"]
 
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

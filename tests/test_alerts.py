@@ -1,4 +1,4 @@
-"""Budget threshold alerts (broker.alerts): claims in a real store, POSTs to a real webhook server.
+"""Budget threshold alerts (broker.observe.alerts): claims in a real store, POSTs to a real webhook server.
 
 Every test runs against both stores (SQLite in tmp_path, Redis on the session's redis-server
 under its own prefix) unless it says otherwise. The webhook is a tiny ASGI app behind hypercorn
@@ -29,19 +29,19 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from broker.alerts import Alerter
 from broker.config import AlertsSetting
-from broker.configfile import ConfigError
-from broker.instrument import TimedStore
-from broker.metrics import Metrics
-from budget.clock import ManualClock
+from broker.observe.alerts import Alerter
+from broker.observe.instrument import TimedStore
+from broker.observe.metrics import Metrics
 from budget.layers import OPEN_ALLOWANCE, Layer, Snapshot
 from budget.periods import Period
-from budget.redis_store import RedisStore
-from budget.sqlite_store import SqliteStore
-from budget.store import Store
+from budget.stores.contract import Store
+from budget.stores.redis import RedisStore
+from budget.stores.sqlite import SqliteStore
+from common.clock import ManualClock
+from common.configfile import ConfigError
 from currency.money import Money
-from exchange_client.serving import not_a_request, read_body
+from rpc_server.serving import not_a_request, read_body
 from tests.harness import Exchange, broker_config, free_port, running_broker, serving
 from tests.redis_server import RedisServer
 

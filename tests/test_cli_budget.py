@@ -28,9 +28,9 @@ import httpx
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from broker.console import history_table, status_table, used_percent
+from broker.operator.console import history_table, status_table, used_percent
 from budget.reconcile import reconcile
-from budget.sqlite_store import SqliteStore
+from budget.stores.sqlite import SqliteStore
 from ramp.broker.v1 import broker_pb2 as bpb
 from ramp.v1 import ramp_pb2 as rpb
 from tests.harness import free_port

@@ -1,4 +1,4 @@
-"""The store on a real Redis Cluster (budget.redis_cluster): what one server does not show.
+"""The store on a real Redis Cluster (budget.stores.redis_cluster): what one server does not show.
 
 The Store contract itself runs on the cluster in test_store_conformance.py. Here: every key of an
 account in one slot, scripts on every primary, writes that wait for a replica; and, with broker
@@ -28,8 +28,8 @@ import httpx
 import pytest
 from redis.crc import key_slot
 
-from budget.redis_cluster import RedisClusterStore
-from budget.store import CounterRef, Hold, Line, Reserved, StoreUnavailable
+from budget.stores.contract import CounterRef, Hold, Line, Reserved, StoreUnavailable
+from budget.stores.redis_cluster import RedisClusterStore
 from currency.money import Money
 from tests.harness import CONNECT_JSON, broker_config, catalog, denial, running_broker, running_exchange
 from tests.processes import Child, broker_tree, exchange_state, run_cli, start_broker, start_exchange

@@ -22,12 +22,12 @@ from broker.config import (
     BrokerConfig,
     min_reservation_ttl_seconds,
 )
-from broker.configfile import ConfigError, load
+from common.configfile import ConfigError, load
 from currency import money
 from currency.money import MoneyError, is_currency, parse_currency, set_extra_currencies
-from exchange_client.catalog import ENV_PREFIX as CATALOG_PREFIX
-from exchange_client.catalog import Catalog
-from exchange_client.connect_adapter import _GUARD_S
+from exchange_client.ramp import _GUARD_S
+from reference_exchange.catalog import ENV_PREFIX as CATALOG_PREFIX
+from reference_exchange.catalog import Catalog
 from tests.harness import free_port
 from tests.processes import broker_tree, run_cli, write_yaml
 

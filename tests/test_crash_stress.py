@@ -40,10 +40,10 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.auth import Agent
-from broker.order import exchange_key
-from budget.redis_store import RedisStore
-from budget.store import CounterRef, CounterState, LedgerEntry, StoreUnavailable
+from broker.purchase.agents import Agent
+from broker.purchase.order import exchange_key
+from budget.stores.contract import CounterRef, CounterState, LedgerEntry, StoreUnavailable
+from budget.stores.redis import RedisStore
 from currency.money import Money
 from ramp.broker.v1 import broker_pb2 as bpb
 from tests.harness import CONNECT_JSON, agent_key, exhausted, lasting_port

@@ -39,11 +39,11 @@ from google.protobuf import json_format
 from grpc_status import rpc_status
 from redis.asyncio import Redis
 
-from broker.auth import Agent
-from broker.order import exchange_key
-from budget.redis_store import RedisStore
-from budget.sqlite_store import SqliteStore
-from budget.store import CounterRef, CounterState, LedgerEntry, Store, UnsettledHold
+from broker.purchase.agents import Agent
+from broker.purchase.order import exchange_key
+from budget.stores.contract import CounterRef, CounterState, LedgerEntry, Store, UnsettledHold
+from budget.stores.redis import RedisStore
+from budget.stores.sqlite import SqliteStore
 from currency.money import Money
 from ramp.broker.v1 import broker_pb2 as bpb
 from ramp.broker.v1 import broker_pb2_grpc

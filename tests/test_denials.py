@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from budget.clock import ManualClock
+from common.clock import ManualClock
 from ramp.broker.v1 import broker_pb2 as bpb
 from tests.harness import (
     Exchange,
@@ -271,7 +271,7 @@ async def test_a_failure_after_the_exchange_was_asked_says_the_purchase_may_be_c
     agent must not hear a generic error it could take for "nothing happened" and retry under a new
     key: it hears ABORTED `outcome_pending`. A retry of the same key is in flight until the hold is
     rolled forward, then answered with the purchase, charged once."""
-    from broker.execute import Buyer
+    from broker.purchase.execute import Buyer
 
     real = Buyer._outcome
     failures = [RuntimeError("a bug after the Exchange answered")]

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from budget.clock import ManualClock
+from common.clock import ManualClock
 from currency.convert import ConversionError, convert
 from currency.ecb import (
     CACHE_NAME,

@@ -9,7 +9,8 @@ import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
-from broker.errors import ErrorMapping, InvalidField, to_connect_error
+from broker.refusals import InvalidField
+from broker.rpc.errors import ErrorMapping, to_connect_error
 from budget.layers import BudgetExhausted, Layer
 from currency.money import Money
 from ramp.broker.v1 import broker_pb2 as bpb
@@ -67,7 +68,7 @@ async def test_interceptor_maps_what_a_handler_raises() -> None:
 
 
 def test_a_store_failure_reaching_a_handler_is_unavailable_with_a_denial() -> None:
-    from budget.store import StoreUnavailable
+    from budget.stores.contract import StoreUnavailable
 
     err = to_connect_error(StoreUnavailable("redis timed out after 250 ms"))
     assert err.code == Code.UNAVAILABLE

@@ -10,9 +10,9 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from budget.clock import ManualClock
 from budget.forecast import SpendRates
 from budget.layers import Layer, Snapshot
+from common.clock import ManualClock
 from currency.money import Money
 from tests.harness import Exchange, running_broker
 from tests.test_period import ALICE, A, C, buy, period_config

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from exchange_client.content_types import SUPPORTED
 from ramp.broker.v1 import broker_pb2 as bpb
 from ramp.v1 import ramp_pb2 as rpb
+from rpc_server.content_types import SUPPORTED
 from tests.harness import RunningBroker
 
 DECLARE = "/ramp.broker.v1.BudgetService/DeclareSessionBudget"

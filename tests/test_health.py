@@ -22,7 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2 as hpb
 from grpc_health.v1 import health_pb2_grpc
 
-from exchange_client.reference import ReferenceExchange, reference_app
+from reference_exchange.service import ReferenceExchange, reference_app
 from tests.harness import (
     Exchange,
     RunningBroker,

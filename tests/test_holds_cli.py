@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.auth import Agent
-from broker.order import exchange_key
+from broker.purchase.agents import Agent
+from broker.purchase.order import exchange_key
 from tests.processes import (
     Child,
     broker_tree,

@@ -1146,7 +1146,7 @@ def _web_raws() -> list[Raw]:
         w("with a wrong key and a broken envelope", b"\x00\x00", UNAUTHENTICATED, auth=WRONG),
         # The documented exception: INTERNAL, a fixed and clean message.
         w("compressed flag without an encoding", envelope(VALID_BUY, 0x01), INTERNAL),
-        # gRPC proper needs HTTP/2: UNIMPLEMENTED, with HTTP 505 (exchange_client/serving.py).
+        # gRPC proper needs HTTP/2: UNIMPLEMENTED, with HTTP 505 (rpc_server/serving.py).
         Raw("gRPC over HTTP/1.1", "grpc-h1", TRANSACT_PATH, (GRPC_CT, AUTH), envelope(VALID_BUY), 505,
             UNIMPLEMENTED),
     ]

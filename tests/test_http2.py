@@ -20,8 +20,8 @@ import pytest
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.protocol.h2 import H2Protocol
 
-from exchange_client.hypercorn_h2 import patch_hypercorn_h2
 from ramp.broker.v1 import broker_pb2 as bpb
+from rpc_server.hypercorn_h2 import patch_hypercorn_h2
 from tests.h2client import H2Client
 from tests.processes import Child, broker_tree, catalog_tree, start_broker, start_exchange
 

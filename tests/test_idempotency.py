@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from broker.idempotency import Entry, IdempotencyCache
+from broker.purchase.idempotency import Entry, IdempotencyCache
 from ramp.broker.v1 import broker_pb2 as bpb
 
 

@@ -23,11 +23,11 @@ import pytest
 from broker.app import build_broker, open_store
 from broker.config import BrokerConfig, StoreSetting
 from budget import leases as leases_module
-from budget.clock import ManualClock
-from budget.journal import Journal
+from budget.durability.journal import Journal
 from budget.leases import TIERS, LeaseBook, Phase, Rate, lease_size, phase_of
 from budget.periods import to_ms
-from budget.store import CounterRef, Hold, Line, Reserved, Store, StoreUnavailable
+from budget.stores.contract import CounterRef, Hold, Line, Reserved, Store, StoreUnavailable
+from common.clock import ManualClock
 from tests.harness import (
     Exchange,
     RunningBroker,

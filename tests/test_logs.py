@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.logs import IDEMPOTENCY_KEY, REQUEST_ID, configure
+from broker.observe.logs import IDEMPOTENCY_KEY, REQUEST_ID, configure
 from tests.harness import CONNECT_JSON
 from tests.processes import broker_tree, start_broker, start_exchange
 from tests.processes import catalog_tree as exchange_catalog

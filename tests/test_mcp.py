@@ -26,7 +26,7 @@ from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult, TextContent
 
-from broker.mcp_server import BrokerClient, Settings, build_server, purchase_key
+from broker.mcp.server import BrokerClient, Settings, build_server, purchase_key
 from tests.harness import free_port
 from tests.processes import (
     Child,
@@ -422,7 +422,7 @@ def test_purchase_key_identifies_the_purchase_not_the_wording() -> None:
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:0", "[::1]:0", "localhost:0"])
 def test_loopback_addresses_are_accepted(listen: str) -> None:
-    from broker.mcp_cli import listen_address
+    from broker.mcp.cli import listen_address
 
     host, port = listen_address(listen, allow_remote=False)
     assert port == 0

@@ -28,9 +28,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.app import build_broker
 from broker.config import BrokerConfig
-from broker.metrics import Metrics
-from budget.clock import ManualClock
+from broker.observe.metrics import Metrics
 from budget.period import Charge, ItemSpend
+from common.clock import ManualClock
 from currency.money import Money
 from tests.harness import free_port
 from tests.processes import (

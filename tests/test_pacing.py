@@ -24,12 +24,12 @@ import pytest
 
 from bench.pacing import ACCOUNT, PERIOD_S, Attempt, Run, offer_times, scopes_config
 from broker.app import Broker, build_broker
-from broker.auth import Agent
 from broker.config import BrokerConfig
+from broker.purchase.agents import Agent
 from budget import pacing
-from budget.clock import ManualClock
 from budget.layers import BudgetExhausted, Layer, Snapshot
 from budget.pacing import Pacer
+from common.clock import ManualClock
 from currency.money import Money
 from ramp.broker.v1 import broker_pb2 as bpb
 from tests.harness import Exchange, broker_config, catalog, running_exchange

@@ -19,8 +19,8 @@ from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import Any
 
+from bench.common import ITEM_PRICE, ITEM_URI
 from bench.pacing import Load, Run, drive, next_window, scopes_config
-from bench.purchases import ITEM_PRICE, ITEM_URI
 from tests.harness import free_port
 from tests.processes import broker_tree, catalog_tree, start_broker, start_exchange
 from tests.test_pacing import HALF_LIFE_S, check_gauge, check_on_the_curve, issue_bound

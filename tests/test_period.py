@@ -19,7 +19,7 @@ import pytest
 
 from broker.app import open_store
 from broker.config import BrokerConfig, StoreSetting
-from budget.clock import ManualClock
+from common.clock import ManualClock
 from ramp.broker.v1 import broker_pb2 as bpb
 from tests.harness import (
     Exchange,

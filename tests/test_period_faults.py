@@ -27,10 +27,10 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from broker.auth import Agent as Caller
-from broker.order import exchange_key
-from budget.redis_store import RedisStore
-from budget.store import CounterState, LedgerEntry
+from broker.purchase.agents import Agent as Caller
+from broker.purchase.order import exchange_key
+from budget.stores.contract import CounterState, LedgerEntry
+from budget.stores.redis import RedisStore
 from currency.money import Money
 from tests.harness import agent_key, denial, exhausted
 from tests.processes import (

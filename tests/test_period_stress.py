@@ -30,8 +30,8 @@ from typing import Any
 
 import httpx
 
-from budget.redis_store import RedisStore
-from budget.store import CounterRef, CounterState, LedgerEntry
+from budget.stores.contract import CounterRef, CounterState, LedgerEntry
+from budget.stores.redis import RedisStore
 from currency.money import Money
 from ramp.broker.v1 import broker_pb2 as bpb
 from tests.harness import agent_key, exhausted

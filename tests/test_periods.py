@@ -13,14 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.cli import main
-from budget.ids import new_id
-from budget.journal import Journal, _hold_record, _line_record
+from broker.operator.cli import main
+from budget.durability.journal import Journal, _hold_record, _line_record
 from budget.periods import Period, PeriodError, time_zone, to_ms
 from budget.reconcile import reconcile
 from budget.scopes import ScopeError, check_scope
-from budget.sqlite_store import SqliteStore
-from budget.store import CounterRef, Hold, Line, Reserved
+from budget.stores.contract import CounterRef, Hold, Line, Reserved
+from budget.stores.sqlite import SqliteStore
+from common.ids import new_id
 
 UTC_TZ = time_zone("UTC", "tz")
 BERLIN = time_zone("Europe/Berlin", "tz")
@@ -180,7 +180,7 @@ async def test_journal_writes_go_to_a_thread_while_the_disk_is_slow_and_come_bac
     import threading
     import time
 
-    from budget import journal as journal_module
+    from budget.durability import journal as journal_module
 
     # The disk's speed is the test's: a real fsync on a busy machine can take longer than
     # INLINE_BELOW_S by itself, and the "fast again" writes then went to the thread.
@@ -223,14 +223,14 @@ def test_ids_never_repeat_in_a_process_nor_across_processes() -> None:
     ours = [new_id() for _ in range(50_000)]
     assert len(set(ours)) == len(ours)
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ours[:10])
-    other = subprocess.run([sys.executable, "-c", "from budget.ids import new_id; print(new_id())"],
+    other = subprocess.run([sys.executable, "-c", "from common.ids import new_id; print(new_id())"],
                            capture_output=True, text=True, check=True).stdout.strip()
     assert other[:16] != ours[0][:16]
     assert other not in set(ours)
 
 
 async def test_journal_records_orjson_cannot_write_are_written_and_read_back(tmp_path: Path) -> None:
-    """Records go out through orjson (budget.jsonl), which refuses integers beyond 64 bits and lone
+    """Records go out through orjson (budget.durability.jsonl), which refuses integers beyond 64 bits and lone
     surrogates: those are written by the standard library instead, never dropped."""
     path = tmp_path / "j.jsonl"
     big = Hold(REF, 2**70, 2**64, 2)
@@ -347,10 +347,10 @@ async def test_reconcile_finds_a_tampered_counter_and_repairs_it(tmp_path: Path)
 
 
 async def test_fail_open_allowance_counts_every_item_of_a_journaled_purchase(tmp_path: Path) -> None:
-    from budget.clock import ManualClock
     from budget.layers import BudgetExhausted
     from budget.period import Charge, ItemSpend, PeriodLayer, ScopeRule
-    from budget.redis_store import RedisStore
+    from budget.stores.redis import RedisStore
+    from common.clock import ManualClock
     from currency.convert import NoConverter
     from currency.money import Money
     from tests.harness import free_port
@@ -385,8 +385,8 @@ async def test_fail_open_allowance_counts_every_item_of_a_journaled_purchase(tmp
 async def test_a_plan_is_made_again_when_a_window_ends_or_the_limits_change(tmp_path: Path) -> None:
     """Plans are reused (planning every purchase afresh cost a tenth of a lease purchase), but
     never past the end of one of their windows, nor under limits an operator has changed."""
-    from budget.clock import ManualClock
     from budget.period import Charge, PeriodLayer, ScopeRule
+    from common.clock import ManualClock
     from currency.convert import NoConverter
     from currency.money import Money
 
@@ -422,9 +422,9 @@ async def test_after_a_store_failure_one_call_probes_and_its_success_ends_the_sk
     for the whole skip window. The clock never moves here, so only a probe can end the skip."""
     from redis.asyncio import Redis
 
-    from budget.clock import ManualClock
     from budget.period import Charge, PeriodLayer, ScopeRule, StoreDown
-    from budget.redis_store import RedisStore
+    from budget.stores.redis import RedisStore
+    from common.clock import ManualClock
     from currency.convert import NoConverter
     from currency.money import Money
     from tests.redis_server import RedisServer

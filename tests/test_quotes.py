@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from broker.config import BrokerConfig
-from budget.clock import ManualClock
+from common.clock import ManualClock
 from tests.harness import (
     Exchange,
     RunningBroker,

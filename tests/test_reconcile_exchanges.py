@@ -17,10 +17,10 @@ import httpx
 import pytest
 import yaml
 
-from broker.auth import Agent
-from broker.order import exchange_key
+from broker.operator.statement import NoStatement, StatementUnavailable, fetch_statement
+from broker.purchase.agents import Agent
+from broker.purchase.order import exchange_key
 from budget.reconcile import Charged, KeyCharges, compare_statement
-from exchange_client.statement import NoStatement, StatementUnavailable, fetch_statement
 from tests.harness import free_port, serving
 from tests.processes import (
     Child,

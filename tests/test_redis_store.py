@@ -1,4 +1,4 @@
-"""Redis-specific behaviour of budget.redis_store (generic Store behaviour: test_store_conformance.py).
+"""Redis-specific behaviour of budget.stores.redis (generic Store behaviour: test_store_conformance.py).
 
 Key layout and hash tags, TTLs, EVALSHA and script reloading, coalescing, exact big numbers,
 and what happens when the server hangs, dies, restarts or crashes with AOF on.
@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from budget.redis_store import MAX_BATCH, MAX_IN_FLIGHT, RedisStore, _Batcher
-from budget.store import (
+from budget.stores.contract import (
     Committed,
     CounterRef,
     CounterState,
@@ -38,6 +37,7 @@ from budget.store import (
     StoreLost,
     StoreUnavailable,
 )
+from budget.stores.redis import MAX_BATCH, MAX_IN_FLIGHT, RedisStore, _Batcher
 from tests.processes import run_cli, write_yaml
 from tests.redis_server import RedisServer, redis_server
 
@@ -238,7 +238,7 @@ async def test_scripts_run_by_sha_and_reload_after_a_flush(store: RedisStore) ->
 
 async def test_reserve_retry_recognises_its_own_reservation(store: RedisStore) -> None:
     """What makes retrying reserve safe: the same request landing twice is one reservation."""
-    from budget.redis_store import _ReserveRequest
+    from budget.stores.redis import _ReserveRequest
 
     acct = account()
     request = _ReserveRequest(uuid.uuid4().hex, (hold(10, 100),), 60_000, "k", now_ms(), 0, b"", "", None)

@@ -1,4 +1,4 @@
-"""Choosing offers (broker/selection.py) and holding session budgets (budget/session.py), offline."""
+"""Choosing offers (broker/purchase/selection.py) and holding session budgets (budget/session.py), offline."""
 
 from __future__ import annotations
 
@@ -10,21 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.config import ExchangeSetting
-from broker.purchase import tightest
-from broker.selection import (
-    Candidate,
-    Exchange,
-    UriChoice,
-    affordable,
-    choose,
-    exchanges_for,
-    offer_price,
-    prune,
-)
-from broker.validation import Constraints
-from budget.clock import ManualClock
+from broker.purchase.budgets import tightest
+from broker.purchase.selection import Candidate, Exchange, UriChoice, affordable, choose, exchanges_for, prune
+from broker.purchase.validation import Constraints
+from broker.wire import offer_price
 from budget.layers import BudgetExhausted, Layer, Reservation, headroom, reserve_all
 from budget.session import SessionAccount, SessionBudgets, SessionError
+from common.clock import ManualClock
 from currency.convert import Converter, FixedRates, NoConverter, convert
 from currency.money import CurrencyMismatch, Money, MoneyError
 from ramp.broker.v1 import broker_pb2 as bpb

@@ -15,10 +15,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from broker.service import HISTORY_DEFAULT, HISTORY_MAX
-from budget.clock import ManualClock
+from broker.rpc.service import HISTORY_DEFAULT, HISTORY_MAX
 from budget.periods import Period, to_ms
-from budget.store import CounterRef, Hold, Line
+from budget.stores.contract import CounterRef, Hold, Line
+from common.clock import ManualClock
 from tests.harness import Exchange, RunningBroker, broker_config, running_broker
 
 A, B, C, EUR = "https://x.test/a", "https://x.test/b", "https://x.test/c", "https://x.test/eur"

@@ -35,7 +35,7 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.typing import ConnectionState
 from hyperframe.frame import Frame, GoAwayFrame, PingFrame, RstStreamFrame
 
-from exchange_client.hypercorn_h2 import patch_hypercorn_h2
+from rpc_server.hypercorn_h2 import patch_hypercorn_h2
 from tests.h2client import H2Client
 from tests.processes import (
     Child,

@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from budget.sqlite_store import SqliteStore, default_path
-from budget.store import (
+from budget.stores.contract import (
     CounterRef,
     CounterState,
     Denied,
@@ -36,6 +35,7 @@ from budget.store import (
     Swept,
     UnsettledHold,
 )
+from budget.stores.sqlite import SqliteStore, default_path
 
 ACCOUNT = "acme"
 USER = CounterRef(scope="user:alice", period="month", window="2026-01", currency="USD",
@@ -213,7 +213,7 @@ CHILD = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from budget.sqlite_store import SqliteStore
+    from budget.stores.sqlite import SqliteStore
     from tests.test_sqlite_store import _reserve_many
 
     async def main() -> None:
@@ -343,7 +343,7 @@ def test_default_path_falls_back_to_local_state(
 
 # --- schema version 1 (before intents and identities) ---------------------------------------
 
-# The version-1 schema exactly as the store created it (git history: budget/sqlite_store.py).
+# The version-1 schema exactly as the store created it (git history: budget/stores/sqlite.py).
 _V1_SCHEMA = (
     """
     CREATE TABLE IF NOT EXISTS counters (
@@ -479,7 +479,7 @@ def _write_version_1_file(path: Path) -> None:
         raw.close()
 
 
-# What version 2 added to version 1 (git history: budget/sqlite_store.py, _MIGRATE_1_TO_2 and the
+# What version 2 added to version 1 (git history: budget/stores/sqlite.py, _MIGRATE_1_TO_2 and the
 # identity table), before leases.
 _V1_TO_V2 = (
     "ALTER TABLE reservations ADD COLUMN intent BLOB NOT NULL DEFAULT x''",

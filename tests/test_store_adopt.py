@@ -19,12 +19,12 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from budget.adopt import Remembered, adopt, compare
-from budget.memory import StoreMemory, read_memory
+from budget.durability.adopt import Remembered, adopt, compare
+from budget.durability.memory import StoreMemory, read_memory
 from budget.reconcile import reconcile
-from budget.sqlite_store import SqliteStore
-from budget.statedir import state_dir
-from budget.store import CounterRef, StoreIdentity
+from budget.stores.contract import CounterRef, StoreIdentity
+from budget.stores.sqlite import SqliteStore
+from common.statedir import state_dir
 from tests.harness import RunningBroker, broker_config, catalog, free_port, running_broker, running_exchange
 from tests.processes import (
     broker_tree,

@@ -1,4 +1,4 @@
-"""The budget store contract (budget.store.Store), run against every implementation.
+"""The budget store contract (budget.stores.contract.Store), run against every implementation.
 
 Each test gets a fresh, empty store: SQLite in its own temporary file, Redis on the
 session's redis-server under its own key prefix, and the same on the session's Redis Cluster
@@ -32,7 +32,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from budget.store import (
+from budget.stores.contract import (
     RECLAIM_MS,
     BrokerLease,
     Committed,
@@ -124,16 +124,16 @@ async def open_store(kind: str, *, redis_url: str, directory: Path) -> AsyncIter
     # Imported here so the suite still collects while an implementation is missing.
     store: Store
     if kind == "sqlite":
-        from budget.sqlite_store import SqliteStore
+        from budget.stores.sqlite import SqliteStore
 
         store = await SqliteStore.open(directory / "b.sqlite3", timeout_ms=TIMEOUT_MS)
     elif kind == "cluster":
-        from budget.redis_cluster import RedisClusterStore
+        from budget.stores.redis_cluster import RedisClusterStore
 
         store = await RedisClusterStore.open_cluster(redis_url.split(","), timeout_ms=TIMEOUT_MS,
                                                      prefix=f"t{uuid.uuid4().hex[:8]}")
     else:
-        from budget.redis_store import RedisStore
+        from budget.stores.redis import RedisStore
 
         # A fresh prefix per store: tests share one redis-server.
         store = await RedisStore.open(redis_url, timeout_ms=TIMEOUT_MS, prefix=f"t{uuid.uuid4().hex[:8]}")
@@ -1089,8 +1089,8 @@ async def test_record_spend_settles_an_expired_unswept_reservation_once(store: S
 
 async def wipe(store: Store, account: str = ACCT) -> None:
     """Empty the account's data behind the store's back: what a flushed, replaced or lost store shows."""
-    from budget.redis_store import RedisStore
-    from budget.sqlite_store import SqliteStore
+    from budget.stores.redis import RedisStore
+    from budget.stores.sqlite import SqliteStore
 
     if isinstance(store, RedisStore):
         keys = [k async for k in store.client.scan_iter(match=f"{store.account_prefix(account)}*")]

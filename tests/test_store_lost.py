@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from budget.redis_store import RedisStore
+from budget.stores.redis import RedisStore
 from tests.processes import (
     Child,
     broker_tree,

@@ -20,9 +20,9 @@ import httpx
 import pytest
 
 from broker.config import BrokerConfig
-from broker.selection import TrustPenalties, choose
-from broker.validation import Constraints
-from budget.clock import ManualClock
+from broker.purchase.selection import TrustPenalties, choose
+from broker.purchase.validation import Constraints
+from common.clock import ManualClock
 from currency.convert import NoConverter
 from tests.harness import (
     Exchange,
