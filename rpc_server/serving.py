@@ -234,6 +234,9 @@ class Router:
         await send_json(send, status, answer)
 
 
+KEEP_ALIVE_S = 75.0
+
+
 def _hypercorn_config(listen: str, grace_seconds: float) -> HypercornConfig:
     patch_hypercorn_h2()
     config = HypercornConfig()
@@ -242,6 +245,10 @@ def _hypercorn_config(listen: str, grace_seconds: float) -> HypercornConfig:
     # Past this many requests hypercorn sends GOAWAY on an HTTP/2 connection,
     # which grpcio clients report as UNAVAILABLE: keep connections for good.
     config.keep_alive_max_requests = 2**31
+    # Longer than clients keep an idle connection (httpx 5 s, grpcio and browsers longer): with both
+    # at 5 s, a client reusing a pooled connection just as the server closed it heard "server
+    # disconnected" for a request never processed (HTTP/1.1 has no GOAWAY to say so).
+    config.keep_alive_timeout = KEEP_ALIVE_S
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     return config

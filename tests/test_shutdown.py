@@ -262,3 +262,16 @@ async def test_a_request_sent_after_goaway_is_refused_before_the_app_sees_it() -
         refused = [(f.stream_id, f.error_code) for f in _frames(sent) if isinstance(f, RstStreamFrame)]
         assert refused == [(1, h2.errors.ErrorCodes.REFUSED_STREAM)]
         assert not server.streams
+
+
+def test_the_server_keeps_idle_connections_longer_than_clients_do() -> None:
+    """A server that closes an idle HTTP/1.1 connection as the client reuses it loses that request
+    ("server disconnected": the stress test saw one). httpx drops idle connections after 5 s."""
+    import httpx
+
+    from rpc_server.serving import _hypercorn_config
+
+    config = _hypercorn_config("127.0.0.1:0", 1.0)
+    pool_expiry = httpx.AsyncHTTPTransport()._pool._keepalive_expiry
+    assert pool_expiry is not None
+    assert config.keep_alive_timeout > 2 * pool_expiry
